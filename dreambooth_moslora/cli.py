@@ -1,0 +1,47 @@
+"""The `dreambooth-moslora` command: one verb per job, each a thin layer over the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import UserInputError
+
+
+def _tiny_pipeline(args):
+    from .tiny import save_tiny_sdxl_pipeline
+
+    path = save_tiny_sdxl_pipeline(args.output_dir, seed=args.seed)
+    print(f"wrote a tiny random-weight SDXL pipeline to {path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dreambooth-moslora", description=__doc__)
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    tiny = verbs.add_parser(
+        "tiny-pipeline",
+        help="write a tiny SDXL-architecture pipeline with random weights (for tests and offline trials)",
+    )
+    tiny.add_argument("output_dir", help="folder to write the diffusers pipeline into")
+    tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    tiny.set_defaults(run=_tiny_pipeline)
+    return parser
+
+
+def run_reporting_errors(run, args) -> int:
+    """Bad input becomes one line on stderr and exit code 2, never a traceback."""
+    try:
+        run(args)
+    except UserInputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_reporting_errors(args.run, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""Pure MoSLoRA math: ΔW = s·B·M·A (Wu et al. 2024, arXiv 2406.11909).
+
+Every weight-space operation (merge, unmerge, every export) goes through `fold_mixer`, so the mixer can
+never be forgotten on one path and kept on another.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def fold_mixer(lora_A, lora_mixer, lora_B, scaling: float):
+    """(A, s·B·M): an ordinary LoRA pair whose product is exactly the MoSLoRA update."""
+    up = lora_B if lora_mixer is None else lora_B @ lora_mixer  # (out, r)
+    return lora_A, scaling * up
+
+
+def delta_weight(lora_A, lora_mixer, lora_B, scaling: float) -> torch.Tensor:
+    """The dense update ΔW (out×in). Only for merging and analysis, never in the training forward."""
+    down, up = fold_mixer(lora_A, lora_mixer, lora_B, scaling)
+    return up @ down
+
+
+def low_rank_forward(x, lora_A, lora_mixer, lora_B, scaling: float) -> torch.Tensor:
+    """ΔW·x without forming ΔW, as x·(s·M·A)ᵀ·Bᵀ.
+
+    Mixing first costs r²·in per call instead of r² per token, and saves the same activations as a plain
+    LoRA (x and one (..., r) tensor); benchmarks/forward_order.py measures it against (x·Aᵀ)·Mᵀ.
+    """
+    down = lora_A if lora_mixer is None else lora_mixer @ lora_A  # (r, in)
+    hidden = F.linear(x, scaling * down)  # (..., in) -> (..., r)
+    return F.linear(hidden, lora_B)  # (..., r) -> (..., out)

@@ -1,0 +1,322 @@
+"""Adapter files: the native MoSLoRA file and its two plain-LoRA exports. The key schema lives here, once.
+
+- native `moslora.safetensors`: `<component>.<module>.lora_A.weight` (r×in), `.lora_mixer.weight` (r×r, absent
+  for mixer_init none), `.lora_B.weight` (out×r); metadata holds the format, version, configs and base model.
+- diffusers `pytorch_lora_weights.safetensors`: `<component>.<module>.lora_A.weight` and `.lora_B.weight` with
+  the mixer and scale folded into B (B' = s·B·M), which stock `load_lora_weights` reads with alpha = rank.
+- kohya `lora_kohya.safetensors`: `lora_unet_<SGM path>.lora_down.weight` / `.lora_up.weight` / `.alpha`
+  (`lora_te1_` / `lora_te2_` for the text encoders), read by A1111, ComfyUI and kohya's sd-scripts.
+Components are `unet`, `text_encoder`, `text_encoder_2`, as named on a diffusers SDXL pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from transformers import PreTrainedModel
+
+from .config import MoSLoRAConfig
+from .errors import AdapterFileError
+from .functional import fold_mixer
+from .inject import find_target_linears, inject_moslora, merge_moslora, moslora_layers, set_moslora_scale
+
+FORMAT_NAME = "moslora"
+FORMAT_VERSION = "1"
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+NATIVE_FILE = "moslora.safetensors"
+DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
+KOHYA_FILE = "lora_kohya.safetensors"
+KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+_PARTS = {"lora_A": "lora_A.weight", "lora_mixer": "lora_mixer.weight", "lora_B": "lora_B.weight"}
+_KEY = re.compile(r"^(unet|text_encoder|text_encoder_2)\.(.+)\.(lora_A|lora_mixer|lora_B)\.weight$")
+
+
+@dataclass
+class ModuleAdapter:
+    lora_A: torch.Tensor
+    lora_mixer: torch.Tensor | None
+    lora_B: torch.Tensor
+
+
+@dataclass
+class NativeAdapter:
+    """A native file in memory: per component, its config and its adapted modules."""
+
+    configs: dict[str, MoSLoRAConfig]
+    modules: dict[str, dict[str, ModuleAdapter]]
+    base_model: str | None
+    unet_layers_per_block: list[int] | None
+
+    def folded(self, component: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """module → (down, up): the exact plain LoRA of each MoSLoRA module."""
+        scaling = self.configs[component].scaling
+        return {
+            name: fold_mixer(m.lora_A, m.lora_mixer, m.lora_B, scaling)
+            for name, m in self.modules[component].items()
+        }
+
+
+def write_safetensors(tensors: dict, path, metadata: dict[str, str]) -> Path:
+    """Write beside the target and rename, so a crash never leaves a half-written adapter."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_moslora(path, unet, text_encoder=None, text_encoder_2=None, base_model: str | None = None) -> Path:
+    """Write the native file of whichever models carry MoSLoRA layers (the mixer kept, for resuming)."""
+    models = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+    tensors, configs = {}, {}
+    for component, model in models.items():
+        layers = moslora_layers(model) if model is not None else {}
+        if not layers:
+            continue
+        configs[component] = next(iter(layers.values())).config.to_dict()
+        for name, layer in layers.items():
+            for part, suffix in _PARTS.items():
+                tensor = getattr(layer, part)
+                if tensor is not None:
+                    tensors[f"{component}.{_file_module_name(model, name)}.{suffix}"] = tensor
+    if "unet" not in configs:
+        raise ValueError("the UNet has no MoSLoRA layers to save; call inject_moslora first")
+    metadata = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "configs": json.dumps(configs),
+        "base_model": base_model or "",
+        "unet_layers_per_block": json.dumps(_layers_per_block(unet.config)) if hasattr(unet, "config") else "",
+    }
+    return write_safetensors(tensors, path, metadata)
+
+
+def read_moslora(path) -> NativeAdapter:
+    """Read and check a native file; every problem is an AdapterFileError that names it."""
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterFileError(f"adapter file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            keys = list(handle.keys())
+            if metadata.get("format") != FORMAT_NAME:
+                raise AdapterFileError(_not_native_message(path, keys))
+            tensors = {key: handle.get_tensor(key) for key in keys}
+    except SafetensorError as error:
+        raise AdapterFileError(f"{path} is not a readable safetensors file ({error})") from None
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise AdapterFileError(
+            f"{path} is MoSLoRA format version {metadata.get('format_version')!r}; "
+            f"this version of dreambooth_moslora reads version {FORMAT_VERSION}"
+        )
+    try:
+        configs = {c: MoSLoRAConfig.from_dict(v) for c, v in json.loads(metadata["configs"]).items()}
+    except (KeyError, TypeError, ValueError) as error:
+        raise AdapterFileError(f"{path} has an unreadable MoSLoRA config in its metadata ({error})") from None
+    modules = _group_modules(path, tensors, configs)
+    layers_per_block = metadata.get("unet_layers_per_block")
+    return NativeAdapter(
+        configs=configs,
+        modules=modules,
+        base_model=metadata.get("base_model") or None,
+        unet_layers_per_block=json.loads(layers_per_block) if layers_per_block else None,
+    )
+
+
+def _not_native_message(path, keys) -> str:
+    if any(k.endswith((".lora_down.weight", ".lora_up.weight")) for k in keys):
+        kind = "a kohya-style LoRA"
+    elif any(".lora_A." in k or ".lora.down." in k for k in keys):
+        kind = "a diffusers/PEFT LoRA"
+    else:
+        kind = "not a LoRA file"
+    return (
+        f"{path} is not a native MoSLoRA file (no 'format: {FORMAT_NAME}' in its metadata; it looks like {kind}). "
+        "Plain LoRA files load with diffusers' pipe.load_lora_weights."
+    )
+
+
+def _group_modules(path, tensors, configs) -> dict[str, dict[str, ModuleAdapter]]:
+    parts: dict[str, dict[str, dict[str, torch.Tensor]]] = {c: {} for c in configs}
+    for key, tensor in tensors.items():
+        match = _KEY.match(key)
+        if not match or match.group(1) not in configs:
+            raise AdapterFileError(f"{path} has an unexpected key {key!r}")
+        component, module, part = match.groups()
+        parts[component].setdefault(module, {})[part] = tensor
+    modules = {}
+    for component, config in configs.items():
+        modules[component] = {}
+        for module, found in parts[component].items():
+            wanted = {"lora_A", "lora_B"} | ({"lora_mixer"} if config.has_mixer else set())
+            if set(found) != wanted:
+                raise AdapterFileError(
+                    f"{path}: {component}.{module} has {sorted(found)}, expected {sorted(wanted)}"
+                )
+            adapter = ModuleAdapter(found["lora_A"], found.get("lora_mixer"), found["lora_B"])
+            rank = config.rank
+            if (
+                adapter.lora_A.ndim != 2
+                or adapter.lora_A.shape[0] != rank
+                or adapter.lora_B.ndim != 2
+                or adapter.lora_B.shape[1] != rank
+                or (adapter.lora_mixer is not None and tuple(adapter.lora_mixer.shape) != (rank, rank))
+            ):
+                raise AdapterFileError(f"{path}: {component}.{module} has shapes that do not fit rank {rank}")
+            modules[component][module] = adapter
+        if not modules[component]:
+            raise AdapterFileError(f"{path} has a config for {component} but no weights for it")
+    return modules
+
+
+def load_moslora(pipe, path, scale: float = 1.0, fuse: bool = False) -> dict[str, list[str]]:
+    """Attach a native file to a diffusers SDXL pipeline; returns the adapted module names per component.
+
+    The whole file is checked against the pipeline first, so a wrong file leaves the pipeline untouched.
+    """
+    adapter = read_moslora(path)
+    components = {}
+    for component, config in adapter.configs.items():
+        model = getattr(pipe, component, None)
+        if model is None:
+            raise AdapterFileError(f"{path} adapts {component}, which this pipeline does not have")
+        if moslora_layers(model):
+            raise AdapterFileError(f"the pipeline's {component} already has a MoSLoRA adapter")
+        linears = find_target_linears(model, config.target_modules)
+        _check_fits(path, component, adapter.modules[component], {_file_module_name(model, n): m for n, m in linears.items()})
+        components[component] = model
+    loaded = {}
+    for component, model in components.items():
+        weights = next(model.parameters())
+        loaded[component] = inject_moslora(model, adapter.configs[component], dtype=weights.dtype)
+        layers = moslora_layers(model)
+        with torch.no_grad():
+            for name, layer in layers.items():
+                module = adapter.modules[component][_file_module_name(model, name)]
+                for part in _PARTS:
+                    tensor = getattr(module, part)
+                    if tensor is not None:
+                        getattr(layer, part).copy_(tensor)
+        set_moslora_scale(model, scale)
+        if fuse:
+            merge_moslora(model)
+    return loaded
+
+
+def _file_module_name(model, name: str) -> str:
+    """Files name CLIP layers `text_model.encoder…` as every LoRA tool expects; transformers 5's CLIPTextModel
+    dropped that level, so it is put back here (and diffusers strips it again when loading)."""
+    if isinstance(model, PreTrainedModel) and not hasattr(model, "text_model") and not name.startswith("text_model."):
+        return "text_model." + name
+    return name
+
+
+def _check_fits(path, component, modules, linears):
+    for name in sorted(set(modules) | set(linears)):
+        if name not in linears:
+            raise AdapterFileError(
+                f"{path}: {component}.{name} is not a target layer of this pipeline; "
+                "the adapter was trained on another base model"
+            )
+        if name not in modules:
+            raise AdapterFileError(f"{path} is missing weights for {component}.{name}")
+        linear, module = linears[name], modules[name]
+        if module.lora_A.shape[1] != linear.in_features or module.lora_B.shape[0] != linear.out_features:
+            raise AdapterFileError(
+                f"{path}: {component}.{name} is {module.lora_A.shape[1]}→{module.lora_B.shape[0]} in the adapter "
+                f"but {linear.in_features}→{linear.out_features} in this pipeline; "
+                "the adapter was trained on another base model"
+            )
+
+
+def export_diffusers(native_path, out_path) -> Path:
+    """The folded plain LoRA that stock `pipe.load_lora_weights(dir)` reads (PEFT key names)."""
+    adapter = read_moslora(native_path)
+    tensors = {}
+    for component in adapter.configs:
+        for name, (down, up) in adapter.folded(component).items():
+            tensors[f"{component}.{name}.lora_A.weight"] = down
+            tensors[f"{component}.{name}.lora_B.weight"] = up
+    return write_safetensors(tensors, out_path, {"format": "pt", **_provenance(adapter)})
+
+
+def export_kohya(native_path, out_path) -> Path:
+    """The folded plain LoRA in kohya's SDXL naming, for A1111, ComfyUI and kohya's tools."""
+    adapter = read_moslora(native_path)
+    tensors = {}
+    for component in adapter.configs:
+        for name, (down, up) in adapter.folded(component).items():
+            key = kohya_module_name(component, name, adapter.unet_layers_per_block)
+            tensors[f"{key}.lora_down.weight"] = down
+            tensors[f"{key}.lora_up.weight"] = up
+            tensors[f"{key}.alpha"] = torch.tensor(float(down.shape[0]))  # alpha = rank: s is folded into up
+    unet_config = adapter.configs["unet"]
+    metadata = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(unet_config.rank),
+        "ss_network_alpha": str(unet_config.rank),
+        "ss_base_model_version": "sdxl_base_v1-0",
+        "ss_sd_model_name": adapter.base_model or "",
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+        "modelspec.title": Path(out_path).stem,
+        **_provenance(adapter),
+    }
+    return write_safetensors(tensors, out_path, metadata)
+
+
+def _provenance(adapter: NativeAdapter) -> dict[str, str]:
+    return {
+        "moslora_configs": json.dumps({c: v.to_dict() for c, v in adapter.configs.items()}),
+        "moslora_base_model": adapter.base_model or "",
+    }
+
+
+def _layers_per_block(unet_config) -> list[int]:
+    layers = unet_config.layers_per_block
+    count = len(unet_config.down_block_types)
+    return [int(layers)] * count if isinstance(layers, int) else [int(n) for n in layers]
+
+
+def kohya_module_name(component: str, module: str, layers_per_block: list[int] | None) -> str:
+    """diffusers module path → kohya name, mapping UNet blocks to SGM's input/middle/output_blocks."""
+    if component != "unet":
+        return KOHYA_PREFIXES[component] + module.replace(".", "_")
+    if layers_per_block is None:
+        raise AdapterFileError("the native file does not record the UNet's layers_per_block; re-save it")
+    sgm = _sgm_unet_path(module, layers_per_block)
+    return KOHYA_PREFIXES["unet"] + sgm.replace(".", "_")
+
+
+def _sgm_unet_path(module: str, layers_per_block: list[int]) -> str:
+    """SGM numbering: input block 0 is conv_in, each down block adds its layers and a downsampler;
+    each up block has one layer more than its down twin (reversed order)."""
+    parts = module.split(".")
+    if parts[0] == "mid_block" and parts[1] == "attentions":
+        return ".".join(["middle_block", "1", *parts[3:]])
+    if parts[0] in ("down_blocks", "up_blocks") and parts[2] == "attentions":
+        block, layer = int(parts[1]), int(parts[3])
+        if parts[0] == "down_blocks":
+            index = 1 + sum(n + 1 for n in layers_per_block[:block]) + layer
+            name = "input_blocks"
+        else:
+            index = sum(n + 1 for n in list(reversed(layers_per_block))[:block]) + layer
+            name = "output_blocks"
+        return ".".join([name, str(index), "1", *parts[4:]])
+    raise AdapterFileError(f"kohya export maps UNet attention modules only; {module} is not one")
