@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from .errors import UserInputError
@@ -15,6 +16,13 @@ def _tiny_pipeline(args):
     print(f"wrote a tiny random-weight SDXL pipeline to {path}")
 
 
+def _train(args):
+    from .arguments import parse_args
+    from .train import train
+
+    train(parse_args(args.train_args, prog="dreambooth-moslora train"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dreambooth-moslora", description=__doc__)
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -25,16 +33,23 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("output_dir", help="folder to write the diffusers pipeline into")
     tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     tiny.set_defaults(run=_tiny_pipeline)
+    train = verbs.add_parser("train", add_help=False, help="DreamBooth-train a MoSLoRA adapter (train --help)")
+    train.add_argument("train_args", nargs=argparse.REMAINDER)
+    train.set_defaults(run=_train)
     return parser
 
 
 def run_reporting_errors(run, args) -> int:
-    """Bad input becomes one line on stderr and exit code 2, never a traceback."""
+    """Bad input becomes one line on stderr and exit code 2, never a traceback; Ctrl-C exits 130."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     try:
         run(args)
     except UserInputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as interrupt:
+        print(f"stopped: {interrupt or 'interrupted'}", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -204,18 +204,22 @@ def load_moslora(pipe, path, scale: float = 1.0, fuse: bool = False) -> dict[str
     for component, model in components.items():
         weights = next(model.parameters())
         loaded[component] = inject_moslora(model, adapter.configs[component], dtype=weights.dtype)
-        layers = moslora_layers(model)
-        with torch.no_grad():
-            for name, layer in layers.items():
-                module = adapter.modules[component][_file_module_name(model, name)]
-                for part in _PARTS:
-                    tensor = getattr(module, part)
-                    if tensor is not None:
-                        getattr(layer, part).copy_(tensor)
+        copy_adapter_weights(model, adapter.modules[component])
         set_moslora_scale(model, scale)
         if fuse:
             merge_moslora(model)
     return loaded
+
+
+@torch.no_grad()
+def copy_adapter_weights(model, modules: dict[str, ModuleAdapter]):
+    """Put a file's weights into a model's MoSLoRA layers (same config, checked by the caller)."""
+    for name, layer in moslora_layers(model).items():
+        module = modules[_file_module_name(model, name)]
+        for part in _PARTS:
+            tensor = getattr(module, part)
+            if tensor is not None:
+                getattr(layer, part).copy_(tensor)
 
 
 def _file_module_name(model, name: str) -> str:

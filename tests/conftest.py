@@ -36,3 +36,27 @@ def perturb_adapters(model, seed=0, std=0.5):
     with torch.no_grad():
         for param in moslora_parameters(model):
             param.copy_(torch.randn(param.shape, generator=generator) * std)
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """In-process training runs each build an Accelerator; accelerate keeps one state per process."""
+    from accelerate.state import AcceleratorState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def training_argv(base_dir, instance_dir, output_dir, *extra, steps=2):
+    """A small, fast training command on the tiny pipeline (steps=None leaves the step count to epochs)."""
+    return [
+        "--pretrained_model_name_or_path", str(base_dir),
+        "--instance_data_dir", str(instance_dir),
+        "--instance_prompt", "a photo of sks dog",
+        "--output_dir", str(output_dir),
+        "--resolution", "64",
+        "--learning_rate", "1e-3",
+        "--report_to", "none",
+        *(("--max_train_steps", str(steps)) if steps else ()),
+        *extra,
+    ]

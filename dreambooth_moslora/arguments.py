@@ -1,0 +1,133 @@
+"""The training command's options. Names follow diffusers' train_dreambooth_lora_sdxl.py wherever the feature
+is the same, so its users' commands work here with `--mixer_init` added."""
+
+from __future__ import annotations
+
+import argparse
+
+from .config import MIXER_INITS, UNET_TARGETS
+from .errors import UserInputError
+
+DEFAULT_MAX_TRAIN_STEPS = 500
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, description="DreamBooth fine-tuning of Stable Diffusion XL with a MoSLoRA adapter."
+    )
+    model = parser.add_argument_group("base model")
+    model.add_argument("--pretrained_model_name_or_path", required=True,
+                       help="hub id or local folder of a diffusers SDXL pipeline")
+    model.add_argument("--pretrained_vae_model_name_or_path", default=None,
+                       help="a VAE that is safe in fp16 (e.g. madebyollin/sdxl-vae-fp16-fix); without one the VAE runs in fp32")
+    model.add_argument("--revision", default=None)
+    model.add_argument("--variant", default=None, help="weights variant to load, e.g. fp16")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--instance_data_dir", required=True, help="folder with 3-20 photos of the subject")
+    data.add_argument("--instance_prompt", required=True,
+                      help="prompt with the trigger token, e.g. 'a photo of sks dog'; a same-named .txt beside an image overrides it")
+    data.add_argument("--resolution", type=int, default=1024, help="training side length in pixels (default 1024)")
+    data.add_argument("--center_crop", action="store_true",
+                      help="crop at the centre instead of at a random place drawn every step")
+    data.add_argument("--random_flip", action="store_true", help="mirror images at random, drawn every step")
+    data.add_argument("--no_bucketing", dest="bucketing", action="store_false",
+                      help="square crops instead of aspect-ratio buckets")
+    data.add_argument("--repeats", type=int, default=1, help="how often each instance image appears per epoch")
+    data.add_argument("--dataloader_num_workers", type=int, default=0)
+
+    prior = parser.add_argument_group("prior preservation")
+    prior.add_argument("--with_prior_preservation", action="store_true")
+    prior.add_argument("--class_data_dir", default=None, help="class images; missing ones are generated here")
+    prior.add_argument("--class_prompt", default=None, help="prompt of the class without the trigger, e.g. 'a photo of a dog'")
+    prior.add_argument("--num_class_images", type=int, default=100)
+    prior.add_argument("--prior_loss_weight", type=float, default=1.0)
+    prior.add_argument("--sample_batch_size", type=int, default=4, help="batch size when generating class images")
+
+    adapter = parser.add_argument_group("adapter")
+    adapter.add_argument("--rank", type=int, default=4)
+    adapter.add_argument("--lora_alpha", type=float, default=None, help="default: the rank (scale 1)")
+    adapter.add_argument("--mixer_init", choices=MIXER_INITS, default="orthogonal",
+                         help="orthogonal (default), kaiming (paper's code), identity, or none (plain LoRA)")
+    adapter.add_argument("--target_modules", default=",".join(UNET_TARGETS),
+                         help="comma-separated UNet layer names (default to_q,to_k,to_v,to_out.0)")
+    adapter.add_argument("--lora_dropout", type=float, default=0.0)
+    adapter.add_argument("--use_rslora", action="store_true", help="scale alpha/sqrt(rank) instead of alpha/rank")
+    adapter.add_argument("--train_text_encoder", action="store_true",
+                         help="also adapt both text encoders' attention (q/k/v/out_proj)")
+    adapter.add_argument("--text_encoder_lr", type=float, default=5e-6)
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--train_batch_size", type=int, default=1)
+    optim.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    optim.add_argument("--max_train_steps", type=int, default=None,
+                       help=f"optimizer steps; overrides --num_train_epochs (default {DEFAULT_MAX_TRAIN_STEPS} when neither is given)")
+    optim.add_argument("--num_train_epochs", type=int, default=None)
+    optim.add_argument("--learning_rate", type=float, default=1e-4)
+    optim.add_argument("--scale_lr", action="store_true",
+                       help="multiply learning rates by batch size x accumulation x processes")
+    optim.add_argument("--lr_scheduler", default="constant",
+                       choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"])
+    optim.add_argument("--lr_warmup_steps", type=int, default=0)
+    optim.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit", "prodigy"])
+    optim.add_argument("--adam_beta1", type=float, default=0.9)
+    optim.add_argument("--adam_beta2", type=float, default=0.999)
+    optim.add_argument("--adam_weight_decay", type=float, default=1e-4)
+    optim.add_argument("--adam_epsilon", type=float, default=1e-8)
+    optim.add_argument("--max_grad_norm", type=float, default=1.0)
+    optim.add_argument("--snr_gamma", type=float, default=None, help="min-SNR-γ loss weighting; 5.0 is usual")
+    optim.add_argument("--noise_offset", type=float, default=0.0)
+    optim.add_argument("--seed", type=int, default=0)
+
+    memory = parser.add_argument_group("precision and memory")
+    memory.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
+                        help="frozen weights in fp16/bf16, adapter in fp32 (default: accelerate's config, else no)")
+    memory.add_argument("--gradient_checkpointing", action="store_true")
+    memory.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                        help="xformers attention (optional extra); PyTorch's SDPA is the default")
+    memory.add_argument("--allow_tf32", action="store_true")
+    cache = memory.add_mutually_exclusive_group()
+    cache.add_argument("--cache_latents", dest="cache_latents", action="store_true", default=None,
+                       help="encode each image once (default: on unless random crops need re-encoding)")
+    cache.add_argument("--no_cache_latents", dest="cache_latents", action="store_false")
+
+    out = parser.add_argument_group("outputs and monitoring")
+    out.add_argument("--output_dir", default="moslora-dreambooth")
+    out.add_argument("--checkpointing_steps", type=int, default=500)
+    out.add_argument("--checkpoints_total_limit", type=int, default=None)
+    out.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder, or 'latest'")
+    out.add_argument("--validation_prompt", default=None)
+    out.add_argument("--num_validation_images", type=int, default=4)
+    out.add_argument("--validation_steps", type=int, default=None,
+                     help="also validate every N steps (always at the end when --validation_prompt is set)")
+    out.add_argument("--num_inference_steps", type=int, default=25, help="sampling steps of validation images")
+    out.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "none"])
+    out.add_argument("--logging_dir", default="logs", help="relative to --output_dir")
+    return parser
+
+
+def validate_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Refuse combinations that cannot work, before any model is loaded."""
+    if args.resolution <= 0 or args.resolution % 8:
+        raise UserInputError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
+    if args.with_prior_preservation:
+        if not args.class_prompt:
+            raise UserInputError("--with_prior_preservation needs --class_prompt (e.g. 'a photo of a dog')")
+        if not args.class_data_dir:
+            raise UserInputError("--with_prior_preservation needs --class_data_dir")
+    positive = ("train_batch_size", "gradient_accumulation_steps", "repeats", "rank", "checkpointing_steps",
+                "num_validation_images", "sample_batch_size", "num_inference_steps")
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise UserInputError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    for name in ("max_train_steps", "num_train_epochs", "validation_steps", "checkpoints_total_limit"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserInputError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.num_class_images < 0 or args.dataloader_num_workers < 0:
+        raise UserInputError("--num_class_images and --dataloader_num_workers cannot be negative")
+    args.target_modules = tuple(t.strip() for t in args.target_modules.split(",") if t.strip())
+    return args
+
+
+def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
+    return validate_args(build_parser(prog).parse_args(argv))

@@ -1,0 +1,109 @@
+"""Training checkpoints in safetensors and JSON only: the adapter, the optimizer state, the step and LR schedule.
+
+All randomness in training is a function of (seed, micro-batch number, process), so no RNG state needs saving:
+a resumed run draws exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .errors import UserInputError
+from .io import NATIVE_FILE, copy_adapter_weights, read_moslora, save_moslora, write_safetensors
+from .inject import moslora_layers
+
+PREFIX = "checkpoint-"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "training_state.json"
+
+
+def checkpoints(output_dir) -> list[Path]:
+    """Finished checkpoints, oldest first."""
+    found = [p for p in Path(output_dir).glob(f"{PREFIX}*") if re.fullmatch(rf"{PREFIX}\d+", p.name) and p.is_dir()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def save_checkpoint(output_dir, step: int, models: dict, optimizer, lr_scheduler, base_model: str) -> Path:
+    """Written into a temporary folder and renamed, so a crash never leaves a half checkpoint."""
+    final = Path(output_dir) / f"{PREFIX}{step}"
+    staging = Path(output_dir) / f".{PREFIX}{step}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    save_moslora(staging / NATIVE_FILE, models["unet"], models.get("text_encoder"), models.get("text_encoder_2"),
+                 base_model=base_model)
+    tensors, metadata = _flatten_optimizer(optimizer.state_dict())
+    write_safetensors(tensors, staging / OPTIMIZER_FILE, metadata)
+    state = {"global_step": step, "lr_scheduler": lr_scheduler.state_dict()}
+    (staging / STATE_FILE).write_text(json.dumps(state, default=float))
+    shutil.rmtree(final, ignore_errors=True)
+    staging.rename(final)
+    return final
+
+
+def prune_checkpoints(output_dir, keep: int | None):
+    if keep is not None:
+        for old in checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old)
+
+
+def resolve_checkpoint(output_dir, spec: str) -> Path | None:
+    """'latest' is the newest checkpoint in output_dir (None when there is none yet); else a folder."""
+    if spec == "latest":
+        found = checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(spec)
+    if not (path / STATE_FILE).is_file():
+        raise UserInputError(f"not a training checkpoint: {path} (no {STATE_FILE} in it)")
+    return path
+
+
+def load_checkpoint(path, models: dict, optimizer, lr_scheduler) -> int:
+    """Restore adapter weights, optimizer and schedule; returns the step to continue from."""
+    path = Path(path)
+    adapter = read_moslora(path / NATIVE_FILE)
+    for component, model in models.items():
+        layers = moslora_layers(model)
+        config = next(iter(layers.values())).config
+        if adapter.configs.get(component) != config:
+            raise UserInputError(
+                f"{path} was trained with another {component} adapter ({adapter.configs.get(component)}); "
+                f"this run uses {config}"
+            )
+        copy_adapter_weights(model, adapter.modules[component])
+    try:
+        with safe_open(str(path / OPTIMIZER_FILE), framework="pt") as handle:
+            optimizer.load_state_dict(_unflatten_optimizer(handle))
+    except (SafetensorError, OSError, KeyError, ValueError) as error:
+        raise UserInputError(f"{path / OPTIMIZER_FILE} is not a usable optimizer state ({error})") from None
+    state = json.loads((path / STATE_FILE).read_text())
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    return int(state["global_step"])
+
+
+def _flatten_optimizer(state_dict) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    tensors, scalars = {}, {}
+    for param_id, values in state_dict["state"].items():
+        for name, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{param_id}.{name}"] = value
+            else:
+                scalars.setdefault(str(param_id), {})[name] = value
+    metadata = {"param_groups": json.dumps(state_dict["param_groups"]), "scalars": json.dumps(scalars)}
+    return tensors, metadata
+
+
+def _unflatten_optimizer(handle) -> dict:
+    metadata = handle.metadata()
+    state: dict[int, dict] = {}
+    for key in handle.keys():
+        _, param_id, name = key.split(".", 2)
+        state.setdefault(int(param_id), {})[name] = handle.get_tensor(key)
+    for param_id, values in json.loads(metadata["scalars"]).items():
+        state.setdefault(int(param_id), {}).update(values)
+    return {"state": state, "param_groups": json.loads(metadata["param_groups"])}

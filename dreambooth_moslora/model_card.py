@@ -1,0 +1,51 @@
+"""The README.md written next to a trained adapter: what it is and how to load it everywhere."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .io import DIFFUSERS_FILE, KOHYA_FILE, NATIVE_FILE
+
+
+def model_card(base_model: str, instance_prompt: str, config, steps: int, text_encoders_trained: bool,
+               validation_prompt: str | None, validation_images: list[Path], output_dir: Path) -> str:
+    images = "\n".join(f"![{validation_prompt}]({p.relative_to(output_dir).as_posix()})" for p in validation_images)
+    return f"""---
+base_model: {base_model}
+library_name: diffusers
+tags: [stable-diffusion-xl, lora, moslora, dreambooth, text-to-image]
+instance_prompt: {instance_prompt}
+---
+# MoSLoRA DreamBooth adapter for {base_model}
+
+Trained with [dreambooth_moslora](https://arxiv.org/abs/2406.11909) on the prompt **{instance_prompt}**.
+
+| setting | value |
+| --- | --- |
+| base model | `{base_model}` |
+| trigger prompt | `{instance_prompt}` |
+| rank / alpha | {config.rank} / {config.alpha:g} |
+| mixer init | {config.mixer_init} |
+| target modules | {", ".join(config.target_modules)} |
+| text encoders trained | {"yes" if text_encoders_trained else "no"} |
+| training steps | {steps} |
+
+## Files
+- `{DIFFUSERS_FILE}`: a plain LoRA (the mixer folded in) for diffusers and PEFT.
+- `{KOHYA_FILE}`: the same LoRA in kohya naming: drop it into ComfyUI's `models/loras` (*Load LoRA* node) or
+  AUTOMATIC1111's `models/Lora` and write `<lora:{Path(KOHYA_FILE).stem}:1>` in the prompt.
+- `{NATIVE_FILE}`: the native MoSLoRA file, mixer kept, for resuming and for `dreambooth_moslora.load_moslora`.
+
+## Use with diffusers
+```python
+import torch
+from diffusers import StableDiffusionXLPipeline
+
+pipe = StableDiffusionXLPipeline.from_pretrained("{base_model}", torch_dtype=torch.float16).to("cuda")
+pipe.load_lora_weights("path/to/this/folder")   # reads {DIFFUSERS_FILE}
+image = pipe("{validation_prompt or instance_prompt}").images[0]
+```
+
+## Validation images
+{images or "(none: train with --validation_prompt to get some)"}
+"""

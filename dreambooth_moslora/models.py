@@ -1,0 +1,64 @@
+"""Load the frozen parts of an SDXL pipeline for training, each in the dtype it can run in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from .errors import UserInputError
+
+
+@dataclass
+class BaseModels:
+    tokenizers: tuple
+    text_encoders: tuple
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    noise_scheduler: DDPMScheduler
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") != 1 or Path(name).exists()
+
+
+def load_base_models(name_or_path: str, revision=None, variant=None, vae_name_or_path=None) -> BaseModels:
+    """From a hub id or a local diffusers folder; a path that is not there is one clear error."""
+    for source in filter(None, (name_or_path, vae_name_or_path)):
+        if _looks_local(source) and not Path(source).expanduser().is_dir():
+            raise UserInputError(f"model folder not found: {source}")
+    common = {"revision": revision}
+    try:
+        tokenizers = tuple(
+            CLIPTokenizer.from_pretrained(name_or_path, subfolder=sub, **common)
+            for sub in ("tokenizer", "tokenizer_2")
+        )
+        text_encoders = (
+            CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder", variant=variant, **common),
+            CLIPTextModelWithProjection.from_pretrained(name_or_path, subfolder="text_encoder_2", variant=variant, **common),
+        )
+        if vae_name_or_path:
+            vae = AutoencoderKL.from_pretrained(vae_name_or_path)
+        else:
+            vae = AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", variant=variant, **common)
+        unet = UNet2DConditionModel.from_pretrained(name_or_path, subfolder="unet", variant=variant, **common)
+        noise_scheduler = DDPMScheduler.from_pretrained(name_or_path, subfolder="scheduler", **common)
+    except (OSError, ValueError) as error:
+        raise UserInputError(f"could not load the SDXL model {name_or_path}: {str(error).splitlines()[0]}") from None
+    if getattr(unet.config, "addition_embed_type", None) != "text_time":
+        raise UserInputError(f"{name_or_path} is not an SDXL model (its UNet has no text_time conditioning)")
+    for model in (*text_encoders, vae, unet):
+        model.requires_grad_(False)
+    return BaseModels(tokenizers, text_encoders, vae, unet, noise_scheduler)
+
+
+def place_models(models: BaseModels, device, weight_dtype: torch.dtype, vae_is_fp16_safe: bool):
+    """Frozen weights in the training dtype; the stock SDXL VAE stays fp32 (it overflows in fp16)."""
+    vae_dtype = weight_dtype if vae_is_fp16_safe else torch.float32
+    for model, dtype in ((models.unet, weight_dtype), *((e, weight_dtype) for e in models.text_encoders), (models.vae, vae_dtype)):
+        model.to(device)
+        if model.dtype != dtype:
+            model.to(dtype=dtype)

@@ -1,0 +1,478 @@
+"""DreamBooth training of SDXL with MoSLoRA over accelerate (one GPU, several, or several nodes).
+
+The loop reads top to bottom: latents, noise, timesteps, UNet, loss, backward. Everything random in a step is
+drawn from (seed, micro-batch number, process), so checkpoints resume exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+from diffusers.optimization import get_scheduler
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .arguments import DEFAULT_MAX_TRAIN_STEPS
+from .checkpoint import checkpoints, load_checkpoint, prune_checkpoints, resolve_checkpoint, save_checkpoint
+from .conditioning import encode_latent_distribution, encode_prompts, micro_conditioning, sample_latents
+from .config import TEXT_ENCODER_TARGETS, MoSLoRAConfig
+from .data import (
+    MicroBatches,
+    Sample,
+    center_sample,
+    epoch_batches,
+    epoch_examples,
+    has_crop_slack,
+    keep_as_is,
+    process_micro_batches,
+    read_examples,
+    render,
+)
+from .errors import UserInputError
+from .inject import inject_moslora, moslora_parameters
+from .io import DIFFUSERS_FILE, KOHYA_FILE, NATIVE_FILE, export_diffusers, export_kohya, save_moslora
+from .model_card import model_card
+from .models import load_base_models, place_models
+from .prior import generate_class_images, missing_class_indices
+
+logger = logging.getLogger(__name__)
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+PLAN_CHUNK = 64  # micro-batches handed to one DataLoader (its workers restart between chunks)
+
+
+class TrainingDiverged(UserInputError):
+    """The loss stopped being finite; nothing is written for the run, checkpoints are kept."""
+
+
+@dataclass
+class TrainingResult:
+    output_dir: Path
+    steps: int
+    seconds: float
+    files: list[Path]
+    losses: list[float]
+    """Mean loss of each optimizer step this run took (across processes)."""
+
+
+def step_seed(seed: int, micro_batch: int, process_index: int) -> int:
+    return (seed * 1_000_003 + micro_batch) * 8191 + process_index
+
+
+def train(args) -> TrainingResult:
+    output_dir = Path(args.output_dir)
+    project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir))
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=project,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.train_text_encoder)],
+    )
+    instance = read_examples(args.instance_data_dir, args.instance_prompt, args.resolution, args.bucketing)
+    models = load_base_models(args.pretrained_model_name_or_path, args.revision, args.variant,
+                              args.pretrained_vae_model_name_or_path)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    classes = _class_examples(args, accelerator, weight_dtype) if args.with_prior_preservation else []
+    place_models(models, accelerator.device, weight_dtype, vae_is_fp16_safe=bool(args.pretrained_vae_model_name_or_path))
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    set_seed(args.seed)  # the adapter's initial A and mixer
+    adapted = _inject_adapters(args, models)
+    optimizer = _build_optimizer(args, adapted, accelerator.num_processes)
+    micro_batches_per_epoch = _micro_batches_per_epoch(args, instance, classes, accelerator.num_processes)
+    max_steps = args.max_train_steps or (
+        args.num_train_epochs * math.ceil(micro_batches_per_epoch / args.gradient_accumulation_steps)
+        if args.num_train_epochs else DEFAULT_MAX_TRAIN_STEPS
+    )
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
+                                 num_training_steps=max_steps)
+    prepared = accelerator.prepare(*adapted.values(), optimizer)
+    trained, optimizer = dict(zip(adapted, prepared[:-1])), prepared[-1]
+
+    caches = _build_caches(args, accelerator, models, instance + classes)
+    global_step = _resume(args, output_dir, adapted, optimizer, lr_scheduler)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("dreambooth-moslora", config=_tracker_config(args))
+
+    loop = TrainingLoop(args, accelerator, models, trained, optimizer, lr_scheduler, caches, weight_dtype)
+    start = time.perf_counter()
+    first_step = global_step
+    with _stop_on_interrupt() as stop:
+        global_step = loop.run(instance, classes, global_step, max_steps, stop, save=lambda step: _checkpoint(
+            args, output_dir, step, accelerator, adapted, optimizer, lr_scheduler))
+    seconds = time.perf_counter() - start
+    if stop.requested:
+        path = _checkpoint(args, output_dir, global_step, accelerator, adapted, optimizer, lr_scheduler)
+        raise KeyboardInterrupt(f"interrupted at step {global_step}; saved {path}; "
+                                "continue with --resume_from_checkpoint latest")
+
+    files = []
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        images = loop.validate(global_step, final=True) if args.validation_prompt else []
+        files = _write_outputs(args, output_dir, adapted, global_step, images)
+        _summary(global_step - first_step, seconds, files, accelerator.device)
+    accelerator.end_training()
+    return TrainingResult(output_dir, global_step, seconds, files, loop.losses)
+
+
+class TrainingLoop:
+    """One optimizer step after another, with checkpoints, validation and logging in between."""
+
+    def __init__(self, args, accelerator, models, trained, optimizer, lr_scheduler, caches, weight_dtype):
+        self.args, self.accelerator, self.models = args, accelerator, models
+        self.trained, self.optimizer, self.lr_scheduler = trained, optimizer, lr_scheduler
+        self.latent_cache, self.prompt_cache = caches
+        self.weight_dtype = weight_dtype
+        config = models.noise_scheduler.config
+        self.prediction_type = config.prediction_type
+        self.alphas_cumprod = models.noise_scheduler.alphas_cumprod.to(accelerator.device)
+        self.losses: list[float] = []
+
+    def run(self, instance, classes, global_step: int, max_steps: int, stop, save) -> int:
+        args, accelerator = self.args, self.accelerator
+        for model in self.trained.values():
+            model.train()
+        progress = tqdm(total=max_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
+        skip = global_step * args.gradient_accumulation_steps
+        stream = process_micro_batches(instance, classes, args.repeats, args.train_batch_size, args.seed,
+                                       accelerator.num_processes, accelerator.process_index)
+        step_start, micro_losses = time.perf_counter(), []
+        while global_step < max_steps and not stop.requested:
+            plan = [item for _, item in zip(range(PLAN_CHUNK), stream) if item[0] >= skip]
+            loader = DataLoader(
+                MicroBatches(plan, args.seed, accelerator.process_index, args.random_flip, args.center_crop,
+                             render_pixels=self.latent_cache is None),
+                batch_size=None, num_workers=args.dataloader_num_workers, collate_fn=keep_as_is,
+            )
+            for number, examples, samples, pixels in loader:
+                micro_losses.append(self.micro_step(number, examples, samples, pixels))
+                if not accelerator.sync_gradients:
+                    continue
+                loss = sum(micro_losses) / len(micro_losses)
+                micro_losses.clear()
+                global_step += 1
+                self.losses.append(loss)
+                seconds = time.perf_counter() - step_start
+                step_start = time.perf_counter()
+                lr = self.lr_scheduler.get_last_lr()[0]
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", s_per_step=f"{seconds:.2f}")
+                accelerator.log({"loss": loss, "lr": lr}, step=global_step)
+                if global_step % args.checkpointing_steps == 0 or global_step == max_steps:
+                    save(global_step)  # the last one too, so a finished run can be extended
+                if args.validation_prompt and args.validation_steps and global_step % args.validation_steps == 0 \
+                        and global_step < max_steps and accelerator.is_main_process:
+                    self.validate(global_step)
+                if global_step >= max_steps or stop.requested:
+                    break
+        progress.close()
+        return global_step
+
+    def micro_step(self, number: int, examples, samples: list[Sample], pixels) -> float:
+        """One forward and backward; steps the optimizer when accumulation is complete. Returns the mean loss."""
+        accelerator, unet = self.accelerator, self.trained["unet"]
+        device = accelerator.device
+        generator = torch.Generator().manual_seed(step_seed(self.args.seed, number, accelerator.process_index))
+        torch.manual_seed(step_seed(self.args.seed, number, accelerator.process_index))  # adapter dropout
+        with accelerator.accumulate(*self.trained.values()):
+            mean, std = self._latent_distribution(examples, samples, pixels)
+            latents = sample_latents(mean, std, torch.randn(mean.shape, generator=generator).to(device),
+                                     self.models.vae.config)
+            noise = torch.randn(latents.shape, generator=generator)
+            if self.args.noise_offset:
+                noise += self.args.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=generator)
+            noise = noise.to(device)
+            timesteps = torch.randint(0, len(self.alphas_cumprod), (latents.shape[0],), generator=generator).to(device)
+            noisy = self.models.noise_scheduler.add_noise(latents, noise, timesteps)
+            prompt_embeds, pooled = self._prompt_embeddings([e.caption for e in examples])
+            time_ids = torch.tensor(
+                [micro_conditioning(e.original_size, s.crop_top_left, e.target_size) for e, s in zip(examples, samples)],
+                device=device,
+            )
+            prediction = unet(
+                noisy.to(self.weight_dtype), timesteps, prompt_embeds.to(self.weight_dtype),
+                added_cond_kwargs={"text_embeds": pooled.to(self.weight_dtype), "time_ids": time_ids.to(self.weight_dtype)},
+            ).sample
+            target = noise if self.prediction_type == "epsilon" else self.models.noise_scheduler.get_velocity(
+                latents, noise, timesteps)
+            per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+            weights = torch.tensor(
+                [self.args.prior_loss_weight if e.is_class else 1.0 for e in examples], device=device
+            ) * self._snr_weights(timesteps)
+            loss = (per_sample * weights).mean()
+            mean_loss = accelerator.gather(loss.detach()[None]).mean().item()
+            if not math.isfinite(mean_loss):
+                raise TrainingDiverged(self._divergence_message(mean_loss))
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and self.args.max_grad_norm:
+                accelerator.clip_grad_norm_(
+                    [p for model in self.trained.values() for p in moslora_parameters(model)], self.args.max_grad_norm)
+            self.optimizer.step()
+            if accelerator.sync_gradients:
+                self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return mean_loss
+
+    def _latent_distribution(self, examples, samples, pixels):
+        if self.latent_cache is not None:
+            pairs = [self.latent_cache[(e, s.flip)] for e, s in zip(examples, samples)]
+            return torch.stack([m for m, _ in pairs]).to(self.accelerator.device), torch.stack([s for _, s in pairs]).to(self.accelerator.device)
+        return encode_latent_distribution(self.models.vae, pixels)
+
+    def _prompt_embeddings(self, captions):
+        if self.prompt_cache is not None:
+            embeds = [self.prompt_cache[c] for c in captions]
+            return torch.stack([e for e, _ in embeds]), torch.stack([p for _, p in embeds])
+        encoders = [self.trained.get(name, encoder) for name, encoder in zip(TEXT_ENCODERS, self.models.text_encoders)]
+        return encode_prompts(encoders, self.models.tokenizers, captions, self.accelerator.device)
+
+    def _snr_weights(self, timesteps):
+        """Min-SNR-γ (Hang et al. 2023): min(SNR, γ)/SNR for ε-prediction, min(SNR, γ)/(SNR+1) for v."""
+        if self.args.snr_gamma is None:
+            return torch.ones_like(timesteps, dtype=torch.float32)
+        alphas = self.alphas_cumprod[timesteps].float()
+        snr = alphas / (1 - alphas)
+        clipped = torch.clamp(snr, max=self.args.snr_gamma)
+        return clipped / (snr + 1) if self.prediction_type == "v_prediction" else clipped / snr
+
+    def _divergence_message(self, loss) -> str:
+        found = checkpoints(self.args.output_dir)
+        kept = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was saved yet"
+        return (f"the loss became {loss} ; training stopped and no adapter was written; {kept}. "
+                "Lower --learning_rate, or use --mixed_precision bf16 instead of fp16.")
+
+    @torch.no_grad()
+    def validate(self, step: int, final: bool = False) -> list[Path]:
+        """Sample the validation prompt with the adapter as it is now; PNGs under validation/, and the tracker."""
+        args, accelerator = self.args, self.accelerator
+        unwrap = accelerator.unwrap_model
+        text_encoders = [unwrap(self.trained.get(n, e)) for n, e in zip(TEXT_ENCODERS, self.models.text_encoders)]
+        pipe = StableDiffusionXLPipeline(
+            vae=self.models.vae, text_encoder=text_encoders[0], text_encoder_2=text_encoders[1],
+            tokenizer=self.models.tokenizers[0], tokenizer_2=self.models.tokenizers[1], unet=unwrap(self.trained["unet"]),
+            scheduler=EulerDiscreteScheduler.from_config(self.models.noise_scheduler.config),
+        )
+        pipe.set_progress_bar_config(disable=True)
+        for model in self.trained.values():
+            model.eval()
+        folder = Path(args.output_dir) / "validation" / (f"final-step-{step}" if final else f"step-{step}")
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        with accelerator.autocast():
+            for index in range(args.num_validation_images):
+                image = pipe(args.validation_prompt, num_inference_steps=args.num_inference_steps,
+                             height=args.resolution, width=args.resolution,
+                             generator=torch.Generator().manual_seed(args.seed + index)).images[0]
+                paths.append(folder / f"{index:02d}.png")
+                image.save(paths[-1])
+        for model in self.trained.values():
+            model.train()
+        _log_images(accelerator, paths, step)
+        return paths
+
+
+def _log_images(accelerator, paths, step):
+    if accelerator.trackers and any(t.name == "tensorboard" for t in accelerator.trackers):
+        import numpy as np
+        from PIL import Image
+
+        images = np.stack([np.asarray(Image.open(p)) for p in paths])
+        accelerator.get_tracker("tensorboard").writer.add_images("validation", images, step, dataformats="NHWC")
+
+
+def _class_examples(args, accelerator, weight_dtype):
+    """The class images, generating the missing ones with the base pipeline first (processes share the work)."""
+    missing = missing_class_indices(args.class_data_dir, args.num_class_images)
+    if missing:
+        logger.info("generating %d class images for %r", len(missing), args.class_prompt)
+        pipe = StableDiffusionXLPipeline.from_pretrained(
+            args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
+            torch_dtype=weight_dtype,
+        ).to(accelerator.device)
+        with accelerator.split_between_processes(missing) as mine:
+            generate_class_images(pipe, args.class_data_dir, args.class_prompt, mine, args.sample_batch_size,
+                                  args.resolution, args.num_inference_steps, args.seed,
+                                  show_progress=accelerator.is_local_main_process)
+        del pipe
+        accelerator.wait_for_everyone()
+    return read_examples(args.class_data_dir, args.class_prompt, args.resolution, args.bucketing, is_class=True)
+
+
+def _inject_adapters(args, models) -> dict:
+    """The UNet, and both text encoders with --train_text_encoder, each with its MoSLoRA layers."""
+    unet_config = MoSLoRAConfig(rank=args.rank, alpha=args.lora_alpha, mixer_init=args.mixer_init,
+                                target_modules=args.target_modules, dropout=args.lora_dropout,
+                                use_rslora=args.use_rslora)
+    inject_moslora(models.unet, unet_config)
+    adapted = {"unet": models.unet}
+    if args.train_text_encoder:
+        text_config = MoSLoRAConfig(rank=args.rank, alpha=args.lora_alpha, mixer_init=args.mixer_init,
+                                    target_modules=TEXT_ENCODER_TARGETS, dropout=args.lora_dropout,
+                                    use_rslora=args.use_rslora)
+        for name, encoder in zip(TEXT_ENCODERS, models.text_encoders):
+            inject_moslora(encoder, text_config)
+            adapted[name] = encoder
+    if args.gradient_checkpointing:
+        models.unet.enable_gradient_checkpointing()
+        for name in TEXT_ENCODERS:
+            if name in adapted:
+                adapted[name].gradient_checkpointing_enable()
+    if args.enable_xformers_memory_efficient_attention:
+        try:
+            models.unet.enable_xformers_memory_efficient_attention()
+        except (ImportError, ModuleNotFoundError, ValueError) as error:
+            raise UserInputError(f"--enable_xformers_memory_efficient_attention: {error}") from None
+    return adapted
+
+
+def _build_optimizer(args, adapted, num_processes):
+    scale = args.train_batch_size * args.gradient_accumulation_steps * num_processes if args.scale_lr else 1
+    groups = [{"params": moslora_parameters(adapted["unet"]), "lr": args.learning_rate * scale}]
+    text_params = [p for name in TEXT_ENCODERS if name in adapted for p in moslora_parameters(adapted[name])]
+    if text_params:
+        groups.append({"params": text_params, "lr": args.text_encoder_lr * scale})
+    common = dict(betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(groups, **common)
+    if args.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes
+        except ImportError:
+            raise UserInputError("--optimizer adamw8bit needs bitsandbytes: pip install 'dreambooth-moslora[bnb]'") from None
+        return bitsandbytes.optim.AdamW8bit(groups, **common)
+    try:
+        from prodigyopt import Prodigy
+    except ImportError:
+        raise UserInputError("--optimizer prodigy needs prodigyopt: pip install prodigyopt") from None
+    return Prodigy(groups, **common)
+
+
+def _micro_batches_per_epoch(args, instance, classes, num_processes) -> int:
+    examples = epoch_examples(instance, classes, args.repeats, 0)
+    return len(epoch_batches(examples, args.train_batch_size, args.seed, 0)) // num_processes
+
+
+def _build_caches(args, accelerator, models, examples):
+    """Encode each image once with the VAE, and each prompt once with frozen text encoders, when that is exact."""
+    random_crops = not args.center_crop and any(has_crop_slack(e) for e in examples)
+    if args.cache_latents and random_crops:
+        raise UserInputError("--cache_latents would freeze one random crop per image; add --center_crop, "
+                             "or leave caching off")
+    cache_latents = not random_crops if args.cache_latents is None else args.cache_latents
+    start = time.perf_counter()
+    latent_cache = None
+    if cache_latents:
+        latent_cache = {}
+        flips = (False, True) if args.random_flip else (False,)
+        for example in dict.fromkeys(examples):
+            for flip in flips:
+                sample = center_sample(example, flip)
+                mean, std = encode_latent_distribution(models.vae, render(example, sample)[None])
+                latent_cache[(example, flip)] = (mean[0].cpu(), std[0].cpu())
+    prompt_cache = None
+    if not args.train_text_encoder:
+        prompt_cache = {}
+        with torch.no_grad():
+            for caption in dict.fromkeys(e.caption for e in examples):
+                embeds, pooled = encode_prompts(models.text_encoders, models.tokenizers, [caption], accelerator.device)
+                prompt_cache[caption] = (embeds[0], pooled[0])
+    logger.info(
+        "caching: %s; %s (%.1f s)",
+        f"{len(latent_cache)} VAE encodings instead of one per sample per step" if latent_cache is not None
+        else "latents not cached (random crops re-encode images every step; --center_crop allows caching)",
+        f"{len(prompt_cache)} prompt encodings instead of one per sample per step" if prompt_cache is not None
+        else "prompts encoded every step (text encoders are training)",
+        time.perf_counter() - start,
+    )
+    return latent_cache, prompt_cache
+
+
+def _resume(args, output_dir, adapted, optimizer, lr_scheduler) -> int:
+    if not args.resume_from_checkpoint:
+        return 0
+    path = resolve_checkpoint(output_dir, args.resume_from_checkpoint)
+    if path is None:
+        logger.info("no checkpoint in %s yet; starting from step 0", output_dir)
+        return 0
+    step = load_checkpoint(path, adapted, optimizer, lr_scheduler)
+    logger.info("resumed from %s at step %d", path, step)
+    return step
+
+
+def _checkpoint(args, output_dir, step, accelerator, adapted, optimizer, lr_scheduler):
+    path = output_dir / f"checkpoint-{step}"
+    if accelerator.is_main_process:
+        path = save_checkpoint(output_dir, step, adapted, optimizer, lr_scheduler, args.pretrained_model_name_or_path)
+        prune_checkpoints(output_dir, args.checkpoints_total_limit)
+    accelerator.wait_for_everyone()
+    return path
+
+
+class _StopFlag:
+    requested = False
+
+
+class _stop_on_interrupt:
+    """Ctrl-C finishes the current step and saves a checkpoint; a second Ctrl-C stops at once."""
+
+    def __enter__(self):
+        self.flag = _StopFlag()
+        self.previous = signal.getsignal(signal.SIGINT)
+
+        def request_stop(signum, frame):
+            self.flag.requested = True
+            signal.signal(signal.SIGINT, self.previous)
+            print("\ninterrupt: finishing this step and saving a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
+
+        signal.signal(signal.SIGINT, request_stop)
+        return self.flag
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+        return False
+
+
+def _write_outputs(args, output_dir, adapted, steps, images) -> list[Path]:
+    """The native file, then both exports of it, then the model card."""
+    native = save_moslora(output_dir / NATIVE_FILE, adapted["unet"], adapted.get("text_encoder"),
+                          adapted.get("text_encoder_2"), base_model=args.pretrained_model_name_or_path)
+    files = [native, export_diffusers(native, output_dir / DIFFUSERS_FILE), export_kohya(native, output_dir / KOHYA_FILE)]
+    config = next(m for m in adapted["unet"].modules() if hasattr(m, "lora_A")).config
+    card = model_card(args.pretrained_model_name_or_path, args.instance_prompt, config, steps,
+                      args.train_text_encoder, args.validation_prompt, images, output_dir)
+    card_path = output_dir / "README.md"
+    tmp = card_path.with_name(".README.md.tmp")
+    tmp.write_text(card, encoding="utf-8")
+    tmp.replace(card_path)
+    return files + [card_path]
+
+
+def _summary(steps, seconds, files, device):
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        memory = f"peak GPU memory {peak:.2f} GiB"
+    else:
+        memory = f"peak process memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
+    per_step = seconds / steps if steps else float("nan")
+    print(f"trained {steps} steps in {seconds:.1f} s ({per_step:.2f} s/step), {memory}; "
+          f"wrote {', '.join(str(f) for f in files)}", flush=True)
+
+
+def _tracker_config(args) -> dict:
+    """Tracker hyperparameters must be plain scalars."""
+    return {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v)) for k, v in vars(args).items()}

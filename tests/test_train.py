@@ -1,0 +1,152 @@
+import pytest
+import torch
+from diffusers import StableDiffusionXLPipeline
+from safetensors.torch import load_file
+
+from conftest import sample, training_argv
+from dreambooth_moslora import load_moslora
+from dreambooth_moslora.arguments import parse_args
+from dreambooth_moslora.errors import UserInputError
+from dreambooth_moslora.inject import moslora_layers
+from dreambooth_moslora.train import TrainingDiverged, train
+from helpers import write_images
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
+
+
+@pytest.fixture
+def subject(tmp_path):
+    write_images(tmp_path / "subject", sizes=((96, 64), (64, 96), (80, 80)))
+    return tmp_path / "subject"
+
+
+def run(tiny_sdxl_dir, subject, output_dir, *extra):
+    return train(parse_args(training_argv(tiny_sdxl_dir, subject, output_dir, *extra)))
+
+
+def test_training_moves_the_adapter_and_writes_loadable_files(tiny_sdxl_dir, subject, tmp_path, tiny_pipe):
+    result = run(tiny_sdxl_dir, subject, tmp_path / "out", "--max_train_steps", "3")
+    assert result.steps == 3 and len(result.losses) == 3 and all(l > 0 for l in result.losses)
+    native = load_file(tmp_path / "out" / "moslora.safetensors")
+    assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in native.items())
+    base = sample(tiny_pipe)
+    load_moslora(tiny_pipe, tmp_path / "out" / "moslora.safetensors")
+    assert (sample(tiny_pipe) - base).abs().max() > 0
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "a photo of sks dog" in card and "lora_kohya.safetensors" in card and "orthogonal" in card
+
+
+def test_cached_and_uncached_training_give_the_same_first_step_loss(tiny_sdxl_dir, subject, tmp_path, fresh_accelerate):
+    from accelerate.state import AcceleratorState
+
+    common = ("--max_train_steps", "1", "--center_crop", "--random_flip", "--train_batch_size", "1")
+    cached = run(tiny_sdxl_dir, subject, tmp_path / "cached", *common, "--cache_latents")
+    AcceleratorState._reset_state(reset_partial_state=True)
+    uncached = run(tiny_sdxl_dir, subject, tmp_path / "uncached", *common, "--no_cache_latents",
+                   "--train_text_encoder", "--text_encoder_lr", "0")
+    assert cached.losses[0] == pytest.approx(uncached.losses[0], rel=1e-5, abs=1e-6)
+
+
+def test_random_crops_refuse_latent_caching(tiny_sdxl_dir, subject, tmp_path):
+    with pytest.raises(UserInputError, match="--cache_latents would freeze one random crop"):
+        run(tiny_sdxl_dir, subject, tmp_path / "out", "--resolution", "128", "--cache_latents")
+
+
+def test_per_image_captions_reach_the_text_encoders(tiny_sdxl_dir, subject, tmp_path, monkeypatch):
+    (subject / "01.txt").write_text("a photo of sks dog wearing a hat")
+    import dreambooth_moslora.train as training
+
+    seen = []
+    original = training.encode_prompts
+
+    def recording(encoders, tokenizers, prompts, device):
+        seen.extend(prompts)
+        return original(encoders, tokenizers, prompts, device)
+
+    monkeypatch.setattr(training, "encode_prompts", recording)
+    run(tiny_sdxl_dir, subject, tmp_path / "out", "--max_train_steps", "1")
+    assert set(seen) == {"a photo of sks dog", "a photo of sks dog wearing a hat"}
+
+
+def test_buckets_train_at_each_images_aspect_ratio(tiny_sdxl_dir, tmp_path, monkeypatch):
+    write_images(tmp_path / "subject", sizes=((256, 128), (128, 256)))
+    import dreambooth_moslora.train as training
+
+    shapes = set()
+    original = training.sample_latents
+
+    def recording(mean, std, noise, config):
+        shapes.add(tuple(mean.shape[-2:]))
+        return original(mean, std, noise, config)
+
+    monkeypatch.setattr(training, "sample_latents", recording)
+    run(tiny_sdxl_dir, tmp_path / "subject", tmp_path / "out", "--resolution", "128", "--max_train_steps", "4",
+        "--center_crop")
+    assert shapes == {(8, 24), (24, 8)}  # 64×192 and 192×64 buckets, latents are 1/8
+
+
+def test_prior_preservation_generates_missing_class_images_and_trains(tiny_sdxl_dir, subject, tmp_path):
+    classes = tmp_path / "classes"
+    write_images(classes, sizes=((64, 64),))
+    result = run(tiny_sdxl_dir, subject, tmp_path / "out", "--with_prior_preservation", "--class_data_dir",
+                 str(classes), "--class_prompt", "a photo of a dog", "--num_class_images", "3",
+                 "--num_inference_steps", "2", "--sample_batch_size", "2", "--max_train_steps", "3")
+    assert sorted(p.name for p in classes.iterdir()) == ["00.png", "class-00000.png", "class-00001.png"]
+    assert result.steps == 3
+
+
+def test_text_encoder_training_writes_and_reloads_text_encoder_adapters(tiny_sdxl_dir, subject, tmp_path, tiny_pipe):
+    run(tiny_sdxl_dir, subject, tmp_path / "out", "--train_text_encoder", "--text_encoder_lr", "1e-3")
+    loaded = load_moslora(tiny_pipe, tmp_path / "out" / "moslora.safetensors")
+    assert set(loaded) == {"unet", "text_encoder", "text_encoder_2"}
+    moved = [l.lora_B.abs().max() > 0 for l in moslora_layers(tiny_pipe.text_encoder_2).values()]
+    assert any(moved)
+    stock = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    stock.set_progress_bar_config(disable=True)
+    stock.load_lora_weights(tmp_path / "out")
+    assert (sample(stock) - sample(tiny_pipe)).abs().max() < 1e-4
+
+
+def test_resume_continues_exactly(tiny_sdxl_dir, subject, tmp_path, fresh_accelerate):
+    from accelerate.state import AcceleratorState
+
+    options = ("--max_train_steps", "4", "--checkpointing_steps", "2", "--lora_dropout", "0.1",
+               "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "3", "--random_flip", "--gradient_accumulation_steps", "2",
+               "--train_batch_size", "1")
+    straight = run(tiny_sdxl_dir, subject, tmp_path / "straight", *options)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    run(tiny_sdxl_dir, subject, tmp_path / "split", *options[:1], "2", *options[2:])
+    AcceleratorState._reset_state(reset_partial_state=True)
+    resumed = run(tiny_sdxl_dir, subject, tmp_path / "split", *options, "--resume_from_checkpoint", "latest")
+    assert resumed.losses == pytest.approx(straight.losses[2:], rel=1e-6)
+    a = load_file(tmp_path / "straight" / "moslora.safetensors")
+    b = load_file(tmp_path / "split" / "moslora.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+
+
+def test_checkpoints_are_pruned_to_the_limit(tiny_sdxl_dir, subject, tmp_path):
+    run(tiny_sdxl_dir, subject, tmp_path / "out", "--max_train_steps", "7", "--checkpointing_steps", "2",
+        "--checkpoints_total_limit", "2")
+    assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-7"]
+
+
+def test_nan_loss_stops_without_writing_an_adapter_and_keeps_checkpoints(tiny_sdxl_dir, subject, tmp_path):
+    with pytest.raises(TrainingDiverged, match=r"the loss became (nan|inf).*checkpoint-1"):
+        run(tiny_sdxl_dir, subject, tmp_path / "out", "--max_train_steps", "20", "--learning_rate", "1e30",
+            "--checkpointing_steps", "1", "--max_grad_norm", "0")
+    out = tmp_path / "out"
+    assert not (out / "moslora.safetensors").exists() and not (out / "pytorch_lora_weights.safetensors").exists()
+    assert (out / "checkpoint-1" / "moslora.safetensors").is_file()
+
+
+def test_epochs_validation_images_and_the_model_card(tiny_sdxl_dir, subject, tmp_path):
+    argv = training_argv(tiny_sdxl_dir, subject, tmp_path / "out", "--num_train_epochs", "2",
+                         "--validation_prompt", "a photo of sks dog on the moon", "--num_validation_images", "2",
+                         "--validation_steps", "3", "--num_inference_steps", "2", steps=None)
+    result = train(parse_args(argv))
+    assert result.steps == 6  # 3 images, batch 1, two epochs
+    assert sorted(p.name for p in (tmp_path / "out" / "validation").iterdir()) == ["final-step-6", "step-3"]
+    assert len(list((tmp_path / "out" / "validation" / "final-step-6").glob("*.png"))) == 2
+    assert "validation/final-step-6/00.png" in (tmp_path / "out" / "README.md").read_text()
