@@ -16,11 +16,11 @@ def _tiny_pipeline(args):
     print(f"wrote a tiny random-weight SDXL pipeline to {path}")
 
 
-def _train(args):
+def _train(argv: list[str]):
     from .arguments import parse_args
     from .train import train
 
-    train(parse_args(args.train_args, prog="dreambooth-moslora train"))
+    train(parse_args(argv, prog="dreambooth-moslora train"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,9 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("output_dir", help="folder to write the diffusers pipeline into")
     tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     tiny.set_defaults(run=_tiny_pipeline)
-    train = verbs.add_parser("train", add_help=False, help="DreamBooth-train a MoSLoRA adapter (train --help)")
-    train.add_argument("train_args", nargs=argparse.REMAINDER)
-    train.set_defaults(run=_train)
+    # `train` has its own parser (arguments.py); main() hands it the rest of the command line.
+    verbs.add_parser("train", add_help=False, help="DreamBooth-train a MoSLoRA adapter (train --help)")
     return parser
 
 
@@ -54,6 +53,9 @@ def run_reporting_errors(run, args) -> int:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:
+        return run_reporting_errors(_train, argv[1:])
     args = build_parser().parse_args(argv)
     return run_reporting_errors(args.run, args)
 

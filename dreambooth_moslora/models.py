@@ -10,6 +10,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .errors import UserInputError
+from .loss import PREDICTION_TYPES
 
 
 @dataclass
@@ -50,6 +51,11 @@ def load_base_models(name_or_path: str, revision=None, variant=None, vae_name_or
         raise UserInputError(f"could not load the SDXL model {name_or_path}: {str(error).splitlines()[0]}") from None
     if getattr(unet.config, "addition_embed_type", None) != "text_time":
         raise UserInputError(f"{name_or_path} is not an SDXL model (its UNet has no text_time conditioning)")
+    if noise_scheduler.config.prediction_type not in PREDICTION_TYPES:
+        raise UserInputError(
+            f"{name_or_path} predicts {noise_scheduler.config.prediction_type!r}; training supports "
+            f"{' and '.join(PREDICTION_TYPES)}"
+        )
     for model in (*text_encoders, vae, unet):
         model.requires_grad_(False)
     return BaseModels(tokenizers, text_encoders, vae, unet, noise_scheduler)

@@ -43,6 +43,7 @@ from .data import (
 )
 from .errors import UserInputError
 from .inject import inject_moslora, moslora_parameters
+from .loss import diffusion_target, min_snr_weights
 from .io import DIFFUSERS_FILE, KOHYA_FILE, NATIVE_FILE, export_diffusers, export_kohya, save_moslora
 from .model_card import model_card
 from .models import load_base_models, place_models
@@ -80,6 +81,7 @@ def train(args) -> TrainingResult:
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=project,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.train_text_encoder)],
+        cpu=not torch.accelerator.is_available(),  # so torchrun on CPUs gives gloo processes, not lone ones
     )
     instance = read_examples(args.instance_data_dir, args.instance_prompt, args.resolution, args.bucketing)
     models = load_base_models(args.pretrained_model_name_or_path, args.revision, args.variant,
@@ -138,8 +140,7 @@ class TrainingLoop:
         self.trained, self.optimizer, self.lr_scheduler = trained, optimizer, lr_scheduler
         self.latent_cache, self.prompt_cache = caches
         self.weight_dtype = weight_dtype
-        config = models.noise_scheduler.config
-        self.prediction_type = config.prediction_type
+        self.prediction_type = models.noise_scheduler.config.prediction_type
         self.alphas_cumprod = models.noise_scheduler.alphas_cumprod.to(accelerator.device)
         self.losses: list[float] = []
 
@@ -208,12 +209,11 @@ class TrainingLoop:
                 noisy.to(self.weight_dtype), timesteps, prompt_embeds.to(self.weight_dtype),
                 added_cond_kwargs={"text_embeds": pooled.to(self.weight_dtype), "time_ids": time_ids.to(self.weight_dtype)},
             ).sample
-            target = noise if self.prediction_type == "epsilon" else self.models.noise_scheduler.get_velocity(
-                latents, noise, timesteps)
+            target = diffusion_target(self.models.noise_scheduler, latents, noise, timesteps)
             per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
             weights = torch.tensor(
                 [self.args.prior_loss_weight if e.is_class else 1.0 for e in examples], device=device
-            ) * self._snr_weights(timesteps)
+            ) * min_snr_weights(self.alphas_cumprod, timesteps, self.args.snr_gamma, self.prediction_type)
             loss = (per_sample * weights).mean()
             mean_loss = accelerator.gather(loss.detach()[None]).mean().item()
             if not math.isfinite(mean_loss):
@@ -240,15 +240,6 @@ class TrainingLoop:
             return torch.stack([e for e, _ in embeds]), torch.stack([p for _, p in embeds])
         encoders = [self.trained.get(name, encoder) for name, encoder in zip(TEXT_ENCODERS, self.models.text_encoders)]
         return encode_prompts(encoders, self.models.tokenizers, captions, self.accelerator.device)
-
-    def _snr_weights(self, timesteps):
-        """Min-SNR-γ (Hang et al. 2023): min(SNR, γ)/SNR for ε-prediction, min(SNR, γ)/(SNR+1) for v."""
-        if self.args.snr_gamma is None:
-            return torch.ones_like(timesteps, dtype=torch.float32)
-        alphas = self.alphas_cumprod[timesteps].float()
-        snr = alphas / (1 - alphas)
-        clipped = torch.clamp(snr, max=self.args.snr_gamma)
-        return clipped / (snr + 1) if self.prediction_type == "v_prediction" else clipped / snr
 
     def _divergence_message(self, loss) -> str:
         found = checkpoints(self.args.output_dir)
@@ -391,6 +382,8 @@ def _build_caches(args, accelerator, models, examples):
             for caption in dict.fromkeys(e.caption for e in examples):
                 embeds, pooled = encode_prompts(models.text_encoders, models.tokenizers, [caption], accelerator.device)
                 prompt_cache[caption] = (embeds[0], pooled[0])
+    if not accelerator.is_main_process:
+        return latent_cache, prompt_cache
     logger.info(
         "caching: %s; %s (%.1f s)",
         f"{len(latent_cache)} VAE encodings instead of one per sample per step" if latent_cache is not None

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
@@ -150,3 +152,23 @@ def test_epochs_validation_images_and_the_model_card(tiny_sdxl_dir, subject, tmp
     assert sorted(p.name for p in (tmp_path / "out" / "validation").iterdir()) == ["final-step-6", "step-3"]
     assert len(list((tmp_path / "out" / "validation" / "final-step-6").glob("*.png"))) == 2
     assert "validation/final-step-6/00.png" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_gradient_checkpointing_gives_the_same_adapter(tiny_sdxl_dir, subject, tmp_path, fresh_accelerate):
+    from accelerate.state import AcceleratorState
+
+    plain = run(tiny_sdxl_dir, subject, tmp_path / "plain", "--lora_dropout", "0.1")
+    AcceleratorState._reset_state(reset_partial_state=True)
+    checkpointed = run(tiny_sdxl_dir, subject, tmp_path / "ckpt", "--lora_dropout", "0.1", "--gradient_checkpointing")
+    assert checkpointed.losses == pytest.approx(plain.losses, rel=1e-5)
+    a, b = (load_file(tmp_path / d / "moslora.safetensors") for d in ("plain", "ckpt"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_mixed_precision_keeps_an_fp32_adapter(tiny_sdxl_dir, subject, tmp_path):
+    result = run(tiny_sdxl_dir, subject, tmp_path / "out", "--mixed_precision", "bf16", "--snr_gamma", "5",
+                 "--noise_offset", "0.05")
+    assert all(math.isfinite(l) for l in result.losses)
+    native = load_file(tmp_path / "out" / "moslora.safetensors")
+    assert {v.dtype for v in native.values()} == {torch.float32}

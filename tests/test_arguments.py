@@ -1,0 +1,38 @@
+import pytest
+
+from dreambooth_moslora.arguments import parse_args
+from dreambooth_moslora.errors import UserInputError
+
+REQUIRED = ["--pretrained_model_name_or_path", "m", "--instance_data_dir", "d", "--instance_prompt", "a photo of sks dog"]
+
+
+def test_defaults_and_diffusers_compatible_names():
+    args = parse_args(REQUIRED)
+    assert args.resolution == 1024 and args.rank == 4 and args.mixer_init == "orthogonal"
+    assert args.target_modules == ("to_q", "to_k", "to_v", "to_out.0")
+    assert args.bucketing and args.cache_latents is None and args.lr_warmup_steps == 0
+    assert args.report_to == "tensorboard" and args.optimizer == "adamw"
+    args = parse_args(REQUIRED + ["--target_modules", "to_q, to_v", "--no_bucketing", "--no_cache_latents",
+                                  "--mixer_init", "none", "--lora_alpha", "8"])
+    assert args.target_modules == ("to_q", "to_v") and not args.bucketing and args.cache_latents is False
+    assert args.lora_alpha == 8.0
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--resolution", "1001"], "multiple of 8"),
+        (["--with_prior_preservation", "--class_data_dir", "c"], "needs --class_prompt"),
+        (["--with_prior_preservation", "--class_prompt", "a dog"], "needs --class_data_dir"),
+        (["--train_batch_size", "0"], "--train_batch_size must be at least 1"),
+        (["--max_train_steps", "0"], "--max_train_steps must be at least 1"),
+    ],
+)
+def test_impossible_combinations_are_refused(extra, message):
+    with pytest.raises(UserInputError, match=message):
+        parse_args(REQUIRED + extra)
+
+
+def test_mixer_choices_are_checked_by_the_parser():
+    with pytest.raises(SystemExit):
+        parse_args(REQUIRED + ["--mixer_init", "random"])

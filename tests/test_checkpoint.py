@@ -1,0 +1,72 @@
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from dreambooth_moslora import MoSLoRAConfig, inject_moslora, moslora_parameters
+from dreambooth_moslora.checkpoint import (
+    checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from dreambooth_moslora.errors import UserInputError
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.to_q = nn.Linear(6, 6)
+        self.to_v = nn.Linear(6, 6)
+        self.config = type("Config", (), {"layers_per_block": 1, "down_block_types": ("A",)})()
+
+
+def _trained(seed=0, config=MoSLoRAConfig(rank=2)):
+    torch.manual_seed(seed)
+    model = Tiny()
+    inject_moslora(model, config)
+    optimizer = torch.optim.AdamW(moslora_parameters(model), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (step + 1))
+    for _ in range(3):
+        model.to_v(model.to_q(torch.randn(4, 6))).pow(2).sum().backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    return model, optimizer, scheduler
+
+
+def test_save_and_load_restore_adapter_optimizer_and_schedule(tmp_path):
+    model, optimizer, scheduler = _trained(seed=0)
+    path = save_checkpoint(tmp_path, 3, {"unet": model}, optimizer, scheduler, base_model="tiny")
+    assert path.name == "checkpoint-3" and not list(tmp_path.glob(".*tmp"))
+    other, other_optimizer, other_scheduler = _trained(seed=1)
+    assert load_checkpoint(path, {"unet": other}, other_optimizer, other_scheduler) == 3
+    for a, b in zip(moslora_parameters(model), moslora_parameters(other)):
+        assert torch.equal(a, b)
+    for a, b in zip(optimizer.state.values(), other_optimizer.state.values()):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert other_scheduler.get_last_lr() == scheduler.get_last_lr()
+    assert json.loads((path / "training_state.json").read_text())["global_step"] == 3
+
+
+def test_a_checkpoint_of_another_adapter_config_is_refused(tmp_path):
+    model, optimizer, scheduler = _trained()
+    path = save_checkpoint(tmp_path, 1, {"unet": model}, optimizer, scheduler, base_model="tiny")
+    other, other_optimizer, other_scheduler = _trained(config=MoSLoRAConfig(rank=2, mixer_init="kaiming"))
+    with pytest.raises(UserInputError, match="trained with another unet adapter"):
+        load_checkpoint(path, {"unet": other}, other_optimizer, other_scheduler)
+
+
+def test_latest_pruning_and_bad_paths(tmp_path):
+    model, optimizer, scheduler = _trained()
+    assert resolve_checkpoint(tmp_path, "latest") is None
+    for step in (2, 10, 4):
+        save_checkpoint(tmp_path, step, {"unet": model}, optimizer, scheduler, base_model="tiny")
+    assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-4", "checkpoint-10"]
+    assert resolve_checkpoint(tmp_path, "latest").name == "checkpoint-10"
+    prune_checkpoints(tmp_path, 2)
+    assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint-4", "checkpoint-10"]
+    with pytest.raises(UserInputError, match="not a training checkpoint"):
+        resolve_checkpoint(tmp_path, str(tmp_path / "nowhere"))

@@ -1,0 +1,151 @@
+"""The command line as a user runs it: subprocesses for the whole job, in-process calls for each bad input."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from diffusers import StableDiffusionXLPipeline
+
+from conftest import sample, training_argv
+from dreambooth_moslora import load_moslora
+from dreambooth_moslora.cli import main
+from helpers import write_images
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture
+def subject(tmp_path):
+    write_images(tmp_path / "subject", sizes=((96, 64), (64, 96), (80, 80), (64, 64)))
+    return tmp_path / "subject"
+
+
+def test_train_script_end_to_end_writes_every_output_and_each_loads(tiny_sdxl_dir, subject, tmp_path):
+    out = tmp_path / "out"
+    argv = training_argv(tiny_sdxl_dir, subject, out, "--validation_prompt", "a photo of sks dog at the beach",
+                         "--num_validation_images", "1", "--num_inference_steps", "2", "--report_to", "tensorboard",
+                         steps=3)
+    done = subprocess.run([sys.executable, str(ROOT / "train_dreambooth.py"), *argv], env=ENV, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "trained 3 steps" in done.stdout and "s/step" in done.stdout and "peak" in done.stdout
+    for name in ("moslora.safetensors", "pytorch_lora_weights.safetensors", "lora_kohya.safetensors", "README.md",
+                 "validation/final-step-3/00.png", "checkpoint-3/moslora.safetensors"):
+        assert (out / name).is_file(), name
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
+    images = []
+    for load in (lambda p: load_moslora(p, out / "moslora.safetensors"),
+                 lambda p: p.load_lora_weights(out),
+                 lambda p: p.load_lora_weights(out, weight_name="lora_kohya.safetensors")):
+        pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+        pipe.set_progress_bar_config(disable=True)
+        load(pipe)
+        images.append(sample(pipe))
+    assert (images[1] - images[0]).abs().max() < 1e-4 and (images[2] - images[0]).abs().max() < 1e-4
+
+
+def test_cli_verb_trains_too(tiny_sdxl_dir, subject, tmp_path, fresh_accelerate):
+    assert main(["train", *training_argv(tiny_sdxl_dir, subject, tmp_path / "out", steps=1)]) == 0
+    assert (tmp_path / "out" / "lora_kohya.safetensors").is_file()
+
+
+def test_tiny_pipeline_verb(tmp_path):
+    assert main(["tiny-pipeline", str(tmp_path / "tiny"), "--seed", "2"]) == 0
+    assert (tmp_path / "tiny" / "model_index.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda argv, tmp: _set(argv, "--instance_data_dir", str(tmp / "missing")), "image folder not found"),
+        (lambda argv, tmp: _set(argv, "--instance_data_dir", str(_mkdir(tmp / "empty"))), "no images in"),
+        (lambda argv, tmp: _set(argv, "--instance_data_dir", str(_notes(tmp / "notes"))), "no images in"),
+        (lambda argv, tmp: _set(argv, "--pretrained_model_name_or_path", str(tmp / "no-model")), "model folder not found"),
+        (lambda argv, tmp: _set(argv, "--resolution", "100"), "--resolution must be a positive multiple of 8"),
+        (lambda argv, tmp: argv + ["--with_prior_preservation", "--class_data_dir", str(tmp / "c")],
+         "--with_prior_preservation needs --class_prompt"),
+        (lambda argv, tmp: _set(argv, "--pretrained_model_name_or_path", str(_mkdir(tmp / "not-sdxl"))),
+         "could not load the SDXL model"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_writes_no_adapter(tiny_sdxl_dir, subject, tmp_path, capsys, change,
+                                                             message, fresh_accelerate):
+    out = tmp_path / "out"
+    argv = change(training_argv(tiny_sdxl_dir, subject, out), tmp_path)
+    assert main(["train", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and err[-1].startswith("error: ")
+    assert "Traceback" not in "\n".join(err)
+    assert not list(out.rglob("*.safetensors")) if out.exists() else True
+
+
+def test_bad_input_from_a_real_process_has_no_traceback(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "train_dreambooth.py"), "--pretrained_model_name_or_path", str(tmp_path),
+         "--instance_data_dir", str(tmp_path / "nothing"), "--instance_prompt", "a photo of sks dog"],
+        env=ENV, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == f"error: image folder not found: {tmp_path / 'nothing'}"
+    assert "Traceback" not in done.stderr
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes(tiny_sdxl_dir, subject, tmp_path):
+    out = tmp_path / "out"
+    argv = training_argv(tiny_sdxl_dir, subject, out, "--checkpointing_steps", "1000", "--report_to", "tensorboard",
+                         steps=100000)
+    process = subprocess.Popen([sys.executable, str(ROOT / "train_dreambooth.py"), *argv], env=ENV,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "logs").exists() and time.time() < deadline:  # a tracker folder exists once training runs
+        time.sleep(0.2)
+    time.sleep(2)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    saved = list(out.glob("checkpoint-*"))
+    assert len(saved) == 1 and f"saved {saved[0]}" in stderr
+    assert not (out / "moslora.safetensors").exists()
+    steps = int(saved[0].name.split("-")[1])
+    assert steps > 0
+    resumed = subprocess.run([sys.executable, str(ROOT / "train_dreambooth.py"),
+                              *_set(argv, "--max_train_steps", str(steps + 1)), "--resume_from_checkpoint", "latest"],
+                             env=ENV, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "trained 1 steps" in resumed.stdout
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo over localhost")
+def test_two_processes_train_one_loadable_adapter(tiny_sdxl_dir, subject, tmp_path, tiny_pipe):
+    out = tmp_path / "out"
+    argv = training_argv(tiny_sdxl_dir, subject, out, steps=2)
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+         str(ROOT / "train_dreambooth.py"), *argv],
+        env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("trained 2 steps") == 1  # only the main process writes and reports
+    load_moslora(tiny_pipe, out / "moslora.safetensors")
+    assert sample(tiny_pipe).isfinite().all()
+
+
+def _set(argv, option, value):
+    index = argv.index(option)
+    return argv[:index + 1] + [value] + argv[index + 2:]
+
+
+def _mkdir(path):
+    path.mkdir(parents=True)
+    return path
+
+
+def _notes(path):
+    _mkdir(path)
+    (path / "readme.txt").write_text("no pictures here")
+    return path

@@ -1,0 +1,24 @@
+from PIL import Image
+
+from dreambooth_moslora.prior import count_images, generate_class_images, missing_class_indices
+from helpers import write_images
+
+
+def test_missing_indices_skip_existing_names(tmp_path):
+    assert missing_class_indices(tmp_path / "new", 3) == [0, 1, 2]
+    write_images(tmp_path, sizes=((8, 8),))
+    Image.new("RGB", (8, 8)).save(tmp_path / "class-00001.png")
+    assert count_images(tmp_path) == 2
+    assert missing_class_indices(tmp_path, 5) == [0, 2, 3]
+    assert missing_class_indices(tmp_path, 2) == []
+
+
+def test_generated_images_are_seeded_per_index(tiny_pipe, tmp_path):
+    generate_class_images(tiny_pipe, tmp_path / "a", "a photo of a dog", [0, 1, 2], batch_size=2, resolution=64,
+                          num_inference_steps=2, seed=0, show_progress=False)
+    generate_class_images(tiny_pipe, tmp_path / "b", "a photo of a dog", [2], batch_size=1, resolution=64,
+                          num_inference_steps=2, seed=0, show_progress=False)
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["class-00000.png", "class-00001.png", "class-00002.png"]
+    same = [Image.open(tmp_path / d / "class-00002.png").tobytes() for d in ("a", "b")]
+    assert same[0] == same[1]
+    assert Image.open(tmp_path / "a" / "class-00000.png").size == (64, 64)
