@@ -12,9 +12,7 @@ Components are `unet`, `text_encoder`, `text_encoder_2`, as named on a diffusers
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from transformers import PreTrainedModel
 
 from .config import MoSLoRAConfig
 from .errors import AdapterFileError
+from .files import write_atomically
 from .functional import fold_mixer
 from .inject import find_target_linears, inject_moslora, merge_moslora, moslora_layers, set_moslora_scale
 
@@ -65,18 +64,8 @@ class NativeAdapter:
 
 
 def write_safetensors(tensors: dict, path, metadata: dict[str, str]) -> Path:
-    """Write beside the target and rename, so a crash never leaves a half-written adapter."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    return write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def save_moslora(path, unet, text_encoder=None, text_encoder_2=None, base_model: str | None = None) -> Path:

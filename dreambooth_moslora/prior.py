@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -12,9 +9,7 @@ from diffusers import StableDiffusionXLPipeline
 from tqdm.auto import tqdm
 
 from .data import IMAGE_EXTENSIONS
-
-logger = logging.getLogger(__name__)
-
+from .files import save_png_atomically
 
 def count_images(folder) -> int:
     folder = Path(folder)
@@ -35,18 +30,7 @@ def generate_class_images(pipe: StableDiffusionXLPipeline, folder, prompt: str, 
             num_inference_steps=num_inference_steps,
         ).images
         for index, image in zip(batch, images):
-            _save_png(image, folder / f"class-{index:05d}.png")
-
-
-def _save_png(image, path: Path):
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+            save_png_atomically(image, folder / f"class-{index:05d}.png")
 
 
 def missing_class_indices(folder, wanted: int) -> list[int]:

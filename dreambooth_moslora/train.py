@@ -27,21 +27,12 @@ from tqdm.auto import tqdm
 
 from .arguments import DEFAULT_MAX_TRAIN_STEPS
 from .checkpoint import checkpoints, load_checkpoint, prune_checkpoints, resolve_checkpoint, save_checkpoint
+from .caching import cache_latent_distributions, cache_prompt_embeddings, latents_are_cacheable
 from .conditioning import encode_latent_distribution, encode_prompts, micro_conditioning, sample_latents
 from .config import TEXT_ENCODER_TARGETS, MoSLoRAConfig
-from .data import (
-    MicroBatches,
-    Sample,
-    center_sample,
-    epoch_batches,
-    epoch_examples,
-    has_crop_slack,
-    keep_as_is,
-    process_micro_batches,
-    read_examples,
-    render,
-)
+from .data import MicroBatches, Sample, epoch_batches, epoch_examples, keep_as_is, process_micro_batches, read_examples
 from .errors import UserInputError
+from .files import save_png_atomically, write_text_atomically
 from .inject import inject_moslora, moslora_parameters
 from .loss import diffusion_target, min_snr_weights
 from .io import DIFFUSERS_FILE, KOHYA_FILE, NATIVE_FILE, export_diffusers, export_kohya, save_moslora
@@ -105,7 +96,8 @@ def train(args) -> TrainingResult:
     prepared = accelerator.prepare(*adapted.values(), optimizer)
     trained, optimizer = dict(zip(adapted, prepared[:-1])), prepared[-1]
 
-    caches = _build_caches(args, accelerator, models, instance + classes)
+    caches = _build_caches(args, accelerator, models, instance + classes, samples=max_steps * args.train_batch_size
+                           * args.gradient_accumulation_steps)
     global_step = _resume(args, output_dir, adapted, optimizer, lr_scheduler)
     if accelerator.is_main_process:
         accelerator.init_trackers("dreambooth-moslora", config=_tracker_config(args))
@@ -262,15 +254,13 @@ class TrainingLoop:
         for model in self.trained.values():
             model.eval()
         folder = Path(args.output_dir) / "validation" / (f"final-step-{step}" if final else f"step-{step}")
-        folder.mkdir(parents=True, exist_ok=True)
         paths = []
         with accelerator.autocast():
             for index in range(args.num_validation_images):
                 image = pipe(args.validation_prompt, num_inference_steps=args.num_inference_steps,
                              height=args.resolution, width=args.resolution,
                              generator=torch.Generator().manual_seed(args.seed + index)).images[0]
-                paths.append(folder / f"{index:02d}.png")
-                image.save(paths[-1])
+                paths.append(save_png_atomically(image, folder / f"{index:02d}.png"))
         for model in self.trained.values():
             model.train()
         _log_images(accelerator, paths, step)
@@ -358,41 +348,24 @@ def _micro_batches_per_epoch(args, instance, classes, num_processes) -> int:
     return len(epoch_batches(examples, args.train_batch_size, args.seed, 0)) // num_processes
 
 
-def _build_caches(args, accelerator, models, examples):
-    """Encode each image once with the VAE, and each prompt once with frozen text encoders, when that is exact."""
-    random_crops = not args.center_crop and any(has_crop_slack(e) for e in examples)
-    if args.cache_latents and random_crops:
-        raise UserInputError("--cache_latents would freeze one random crop per image; add --center_crop, "
-                             "or leave caching off")
-    cache_latents = not random_crops if args.cache_latents is None else args.cache_latents
+def _build_caches(args, accelerator, models, examples, samples: int):
     start = time.perf_counter()
-    latent_cache = None
-    if cache_latents:
-        latent_cache = {}
-        flips = (False, True) if args.random_flip else (False,)
-        for example in dict.fromkeys(examples):
-            for flip in flips:
-                sample = center_sample(example, flip)
-                mean, std = encode_latent_distribution(models.vae, render(example, sample)[None])
-                latent_cache[(example, flip)] = (mean[0].cpu(), std[0].cpu())
-    prompt_cache = None
+    latents = None
+    if latents_are_cacheable(args.cache_latents, args.center_crop, examples):
+        latents = cache_latent_distributions(models.vae, examples, args.random_flip)
+    prompts = None
     if not args.train_text_encoder:
-        prompt_cache = {}
-        with torch.no_grad():
-            for caption in dict.fromkeys(e.caption for e in examples):
-                embeds, pooled = encode_prompts(models.text_encoders, models.tokenizers, [caption], accelerator.device)
-                prompt_cache[caption] = (embeds[0], pooled[0])
-    if not accelerator.is_main_process:
-        return latent_cache, prompt_cache
-    logger.info(
-        "caching: %s; %s (%.1f s)",
-        f"{len(latent_cache)} VAE encodings instead of one per sample per step" if latent_cache is not None
-        else "latents not cached (random crops re-encode images every step; --center_crop allows caching)",
-        f"{len(prompt_cache)} prompt encodings instead of one per sample per step" if prompt_cache is not None
-        else "prompts encoded every step (text encoders are training)",
-        time.perf_counter() - start,
-    )
-    return latent_cache, prompt_cache
+        prompts = cache_prompt_embeddings(models.text_encoders, models.tokenizers, [e.caption for e in examples],
+                                          accelerator.device)
+    if accelerator.is_main_process:
+        logger.info(
+            "caching took %.1f s: %s; %s", time.perf_counter() - start,
+            f"{len(latents)} VAE encodings replace {samples} (one per sample per step)" if latents is not None
+            else "latents are encoded every step (random crops; --center_crop allows caching)",
+            f"{len(prompts)} prompt encodings replace {samples}" if prompts is not None
+            else "prompts are encoded every step (the text encoders are training)",
+        )
+    return latents, prompts
 
 
 def _resume(args, output_dir, adapted, optimizer, lr_scheduler) -> int:
@@ -448,11 +421,7 @@ def _write_outputs(args, output_dir, adapted, steps, images) -> list[Path]:
     config = next(m for m in adapted["unet"].modules() if hasattr(m, "lora_A")).config
     card = model_card(args.pretrained_model_name_or_path, args.instance_prompt, config, steps,
                       args.train_text_encoder, args.validation_prompt, images, output_dir)
-    card_path = output_dir / "README.md"
-    tmp = card_path.with_name(".README.md.tmp")
-    tmp.write_text(card, encoding="utf-8")
-    tmp.replace(card_path)
-    return files + [card_path]
+    return files + [write_text_atomically(output_dir / "README.md", card)]
 
 
 def _summary(steps, seconds, files, device):

@@ -1,7 +1,7 @@
 import json
 
 import torch
-from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 
 from conftest import sample
 from dreambooth_moslora.tiny import save_tiny_sdxl_pipeline

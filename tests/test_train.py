@@ -56,16 +56,16 @@ def test_random_crops_refuse_latent_caching(tiny_sdxl_dir, subject, tmp_path):
 
 def test_per_image_captions_reach_the_text_encoders(tiny_sdxl_dir, subject, tmp_path, monkeypatch):
     (subject / "01.txt").write_text("a photo of sks dog wearing a hat")
-    import dreambooth_moslora.train as training
+    import dreambooth_moslora.caching as caching
 
     seen = []
-    original = training.encode_prompts
+    original = caching.encode_prompts
 
     def recording(encoders, tokenizers, prompts, device):
         seen.extend(prompts)
         return original(encoders, tokenizers, prompts, device)
 
-    monkeypatch.setattr(training, "encode_prompts", recording)
+    monkeypatch.setattr(caching, "encode_prompts", recording)
     run(tiny_sdxl_dir, subject, tmp_path / "out", "--max_train_steps", "1")
     assert set(seen) == {"a photo of sks dog", "a photo of sks dog wearing a hat"}
 
