@@ -9,12 +9,23 @@ from .inject import (
     set_moslora_scale,
     unmerge_moslora,
 )
+from .adapters import load_adapter
 from .errors import AdapterFileError, ConfigError, UserInputError
+from .evaluate import evaluate_adapters
+from .generate import GenerationSettings, generate_images, load_pipeline
 from .io import export_diffusers, export_kohya, load_moslora, read_moslora, save_moslora
+from .inspection import format_report, inspect_adapter
 from .layer import MoSLoRALinear
 from .tiny import save_tiny_sdxl_pipeline
 
 __all__ = [
+    "GenerationSettings",
+    "evaluate_adapters",
+    "format_report",
+    "generate_images",
+    "inspect_adapter",
+    "load_adapter",
+    "load_pipeline",
     "AdapterFileError",
     "ConfigError",
     "UserInputError",

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+from pathlib import Path
 
 from .errors import UserInputError
 
@@ -23,9 +25,116 @@ def _train(argv: list[str]):
     train(parse_args(argv, prog="dreambooth-moslora train"))
 
 
+def _settings(args):
+    from .generate import GenerationSettings
+
+    return GenerationSettings(
+        negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images_per_prompt, seed=args.seed,
+        num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, height=args.height,
+        width=args.width, adapter_scale=args.adapter_scale, fuse=args.fuse, scheduler=args.scheduler,
+    )
+
+
+def _generate(args):
+    from .generate import generate_images, load_pipeline, read_prompts
+
+    prompts = read_prompts(args.prompt, args.prompts_file)
+    settings = _settings(args)
+    pipe = load_pipeline(args.pretrained_model_name_or_path, args.adapter, settings, args.device, args.dtype)
+    paths = generate_images(pipe, prompts, settings, args.output_dir, adapter_name=str(args.adapter or ""))
+    print(f"wrote {len(paths)} images and grid.png to {args.output_dir}")
+
+
+def _evaluate(args):
+    from .evaluate import evaluate_adapters, metrics_table, parse_adapter_specs
+
+    results = evaluate_adapters(
+        args.pretrained_model_name_or_path, parse_adapter_specs(args.adapter), args.subject_dir, args.token,
+        args.class_noun, args.output_dir, args.prompt_list, args.prompts_file, _settings(args),
+        args.dino_model, args.clip_model, args.device, args.dtype,
+    )
+    print(metrics_table(results), end="")
+    print(f"wrote {args.output_dir}/metrics.json and metrics.md")
+
+
+def _inspect(args):
+    from .inspection import format_report, inspect_adapter
+
+    report = inspect_adapter(args.file)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+
+
+def _export(args):
+    from .io import DIFFUSERS_FILE, KOHYA_FILE, export_diffusers, export_kohya, read_moslora
+
+    exporter, default_name = (export_kohya, KOHYA_FILE) if args.format == "kohya" else (export_diffusers, DIFFUSERS_FILE)
+    output = args.output or Path(args.file).with_name(default_name)
+    path = exporter(args.file, output, rank=args.rank)
+    message = f"wrote {path}"
+    if args.rank:
+        error = read_moslora(args.file).compression_error(args.rank)
+        message += f"; rank {args.rank} keeps ΔW to a relative error of {error:.4f} (Frobenius, all modules)"
+    print(message)
+
+
+def _add_sampling_options(parser):
+    parser.add_argument("--pretrained_model_name_or_path", required=True, help="hub id or folder of an SDXL pipeline")
+    parser.add_argument("--negative_prompt", default=None)
+    parser.add_argument("--num_images_per_prompt", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0, help="image j of each prompt uses seed + j")
+    parser.add_argument("--num_inference_steps", type=int, default=30)
+    parser.add_argument("--guidance_scale", type=float, default=5.0)
+    parser.add_argument("--height", type=int, default=None, help="default: the model's (1024 for SDXL)")
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--adapter_scale", type=float, default=1.0)
+    parser.add_argument("--fuse", action="store_true", help="merge the adapter into the weights: base-model speed")
+    parser.add_argument("--scheduler", default=None, help="euler, euler_a, dpm++_2m, dpm++_2m_karras, "
+                        "dpm++_2m_sde_karras, ddim, heun, lms, unipc (default: the model's own)")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
+                        help="default: fp16 on cuda, fp32 on cpu")
+    parser.add_argument("--output_dir", required=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dreambooth-moslora", description=__doc__)
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    # `train` has its own parser (arguments.py); main() hands it the rest of the command line.
+    verbs.add_parser("train", add_help=False, help="DreamBooth-train a MoSLoRA adapter (train --help)")
+
+    generate = verbs.add_parser("generate", help="make images with a base model and an adapter")
+    generate.add_argument("--adapter", default=None, help="an output folder or any of its three adapter files")
+    generate.add_argument("--prompt", action="append", default=[], help="repeatable")
+    generate.add_argument("--prompts_file", default=None, help="one prompt per line")
+    _add_sampling_options(generate)
+    generate.set_defaults(run=_generate)
+
+    evaluate = verbs.add_parser("evaluate", help="DreamBooth metrics (DINO, CLIP-I, CLIP-T) of one or more adapters")
+    evaluate.add_argument("--adapter", action="append", required=True,
+                          help="name=path, repeatable; name=none evaluates the base model alone")
+    evaluate.add_argument("--subject_dir", required=True, help="the subject's real photos")
+    evaluate.add_argument("--token", default="sks", help="the trigger word (default sks)")
+    evaluate.add_argument("--class_noun", required=True, help="e.g. dog")
+    evaluate.add_argument("--prompt_list", choices=["object", "live"], default="object",
+                          help="the benchmark's 25 object prompts or 25 live-subject prompts")
+    evaluate.add_argument("--prompts_file", default=None, help="instead of the benchmark's: prompts with the trigger")
+    evaluate.add_argument("--dino_model", default="facebook/dino-vits16")
+    evaluate.add_argument("--clip_model", default="openai/clip-vit-base-patch32")
+    _add_sampling_options(evaluate)
+    evaluate.set_defaults(run=_evaluate)
+
+    inspect = verbs.add_parser("inspect", help="what an adapter file holds, and the spectrum of each update")
+    inspect.add_argument("file", help="an adapter file or output folder")
+    inspect.add_argument("--json", action="store_true")
+    inspect.set_defaults(run=_inspect)
+
+    export = verbs.add_parser("export", help="native file → diffusers or kohya file, optionally at a lower rank")
+    export.add_argument("file", help="a native moslora.safetensors")
+    export.add_argument("--format", choices=["diffusers", "kohya"], required=True)
+    export.add_argument("--output", default=None, help="default: the standard file name beside the input")
+    export.add_argument("--rank", type=int, default=None, help="re-compress ΔW by truncated SVD to this rank")
+    export.set_defaults(run=_export)
+
     tiny = verbs.add_parser(
         "tiny-pipeline",
         help="write a tiny SDXL-architecture pipeline with random weights (for tests and offline trials)",
@@ -33,8 +142,6 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("output_dir", help="folder to write the diffusers pipeline into")
     tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     tiny.set_defaults(run=_tiny_pipeline)
-    # `train` has its own parser (arguments.py); main() hands it the rest of the command line.
-    verbs.add_parser("train", add_help=False, help="DreamBooth-train a MoSLoRA adapter (train --help)")
     return parser
 
 

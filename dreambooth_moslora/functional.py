@@ -31,3 +31,21 @@ def low_rank_forward(x, lora_A, lora_mixer, lora_B, scaling: float) -> torch.Ten
     down = lora_A if lora_mixer is None else lora_mixer @ lora_A  # (r, in)
     hidden = F.linear(x, scaling * down)  # (..., in) -> (..., r)
     return F.linear(hidden, lora_B)  # (..., r) -> (..., out)
+
+
+def low_rank_svd(down, up):
+    """The SVD of ΔW = up·down from two QRs and an r×r SVD: exact, without forming the out×in matrix.
+
+    Returns (left (out×r), singular values (r), right (r×in)), in float64.
+    """
+    q_up, r_up = torch.linalg.qr(up.double())  # (out, r), (r, r)
+    q_down, r_down = torch.linalg.qr(down.double().T)  # (in, r), (r, r)
+    u, singular_values, vh = torch.linalg.svd(r_up @ r_down.T)
+    return q_up @ u, singular_values, vh @ q_down.T
+
+
+def truncate_lora(down, up, rank: int):
+    """The best rank-k plain LoRA (Eckart–Young) of up·down, split evenly as (√S·Vᵀ, U·√S)."""
+    left, singular_values, right = low_rank_svd(down, up)
+    root = singular_values[:rank].sqrt()
+    return (root[:, None] * right[:rank]).to(down.dtype), (left[:, :rank] * root).to(up.dtype)

@@ -24,7 +24,7 @@ from transformers import PreTrainedModel
 from .config import MoSLoRAConfig
 from .errors import AdapterFileError
 from .files import write_atomically
-from .functional import fold_mixer
+from .functional import fold_mixer, low_rank_svd, truncate_lora
 from .inject import find_target_linears, inject_moslora, merge_moslora, moslora_layers, set_moslora_scale
 
 FORMAT_NAME = "moslora"
@@ -54,13 +54,26 @@ class NativeAdapter:
     base_model: str | None
     unet_layers_per_block: list[int] | None
 
-    def folded(self, component: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """module → (down, up): the exact plain LoRA of each MoSLoRA module."""
+    def folded(self, component: str, rank: int | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """module → (down, up): the exact plain LoRA of each MoSLoRA module, or its best rank-`rank` one."""
         scaling = self.configs[component].scaling
-        return {
+        pairs = {
             name: fold_mixer(m.lora_A, m.lora_mixer, m.lora_B, scaling)
             for name, m in self.modules[component].items()
         }
+        if rank is None or rank >= self.configs[component].rank:
+            return pairs
+        return {name: truncate_lora(down, up, rank) for name, (down, up) in pairs.items()}
+
+    def compression_error(self, rank: int) -> float:
+        """‖ΔW − ΔW_k‖_F / ‖ΔW‖_F over all modules: what truncating to rank k loses."""
+        lost = total = 0.0
+        for component in self.configs:
+            for down, up in self.folded(component).values():
+                singular_values = low_rank_svd(down, up)[1] ** 2
+                lost += singular_values[rank:].sum().item()
+                total += singular_values.sum().item()
+        return (lost / total) ** 0.5 if total else 0.0
 
 
 def write_safetensors(tensors: dict, path, metadata: dict[str, str]) -> Path:
@@ -237,32 +250,35 @@ def _check_fits(path, component, modules, linears):
             )
 
 
-def export_diffusers(native_path, out_path) -> Path:
-    """The folded plain LoRA that stock `pipe.load_lora_weights(dir)` reads (PEFT key names)."""
+def export_diffusers(native_path, out_path, rank: int | None = None) -> Path:
+    """The folded plain LoRA that stock `pipe.load_lora_weights(dir)` reads (PEFT key names).
+
+    With `rank`, each update is re-compressed by truncated SVD to at most that rank.
+    """
     adapter = read_moslora(native_path)
     tensors = {}
     for component in adapter.configs:
-        for name, (down, up) in adapter.folded(component).items():
+        for name, (down, up) in adapter.folded(component, rank).items():
             tensors[f"{component}.{name}.lora_A.weight"] = down
             tensors[f"{component}.{name}.lora_B.weight"] = up
     return write_safetensors(tensors, out_path, {"format": "pt", **_provenance(adapter)})
 
 
-def export_kohya(native_path, out_path) -> Path:
-    """The folded plain LoRA in kohya's SDXL naming, for A1111, ComfyUI and kohya's tools."""
+def export_kohya(native_path, out_path, rank: int | None = None) -> Path:
+    """The folded plain LoRA in kohya's SDXL naming, for A1111, ComfyUI and kohya's tools (`rank` as above)."""
     adapter = read_moslora(native_path)
     tensors = {}
     for component in adapter.configs:
-        for name, (down, up) in adapter.folded(component).items():
+        for name, (down, up) in adapter.folded(component, rank).items():
             key = kohya_module_name(component, name, adapter.unet_layers_per_block)
             tensors[f"{key}.lora_down.weight"] = down
             tensors[f"{key}.lora_up.weight"] = up
             tensors[f"{key}.alpha"] = torch.tensor(float(down.shape[0]))  # alpha = rank: s is folded into up
-    unet_config = adapter.configs["unet"]
+    unet_rank = min(rank or adapter.configs["unet"].rank, adapter.configs["unet"].rank)
     metadata = {
         "ss_network_module": "networks.lora",
-        "ss_network_dim": str(unet_config.rank),
-        "ss_network_alpha": str(unet_config.rank),
+        "ss_network_dim": str(unet_rank),
+        "ss_network_alpha": str(unet_rank),
         "ss_base_model_version": "sdxl_base_v1-0",
         "ss_sd_model_name": adapter.base_model or "",
         "modelspec.sai_model_spec": "1.0.0",

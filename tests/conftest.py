@@ -60,3 +60,33 @@ def training_argv(base_dir, instance_dir, output_dir, *extra, steps=2):
         *(("--max_train_steps", str(steps)) if steps else ()),
         *extra,
     ]
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, tiny_sdxl_dir):
+    """An adapted pipeline with random non-zero adapters (UNet and both text encoders), saved and exported."""
+    from dreambooth_moslora import MoSLoRAConfig, export_diffusers, export_kohya, inject_moslora, save_moslora
+    from dreambooth_moslora.config import TEXT_ENCODER_TARGETS
+    from dreambooth_moslora.io import DIFFUSERS_FILE, KOHYA_FILE, NATIVE_FILE
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    pipe.set_progress_bar_config(disable=True)
+    base_image = sample(pipe)
+    inject_moslora(pipe.unet, MoSLoRAConfig(rank=4, alpha=2))
+    text_config = MoSLoRAConfig(rank=2, mixer_init="kaiming", target_modules=TEXT_ENCODER_TARGETS)
+    inject_moslora(pipe.text_encoder, text_config)
+    inject_moslora(pipe.text_encoder_2, text_config)
+    for seed, model in enumerate((pipe.unet, pipe.text_encoder, pipe.text_encoder_2)):
+        perturb_adapters(model, seed=seed, std=0.3)
+    out = tmp_path_factory.mktemp("adapter")
+    save_moslora(out / NATIVE_FILE, pipe.unet, pipe.text_encoder, pipe.text_encoder_2, base_model="tiny")
+    export_diffusers(out / NATIVE_FILE, out / DIFFUSERS_FILE)
+    export_kohya(out / NATIVE_FILE, out / KOHYA_FILE)
+    return {"dir": out, "pipe": pipe, "image": sample(pipe), "base_image": base_image}
+
+
+@pytest.fixture(scope="session")
+def feature_models(tmp_path_factory):
+    from helpers import save_tiny_feature_models
+
+    return save_tiny_feature_models(tmp_path_factory.mktemp("features"))

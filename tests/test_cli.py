@@ -1,5 +1,6 @@
 """The command line as a user runs it: subprocesses for the whole job, in-process calls for each bad input."""
 
+import json
 import os
 import signal
 import subprocess
@@ -8,7 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from diffusers import StableDiffusionXLPipeline
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from conftest import sample, training_argv
 from dreambooth_moslora import load_moslora
@@ -149,3 +153,62 @@ def _notes(path):
     _mkdir(path)
     (path / "readme.txt").write_text("no pictures here")
     return path
+
+
+def test_generate_verb(trained, tiny_sdxl_dir, tmp_path, capsys):
+    code = main(["generate", "--pretrained_model_name_or_path", str(tiny_sdxl_dir), "--adapter",
+                 str(trained["dir"] / "lora_kohya.safetensors"), "--prompt", "a photo of sks dog", "--prompt",
+                 "a sks dog", "--num_images_per_prompt", "1", "--num_inference_steps", "2", "--scheduler",
+                 "dpm++_2m_karras", "--fuse", "--output_dir", str(tmp_path / "images")])
+    assert code == 0, capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["000-0.png", "001-0.png", "grid.png"]
+
+
+def test_inspect_and_export_verbs(trained, tmp_path, capsys):
+    assert main(["inspect", str(trained["dir"]), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["format"] == "native"
+    assert main(["inspect", str(trained["dir"] / "lora_kohya.safetensors")]) == 0
+    assert "format      kohya" in capsys.readouterr().out
+    assert main(["export", str(trained["dir"] / "moslora.safetensors"), "--format", "kohya", "--rank", "2",
+                 "--output", str(tmp_path / "small.safetensors")]) == 0
+    assert "rank 2 keeps ΔW to a relative error of 0." in capsys.readouterr().out
+    assert (tmp_path / "small.safetensors").is_file()
+
+
+def test_evaluate_verb(trained, tiny_sdxl_dir, feature_models, tmp_path, capsys):
+    write_images(tmp_path / "subject", sizes=((64, 64), (64, 64)), seed=3)
+    code = main(["evaluate", "--pretrained_model_name_or_path", str(tiny_sdxl_dir), "--adapter",
+                 f"moslora={trained['dir']}", "--subject_dir", str(tmp_path / "subject"), "--class_noun", "dog",
+                 "--prompt_list", "live", "--num_images_per_prompt", "1", "--num_inference_steps", "1",
+                 "--dino_model", str(feature_models[0]), "--clip_model", str(feature_models[1]),
+                 "--output_dir", str(tmp_path / "eval")])
+    assert code == 0, capsys.readouterr().err
+    assert "| moslora |" in capsys.readouterr().out
+    assert len(list((tmp_path / "eval" / "images" / "moslora").glob("0*.png"))) == 25
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["inspect", "{tmp}/missing.safetensors"], "adapter file not found"),
+    (["export", "{trained}/pytorch_lora_weights.safetensors", "--format", "kohya", "--output", "{tmp}/x.safetensors"],
+     "is not a native MoSLoRA file"),
+    (["generate", "--pretrained_model_name_or_path", "{tiny}", "--adapter", "{tmp}/foreign.safetensors",
+      "--prompt", "x", "--output_dir", "{tmp}/o"], "is not a LoRA or MoSLoRA adapter file"),
+    (["generate", "--pretrained_model_name_or_path", "{tiny}", "--prompts_file", "{tmp}/empty.txt",
+      "--output_dir", "{tmp}/o"], "has no prompts"),
+    (["generate", "--pretrained_model_name_or_path", "{tiny}", "--adapter", "{tmp}/other-base.safetensors",
+      "--prompt", "x", "--output_dir", "{tmp}/o"], "the adapter was trained on another base model"),
+])
+def test_verb_errors_are_one_line_and_exit_2(trained, tiny_sdxl_dir, tmp_path, capsys, argv, message):
+    save_file({"weight": torch.zeros(2)}, tmp_path / "foreign.safetensors")
+    (tmp_path / "empty.txt").write_text("\n")
+    native = trained["dir"] / "moslora.safetensors"
+    with safe_open(str(native), framework="pt") as handle:
+        metadata = handle.metadata()
+    narrower = {k: (v[:, :-1].contiguous() if k.endswith("lora_A.weight") else v) for k, v in load_file(native).items()}
+    save_file(narrower, tmp_path / "other-base.safetensors", metadata=metadata)
+    filled = [a.format(tmp=tmp_path, trained=trained["dir"], tiny=tiny_sdxl_dir) for a in argv]
+    assert main(filled) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1]
+    assert not (tmp_path / "o").exists() and not (tmp_path / "x.safetensors").exists()

@@ -1,6 +1,6 @@
 import torch
 
-from dreambooth_moslora.functional import delta_weight, fold_mixer, low_rank_forward
+from dreambooth_moslora.functional import delta_weight, fold_mixer, low_rank_forward, low_rank_svd, truncate_lora
 
 
 def _factors(rank=3, features_in=7, features_out=5, mixer=True):
@@ -34,3 +34,21 @@ def test_low_rank_forward_equals_the_dense_update_on_batched_tokens():
     x = torch.randn(2, 4, 7, dtype=torch.float64)
     expected = x @ delta_weight(lora_A, mixer, lora_B, 0.5).T
     torch.testing.assert_close(low_rank_forward(x, lora_A, mixer, lora_B, 0.5), expected)
+
+
+def test_low_rank_svd_matches_the_dense_svd_without_forming_it():
+    lora_A, mixer, lora_B = _factors(rank=3, features_in=9, features_out=6)
+    down, up = fold_mixer(lora_A, mixer, lora_B, 0.5)
+    left, singular_values, right = low_rank_svd(down, up)
+    torch.testing.assert_close(singular_values, torch.linalg.svdvals(up @ down)[:3])
+    torch.testing.assert_close(left * singular_values @ right, up @ down)
+
+
+def test_truncate_lora_keeps_the_largest_directions():
+    lora_A, mixer, lora_B = _factors(rank=3, features_in=9, features_out=6)
+    down, up = fold_mixer(lora_A, mixer, lora_B, 1.0)
+    small_down, small_up = truncate_lora(down, up, 2)
+    assert small_down.shape == (2, 9) and small_up.shape == (6, 2)
+    singular_values = torch.linalg.svdvals(up @ down)
+    error = torch.linalg.matrix_norm(up @ down - small_up @ small_down)
+    torch.testing.assert_close(error, singular_values[2:].norm())

@@ -8,7 +8,6 @@ from safetensors.torch import load_file, save_file
 
 from conftest import perturb_adapters, sample
 from dreambooth_moslora import MoSLoRAConfig, inject_moslora, merge_moslora
-from dreambooth_moslora.config import TEXT_ENCODER_TARGETS
 from dreambooth_moslora.inject import moslora_layers
 from dreambooth_moslora.io import (
     DIFFUSERS_FILE,
@@ -22,25 +21,6 @@ from dreambooth_moslora.io import (
     read_moslora,
     save_moslora,
 )
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_sdxl_dir):
-    """An adapted pipeline with random non-zero adapters (UNet and both text encoders), saved and exported."""
-    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
-    pipe.set_progress_bar_config(disable=True)
-    base_image = sample(pipe)
-    inject_moslora(pipe.unet, MoSLoRAConfig(rank=4, alpha=2))
-    text_config = MoSLoRAConfig(rank=2, mixer_init="kaiming", target_modules=TEXT_ENCODER_TARGETS)
-    inject_moslora(pipe.text_encoder, text_config)
-    inject_moslora(pipe.text_encoder_2, text_config)
-    for seed, model in enumerate((pipe.unet, pipe.text_encoder, pipe.text_encoder_2)):
-        perturb_adapters(model, seed=seed, std=0.3)
-    out = tmp_path_factory.mktemp("adapter")
-    save_moslora(out / NATIVE_FILE, pipe.unet, pipe.text_encoder, pipe.text_encoder_2, base_model="tiny")
-    export_diffusers(out / NATIVE_FILE, out / DIFFUSERS_FILE)
-    export_kohya(out / NATIVE_FILE, out / KOHYA_FILE)
-    return {"dir": out, "pipe": pipe, "image": sample(pipe), "base_image": base_image}
 
 
 def _state(pipe):
@@ -238,3 +218,27 @@ def test_merged_model_saves_the_adapter_not_the_merge(tmp_path, tiny_sdxl_dir):
     merge_moslora(pipe.unet)
     save_moslora(tmp_path / NATIVE_FILE, pipe.unet)
     assert not any(k.endswith("base_layer.weight") for k in load_file(tmp_path / NATIVE_FILE))
+
+
+@pytest.mark.parametrize("exporter, down_key, up_key", [
+    (export_diffusers, "unet.{}.lora_A.weight", "unet.{}.lora_B.weight"),
+    (export_kohya, "lora_unet_input_blocks_8_1_transformer_blocks_1_attn2_to_out_0.lora_down.weight",
+     "lora_unet_input_blocks_8_1_transformer_blocks_1_attn2_to_out_0.lora_up.weight"),
+])
+def test_export_at_a_lower_rank_is_the_best_truncation(trained, tmp_path, exporter, down_key, up_key):
+    name = "down_blocks.2.attentions.1.transformer_blocks.1.attn2.to_out.0"
+    exporter(trained["dir"] / NATIVE_FILE, tmp_path / "small.safetensors", rank=2)
+    small = load_file(tmp_path / "small.safetensors")
+    down, up = small[down_key.format(name)], small[up_key.format(name)]
+    assert down.shape[0] == 2 and up.shape[1] == 2
+    full = moslora_layers(trained["pipe"].unet)[name].delta_weight()
+    singular_values = torch.linalg.svdvals(full.double())
+    error = torch.linalg.matrix_norm((full - up @ down).double())
+    torch.testing.assert_close(error, singular_values[2:].norm(), rtol=1e-4, atol=1e-6)
+
+
+def test_compression_error_is_zero_at_full_rank_and_grows_as_rank_drops(trained):
+    adapter = read_moslora(trained["dir"] / NATIVE_FILE)
+    errors = [adapter.compression_error(rank) for rank in (4, 3, 2, 1)]
+    assert errors[0] == pytest.approx(0, abs=1e-7)
+    assert errors == sorted(errors) and 0 < errors[-1] < 1

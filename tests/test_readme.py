@@ -16,24 +16,45 @@ def readme_block(marker: str) -> str:
     return match.group(1)
 
 
-def test_python_api_example_runs(tmp_path, monkeypatch):
+def test_python_api_examples_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(readme_block("example: python-api"), "README.md", "exec"), {})
     assert (tmp_path / "my-adapter" / "pytorch_lora_weights.safetensors").is_file()
+    exec(compile(readme_block("example: python-verbs"), "README.md", "exec"), {})
+    assert len(list((tmp_path / "samples").glob("000-*.png"))) == 2 and (tmp_path / "samples" / "grid.png").is_file()
+    assert (tmp_path / "my-adapter" / "small.safetensors").is_file()
 
 
-def test_quickstart_runs_offline_and_writes_every_output(tmp_path):
-    commands = [line for line in readme_block("example: quickstart").replace("\\\n", " ").splitlines()
-                if line.strip() and not line.startswith("pip install")]
-    (tmp_path / "assets").symlink_to(README.parent / "assets")
+def shell_commands(marker: str) -> list[str]:
+    """A README bash block as commands: continuation lines joined, comments and pip installs left out."""
+    lines = readme_block(marker).replace("\\\n", " ").splitlines()
+    return [line for line in lines if line.strip() and not line.startswith(("#", "pip install"))]
+
+
+def run_commands(commands, cwd):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     for command in commands:
-        done = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        done = subprocess.run(command, shell=True, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_quickstart_and_the_verbs_after_it_run_offline(tmp_path, feature_models):
+    (tmp_path / "assets").symlink_to(README.parent / "assets")
+    run_commands(shell_commands("example: quickstart"), tmp_path)
     out = tmp_path / "outputs" / "quickstart"
     for name in ("moslora.safetensors", "pytorch_lora_weights.safetensors", "lora_kohya.safetensors", "README.md"):
         assert (out / name).is_file()
     assert len(list((out / "validation" / "final-step-200").glob("*.png"))) == 4
+
+    run_commands(shell_commands("example: cli-verbs"), tmp_path)
+    assert len(list((tmp_path / "outputs" / "samples").glob("*.png"))) == 5  # 2 prompts x 2 images + grid
+    assert (out / "lora_kohya_rank2.safetensors").is_file()
+    # the evaluate example as written, with the two hub models swapped for tiny local ones (no download here)
+    dino, clip = feature_models
+    evaluate = [c.replace("facebook/dino-vits16", str(dino)).replace("openai/clip-vit-base-patch32", str(clip))
+                for c in shell_commands("example: evaluate")]
+    run_commands(evaluate, tmp_path)
+    assert "| moslora |" in (tmp_path / "outputs" / "eval" / "metrics.md").read_text()
 
 
 def test_every_training_option_is_documented():

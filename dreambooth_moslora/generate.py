@@ -1,0 +1,145 @@
+"""Sample images from an SDXL pipeline with an adapter: PNGs with their settings inside, and a contact sheet."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    LMSDiscreteScheduler,
+    StableDiffusionXLPipeline,
+    UniPCMultistepScheduler,
+)
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+from tqdm.auto import tqdm
+
+from .adapters import load_adapter
+from .errors import UserInputError
+from .files import write_atomically
+
+SCHEDULERS = {
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler_a": (EulerAncestralDiscreteScheduler, {}),
+    "dpm++_2m": (DPMSolverMultistepScheduler, {}),
+    "dpm++_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+    "dpm++_2m_sde_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True,
+                                                          "algorithm_type": "sde-dpmsolver++"}),
+    "ddim": (DDIMScheduler, {}),
+    "heun": (HeunDiscreteScheduler, {}),
+    "lms": (LMSDiscreteScheduler, {}),
+    "unipc": (UniPCMultistepScheduler, {}),
+}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class GenerationSettings:
+    negative_prompt: str | None = None
+    num_images_per_prompt: int = 1
+    seed: int = 0
+    num_inference_steps: int = 30
+    guidance_scale: float = 5.0
+    height: int | None = None
+    width: int | None = None
+    adapter_scale: float = 1.0
+    fuse: bool = False
+    scheduler: str | None = None
+
+
+def read_prompts(prompts: list[str] | None = None, prompts_file=None) -> list[str]:
+    """Prompts given one by one, or one per line of a file (blank lines and # comments skipped)."""
+    found = list(prompts or [])
+    if prompts_file is not None:
+        path = Path(prompts_file)
+        if not path.is_file():
+            raise UserInputError(f"prompts file not found: {path}")
+        found += [line.strip() for line in path.read_text(encoding="utf-8").splitlines()
+                  if line.strip() and not line.strip().startswith("#")]
+        if not found:
+            raise UserInputError(f"prompts file {path} has no prompts")
+    if not found:
+        raise UserInputError("give at least one --prompt or a --prompts_file")
+    return found
+
+
+def load_pipeline(base_model: str, adapter=None, settings: GenerationSettings = GenerationSettings(),
+                  device: str | None = None, dtype: str | None = None) -> StableDiffusionXLPipeline:
+    """The base pipeline on the device, with the adapter attached and the scheduler chosen."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = DTYPES[dtype or ("fp16" if device.startswith("cuda") else "fp32")]
+    local = Path(base_model).expanduser()
+    if (base_model.startswith((".", "/", "~")) or local.exists()) and not local.is_dir():
+        raise UserInputError(f"model folder not found: {base_model}")
+    try:
+        pipe = StableDiffusionXLPipeline.from_pretrained(base_model, torch_dtype=torch_dtype)
+    except (OSError, ValueError) as error:
+        raise UserInputError(f"could not load the SDXL model {base_model}: {str(error).splitlines()[0]}") from None
+    if settings.scheduler:
+        if settings.scheduler not in SCHEDULERS:
+            raise UserInputError(f"unknown scheduler {settings.scheduler!r}; one of {', '.join(SCHEDULERS)}")
+        scheduler_class, options = SCHEDULERS[settings.scheduler]
+        pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config, **options)
+    if adapter is not None:
+        load_adapter(pipe, adapter, scale=settings.adapter_scale, fuse=settings.fuse)
+    return pipe.to(device)
+
+
+def generate_images(pipe, prompts: list[str], settings: GenerationSettings, output_dir,
+                    adapter_name: str = "", show_progress: bool = True) -> list[Path]:
+    """Image j of prompt i has seed (seed + j) and is named `{i:03d}-{seed + j}.png`: same seed, same image."""
+    output_dir = Path(output_dir)
+    pipe.set_progress_bar_config(disable=True)
+    paths, images = [], []
+    jobs = [(i, prompt, settings.seed + j) for i, prompt in enumerate(prompts)
+            for j in range(settings.num_images_per_prompt)]
+    for index, prompt, seed in tqdm(jobs, desc="images", disable=not show_progress):
+        image = pipe(
+            prompt, negative_prompt=settings.negative_prompt, num_inference_steps=settings.num_inference_steps,
+            guidance_scale=settings.guidance_scale, height=settings.height, width=settings.width,
+            generator=torch.Generator().manual_seed(seed),
+        ).images[0]
+        info = _png_info(prompt, seed, settings, image.size, adapter_name)
+        paths.append(write_atomically(output_dir / f"{index:03d}-{seed}.png",
+                                      lambda tmp, image=image, info=info: image.save(tmp, format="PNG", pnginfo=info)))
+        images.append(image)
+    write_atomically(output_dir / "grid.png",
+                     lambda tmp: contact_sheet(images, columns=settings.num_images_per_prompt).save(tmp, format="PNG"))
+    return paths
+
+
+def _png_info(prompt, seed, settings, size, adapter_name) -> PngInfo:
+    """A1111-style `parameters` text, which many image viewers and tools read, plus our settings as JSON."""
+    info = PngInfo()
+    negative = f"\nNegative prompt: {settings.negative_prompt}" if settings.negative_prompt else ""
+    info.add_text("parameters", (
+        f"{prompt}{negative}\nSteps: {settings.num_inference_steps}, Sampler: {settings.scheduler or 'default'}, "
+        f"CFG scale: {settings.guidance_scale}, Seed: {seed}, Size: {size[0]}x{size[1]}, "
+        f"Lora: {adapter_name or 'none'}, Lora scale: {settings.adapter_scale}"
+    ))
+    info.add_text("dreambooth_moslora", json.dumps({**asdict(settings), "prompt": prompt, "seed": seed,
+                                                    "adapter": adapter_name}))
+    return info
+
+
+def contact_sheet(images: list[Image.Image], columns: int, thumbnail: int = 256) -> Image.Image:
+    """All images in a grid, one row per prompt, each scaled to at most `thumbnail` pixels."""
+    thumbs = []
+    for image in images:
+        copy = image.copy()
+        copy.thumbnail((thumbnail, thumbnail))
+        thumbs.append(copy)
+    width, height = max(t.width for t in thumbs), max(t.height for t in thumbs)
+    rows = math.ceil(len(thumbs) / columns)
+    sheet = Image.new("RGB", (columns * width, rows * height), "white")
+    for index, thumb in enumerate(thumbs):
+        sheet.paste(thumb, ((index % columns) * width, (index // columns) * height))
+    return sheet

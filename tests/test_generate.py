@@ -1,0 +1,57 @@
+import json
+
+import pytest
+from PIL import Image
+
+from dreambooth_moslora.errors import UserInputError
+from dreambooth_moslora.generate import GenerationSettings, generate_images, load_pipeline, read_prompts
+
+SETTINGS = GenerationSettings(num_images_per_prompt=2, seed=7, num_inference_steps=2, scheduler="euler_a")
+
+
+def test_images_are_named_by_prompt_and_seed_carry_their_settings_and_repeat(trained, tiny_sdxl_dir, tmp_path):
+    pipe = load_pipeline(str(tiny_sdxl_dir), trained["dir"], SETTINGS, device="cpu")
+    paths = generate_images(pipe, ["a photo of sks dog", "a sks dog in the snow"], SETTINGS, tmp_path / "a",
+                            adapter_name="my-adapter", show_progress=False)
+    assert [p.name for p in paths] == ["000-7.png", "000-8.png", "001-7.png", "001-8.png"]
+    image = Image.open(paths[2])
+    assert image.text["parameters"].startswith("a sks dog in the snow\nSteps: 2, Sampler: euler_a")
+    settings = json.loads(image.text["dreambooth_moslora"])
+    assert settings["seed"] == 7 and settings["adapter"] == "my-adapter"
+    grid = Image.open(tmp_path / "a" / "grid.png")
+    assert grid.size == (2 * 64, 2 * 64)
+    again = generate_images(pipe, ["a sks dog in the snow"], SETTINGS, tmp_path / "b", show_progress=False)
+    assert Image.open(again[0]).tobytes() == Image.open(paths[2]).tobytes()  # same seed, same image
+    assert Image.open(again[0]).tobytes() != Image.open(paths[3]).tobytes()
+
+
+def test_fused_sampling_matches_unfused(trained, tiny_sdxl_dir, tmp_path):
+    import numpy as np
+
+    images = []
+    for fuse in (False, True):
+        settings = GenerationSettings(num_inference_steps=2, fuse=fuse)
+        pipe = load_pipeline(str(tiny_sdxl_dir), trained["dir"], settings, device="cpu")
+        path = generate_images(pipe, ["a photo"], settings, tmp_path / str(fuse), show_progress=False)[0]
+        images.append(np.asarray(Image.open(path), dtype=np.int16))
+    assert np.abs(images[0] - images[1]).max() <= 1
+
+
+def test_prompts_from_arguments_and_files(tmp_path):
+    file = tmp_path / "prompts.txt"
+    file.write_text("# subject prompts\na photo of sks dog\n\na sks dog in the snow\n")
+    assert read_prompts(["first"], file) == ["first", "a photo of sks dog", "a sks dog in the snow"]
+    (tmp_path / "empty.txt").write_text("\n# nothing\n")
+    with pytest.raises(UserInputError, match="has no prompts"):
+        read_prompts(None, tmp_path / "empty.txt")
+    with pytest.raises(UserInputError, match="prompts file not found"):
+        read_prompts(None, tmp_path / "missing.txt")
+    with pytest.raises(UserInputError, match="at least one --prompt"):
+        read_prompts()
+
+
+def test_bad_model_and_scheduler_names(tiny_sdxl_dir, tmp_path):
+    with pytest.raises(UserInputError, match="model folder not found"):
+        load_pipeline(str(tmp_path / "nothing"), None, SETTINGS, device="cpu")
+    with pytest.raises(UserInputError, match="unknown scheduler 'fast'"):
+        load_pipeline(str(tiny_sdxl_dir), None, GenerationSettings(scheduler="fast"), device="cpu")
