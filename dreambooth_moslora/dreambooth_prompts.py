@@ -4,7 +4,7 @@ From the public google/dreambooth repository, licensed CC-BY 4.0 (https://github
 `{token}` is the trigger word (e.g. sks), `{noun}` the class noun (e.g. dog).
 """
 
-OBJECT_PROMPTS = (
+_PLACES = (
     "a {token} {noun} in the jungle",
     "a {token} {noun} in the snow",
     "a {token} {noun} on the beach",
@@ -15,6 +15,8 @@ OBJECT_PROMPTS = (
     "a {token} {noun} with a mountain in the background",
     "a {token} {noun} with a blue house in the background",
     "a {token} {noun} on top of a purple rug in a forest",
+)
+_OBJECT_SCENES = (
     "a {token} {noun} with a wheat field in the background",
     "a {token} {noun} with a tree and autumn leaves in the background",
     "a {token} {noun} with the Eiffel Tower in the background",
@@ -25,24 +27,8 @@ OBJECT_PROMPTS = (
     "a {token} {noun} on top of the sidewalk in a crowded street",
     "a {token} {noun} on top of a dirt road",
     "a {token} {noun} on top of a white rug",
-    "a red {token} {noun}",
-    "a purple {token} {noun}",
-    "a shiny {token} {noun}",
-    "a wet {token} {noun}",
-    "a cube shaped {token} {noun}",
 )
-
-LIVE_SUBJECT_PROMPTS = (
-    "a {token} {noun} in the jungle",
-    "a {token} {noun} in the snow",
-    "a {token} {noun} on the beach",
-    "a {token} {noun} on a cobblestone street",
-    "a {token} {noun} on top of pink fabric",
-    "a {token} {noun} on top of a wooden floor",
-    "a {token} {noun} with a city in the background",
-    "a {token} {noun} with a mountain in the background",
-    "a {token} {noun} with a blue house in the background",
-    "a {token} {noun} on top of a purple rug in a forest",
+_OUTFITS = (
     "a {token} {noun} wearing a red hat",
     "a {token} {noun} wearing a santa hat",
     "a {token} {noun} wearing a rainbow scarf",
@@ -53,9 +39,14 @@ LIVE_SUBJECT_PROMPTS = (
     "a {token} {noun} wearing pink glasses",
     "a {token} {noun} wearing a yellow shirt",
     "a {token} {noun} in a purple wizard outfit",
+)
+_PROPERTIES = (
     "a red {token} {noun}",
     "a purple {token} {noun}",
     "a shiny {token} {noun}",
     "a wet {token} {noun}",
     "a cube shaped {token} {noun}",
 )
+
+OBJECT_PROMPTS = _PLACES + _OBJECT_SCENES + _PROPERTIES
+LIVE_SUBJECT_PROMPTS = _PLACES + _OUTFITS + _PROPERTIES

@@ -32,7 +32,8 @@ from .conditioning import encode_latent_distribution, encode_prompts, micro_cond
 from .config import TEXT_ENCODER_TARGETS, MoSLoRAConfig
 from .data import MicroBatches, Sample, epoch_batches, epoch_examples, keep_as_is, process_micro_batches, read_examples
 from .errors import UserInputError
-from .files import save_png_atomically, write_text_atomically
+from .files import write_text_atomically
+from .generate import GenerationSettings, generate_images
 from .inject import inject_moslora, moslora_parameters
 from .loss import diffusion_target, min_snr_weights
 from .io import DIFFUSERS_FILE, KOHYA_FILE, NATIVE_FILE, export_diffusers, export_kohya, save_moslora
@@ -250,17 +251,15 @@ class TrainingLoop:
             tokenizer=self.models.tokenizers[0], tokenizer_2=self.models.tokenizers[1], unet=unwrap(self.trained["unet"]),
             scheduler=EulerDiscreteScheduler.from_config(self.models.noise_scheduler.config),
         )
-        pipe.set_progress_bar_config(disable=True)
         for model in self.trained.values():
             model.eval()
         folder = Path(args.output_dir) / "validation" / (f"final-step-{step}" if final else f"step-{step}")
-        paths = []
+        settings = GenerationSettings(num_images_per_prompt=args.num_validation_images, seed=args.seed,
+                                      num_inference_steps=args.num_inference_steps, height=args.resolution,
+                                      width=args.resolution)
         with accelerator.autocast():
-            for index in range(args.num_validation_images):
-                image = pipe(args.validation_prompt, num_inference_steps=args.num_inference_steps,
-                             height=args.resolution, width=args.resolution,
-                             generator=torch.Generator().manual_seed(args.seed + index)).images[0]
-                paths.append(save_png_atomically(image, folder / f"{index:02d}.png"))
+            paths = generate_images(pipe, [args.validation_prompt], settings, folder, adapter_name="training",
+                                    show_progress=False)
         for model in self.trained.values():
             model.train()
         _log_images(accelerator, paths, step)

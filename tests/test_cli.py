@@ -39,7 +39,7 @@ def test_train_script_end_to_end_writes_every_output_and_each_loads(tiny_sdxl_di
     assert done.returncode == 0, done.stderr[-3000:]
     assert "trained 3 steps" in done.stdout and "s/step" in done.stdout and "peak" in done.stdout
     for name in ("moslora.safetensors", "pytorch_lora_weights.safetensors", "lora_kohya.safetensors", "README.md",
-                 "validation/final-step-3/00.png", "checkpoint-3/moslora.safetensors"):
+                 "validation/final-step-3/000-0.png", "checkpoint-3/moslora.safetensors"):
         assert (out / name).is_file(), name
     assert list((out / "logs").rglob("events.out.tfevents.*"))
     images = []

@@ -150,8 +150,9 @@ def test_epochs_validation_images_and_the_model_card(tiny_sdxl_dir, subject, tmp
     result = train(parse_args(argv))
     assert result.steps == 6  # 3 images, batch 1, two epochs
     assert sorted(p.name for p in (tmp_path / "out" / "validation").iterdir()) == ["final-step-6", "step-3"]
-    assert len(list((tmp_path / "out" / "validation" / "final-step-6").glob("*.png"))) == 2
-    assert "validation/final-step-6/00.png" in (tmp_path / "out" / "README.md").read_text()
+    assert sorted(p.name for p in (tmp_path / "out" / "validation" / "final-step-6").glob("*.png")) == [
+        "000-0.png", "000-1.png", "grid.png"]
+    assert "validation/final-step-6/000-0.png" in (tmp_path / "out" / "README.md").read_text()
 
 
 def test_gradient_checkpointing_gives_the_same_adapter(tiny_sdxl_dir, subject, tmp_path, fresh_accelerate):
