@@ -2,6 +2,7 @@
 
 from .config import MoSLoRAConfig
 from .inject import (
+    fuse_moslora,
     inject_moslora,
     merge_moslora,
     moslora_parameters,
@@ -38,6 +39,7 @@ __all__ = [
     "MoSLoRAConfig",
     "MoSLoRALinear",
     "inject_moslora",
+    "fuse_moslora",
     "merge_moslora",
     "moslora_parameters",
     "remove_moslora",

@@ -90,6 +90,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     cache.add_argument("--cache_latents", dest="cache_latents", action="store_true", default=None,
                        help="encode each image once (default: on unless random crops need re-encoding)")
     cache.add_argument("--no_cache_latents", dest="cache_latents", action="store_false")
+    memory.add_argument("--no_cache_prompts", dest="cache_prompts", action="store_false",
+                        help="encode prompts every step (only to measure what caching saves)")
 
     out = parser.add_argument_group("outputs and monitoring")
     out.add_argument("--output_dir", default="moslora-dreambooth")

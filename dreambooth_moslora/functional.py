@@ -25,11 +25,13 @@ def delta_weight(lora_A, lora_mixer, lora_B, scaling: float) -> torch.Tensor:
 def low_rank_forward(x, lora_A, lora_mixer, lora_B, scaling: float) -> torch.Tensor:
     """ΔW·x without forming ΔW, as x·(s·M·A)ᵀ·Bᵀ.
 
-    Mixing first costs r²·in per call instead of r² per token, and saves the same activations as a plain
-    LoRA (x and one (..., r) tensor); benchmarks/forward_order.py measures it against (x·Aᵀ)·Mᵀ.
+    Mixing first costs r²·in per call instead of r² per token, and keeps one r×in matrix for backward where (x·Aᵀ)·Mᵀ keeps a (..., r) tensor;
+    benchmarks/run.py measures both.
     """
     down = lora_A if lora_mixer is None else lora_mixer @ lora_A  # (r, in)
-    hidden = F.linear(x, scaling * down)  # (..., in) -> (..., r)
+    if scaling != 1.0:  # the default alpha = rank needs no extra kernel
+        down = scaling * down
+    hidden = F.linear(x, down)  # (..., in) -> (..., r)
     return F.linear(hidden, lora_B)  # (..., r) -> (..., out)
 
 

@@ -65,6 +65,17 @@ def merge_moslora(model: nn.Module):
         layer.merge()
 
 
+def fuse_moslora(model: nn.Module) -> nn.Module:
+    """Merge every ΔW and drop the wrappers: the model is the base architecture again, at its speed exactly.
+
+    Not reversible (unlike merge_moslora); for sampling only.
+    """
+    for name, layer in moslora_layers(model).items():
+        layer.merge()
+        _set_submodule(model, name, layer.base_layer)
+    return model
+
+
 def unmerge_moslora(model: nn.Module):
     for layer in moslora_layers(model).values():
         layer.unmerge()

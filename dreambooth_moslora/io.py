@@ -25,7 +25,7 @@ from .config import MoSLoRAConfig
 from .errors import AdapterFileError
 from .files import write_atomically
 from .functional import fold_mixer, low_rank_svd, truncate_lora
-from .inject import find_target_linears, inject_moslora, merge_moslora, moslora_layers, set_moslora_scale
+from .inject import find_target_linears, fuse_moslora, inject_moslora, moslora_layers, set_moslora_scale
 
 FORMAT_NAME = "moslora"
 FORMAT_VERSION = "1"
@@ -102,7 +102,7 @@ def save_moslora(path, unet, text_encoder=None, text_encoder_2=None, base_model:
         "format_version": FORMAT_VERSION,
         "configs": json.dumps(configs),
         "base_model": base_model or "",
-        "unet_layers_per_block": json.dumps(_layers_per_block(unet.config)) if hasattr(unet, "config") else "",
+        "unet_layers_per_block": json.dumps(unet_layers_per_block(unet.config)) if hasattr(unet, "config") else "",
     }
     return write_safetensors(tensors, path, metadata)
 
@@ -189,7 +189,9 @@ def _group_modules(path, tensors, configs) -> dict[str, dict[str, ModuleAdapter]
 def load_moslora(pipe, path, scale: float = 1.0, fuse: bool = False) -> dict[str, list[str]]:
     """Attach a native file to a diffusers SDXL pipeline; returns the adapted module names per component.
 
-    The whole file is checked against the pipeline first, so a wrong file leaves the pipeline untouched.
+    With fuse, the updates are merged into the weights and the wrappers dropped: sampling at the base model's
+    speed, not reversible. The whole file is checked against the pipeline first, so a wrong file leaves the
+    pipeline untouched.
     """
     adapter = read_moslora(path)
     components = {}
@@ -209,7 +211,7 @@ def load_moslora(pipe, path, scale: float = 1.0, fuse: bool = False) -> dict[str
         copy_adapter_weights(model, adapter.modules[component])
         set_moslora_scale(model, scale)
         if fuse:
-            merge_moslora(model)
+            fuse_moslora(model)
     return loaded
 
 
@@ -297,7 +299,7 @@ def _provenance(adapter: NativeAdapter) -> dict[str, str]:
     }
 
 
-def _layers_per_block(unet_config) -> list[int]:
+def unet_layers_per_block(unet_config) -> list[int]:
     layers = unet_config.layers_per_block
     count = len(unet_config.down_block_types)
     return [int(layers)] * count if isinstance(layers, int) else [int(n) for n in layers]

@@ -353,7 +353,7 @@ def _build_caches(args, accelerator, models, examples, samples: int):
     if latents_are_cacheable(args.cache_latents, args.center_crop, examples):
         latents = cache_latent_distributions(models.vae, examples, args.random_flip)
     prompts = None
-    if not args.train_text_encoder:
+    if args.cache_prompts and not args.train_text_encoder:
         prompts = cache_prompt_embeddings(models.text_encoders, models.tokenizers, [e.caption for e in examples],
                                           accelerator.device)
     if accelerator.is_main_process:
@@ -362,7 +362,7 @@ def _build_caches(args, accelerator, models, examples, samples: int):
             f"{len(latents)} VAE encodings replace {samples} (one per sample per step)" if latents is not None
             else "latents are encoded every step (random crops; --center_crop allows caching)",
             f"{len(prompts)} prompt encodings replace {samples}" if prompts is not None
-            else "prompts are encoded every step (the text encoders are training)",
+            else "prompts are encoded every step",
         )
     return latents, prompts
 

@@ -6,6 +6,7 @@ from transformers import CLIPTextModel
 
 from conftest import perturb_adapters
 from dreambooth_moslora import (
+    fuse_moslora,
     MoSLoRAConfig,
     MoSLoRALinear,
     inject_moslora,
@@ -89,6 +90,17 @@ def test_merge_unmerge_and_remove_restore_the_model(unet):
     assert unet.state_dict().keys() == original_state.keys()
     for key, value in unet.state_dict().items():
         torch.testing.assert_close(value, original_state[key], rtol=0, atol=1e-5)
+
+
+def test_fuse_merges_and_drops_the_wrappers(unet):
+    inputs = _unet_inputs()
+    inject_moslora(unet, MoSLoRAConfig())
+    perturb_adapters(unet, std=0.3)
+    with torch.no_grad():
+        adapted = _out(unet, inputs)
+        fuse_moslora(unet)
+        assert not any(isinstance(m, MoSLoRALinear) for m in unet.modules())
+        torch.testing.assert_close(_out(unet, inputs), adapted, rtol=1e-4, atol=1e-4)
 
 
 def test_mixer_none_has_exactly_the_parameters_of_a_peft_lora(unet, tiny_sdxl_dir):
