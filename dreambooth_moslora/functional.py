@@ -25,8 +25,8 @@ def delta_weight(lora_A, lora_mixer, lora_B, scaling: float) -> torch.Tensor:
 def low_rank_forward(x, lora_A, lora_mixer, lora_B, scaling: float) -> torch.Tensor:
     """ΔW·x without forming ΔW, as x·(s·M·A)ᵀ·Bᵀ.
 
-    Mixing first costs r²·in per call instead of r² per token, and keeps one r×in matrix for backward where (x·Aᵀ)·Mᵀ keeps a (..., r) tensor;
-    benchmarks/run.py measures both.
+    Mixing first costs r²·in per call instead of r² per token, and keeps one r×in matrix for backward where
+    (x·Aᵀ)·Mᵀ keeps a (..., r) tensor; benchmarks/run.py measures both.
     """
     down = lora_A if lora_mixer is None else lora_mixer @ lora_A  # (r, in)
     if scaling != 1.0:  # the default alpha = rank needs no extra kernel
