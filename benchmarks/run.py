@@ -196,8 +196,12 @@ def layer_benchmark(preset, device, dtype):
                 }
                 row = {"features": features, "tokens": tokens, "rank": rank}
                 for name, forward in variants.items():
-                    row[f"{name}_s"] = timed(lambda f=forward: f().float().sum().backward(), device, 5)
-                    row[f"{name}_saved_bytes"] = saved_activation_bytes(forward)
+                    def step(forward=forward):  # under autocast on a GPU, as in training
+                        with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
+                            return forward()
+
+                    row[f"{name}_s"] = timed(lambda f=step: f().float().sum().backward(), device, 5)
+                    row[f"{name}_saved_bytes"] = saved_activation_bytes(step)
                 row["moslora_vs_peft"] = row["moslora_s"] / row["peft_lora_s"]
                 row["mix_first_vs_mix_after_down"] = row["moslora_s"] / row["moslora_mix_after_down_s"]
                 rows.append(row)

@@ -28,7 +28,12 @@ def low_rank_forward(x, lora_A, lora_mixer, lora_B, scaling: float) -> torch.Ten
     Mixing first costs r²·in per call instead of r² per token, and keeps one r×in matrix for backward where
     (x·Aᵀ)·Mᵀ keeps a (..., r) tensor; benchmarks/run.py measures both.
     """
-    down = lora_A if lora_mixer is None else lora_mixer @ lora_A  # (r, in)
+    down = lora_A
+    if lora_mixer is not None and torch.is_autocast_enabled(x.device.type):
+        with torch.autocast(x.device.type, enabled=False):  # a tiny product: keep it in the adapter's dtype
+            down = lora_mixer @ lora_A  # (r, in)
+    elif lora_mixer is not None:
+        down = lora_mixer @ lora_A
     if scaling != 1.0:  # the default alpha = rank needs no extra kernel
         down = scaling * down
     hidden = F.linear(x, down)  # (..., in) -> (..., r)

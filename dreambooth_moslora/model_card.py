@@ -18,7 +18,8 @@ instance_prompt: {instance_prompt}
 ---
 # MoSLoRA DreamBooth adapter for {base_model}
 
-Trained with [dreambooth_moslora](https://arxiv.org/abs/2406.11909) on the prompt **{instance_prompt}**.
+A MoSLoRA adapter ([Wu et al. 2024](https://arxiv.org/abs/2406.11909)), trained with dreambooth_moslora on the
+prompt **{instance_prompt}**.
 
 | setting | value |
 | --- | --- |

@@ -52,3 +52,11 @@ def test_truncate_lora_keeps_the_largest_directions():
     singular_values = torch.linalg.svdvals(up @ down)
     error = torch.linalg.matrix_norm(up @ down - small_up @ small_down)
     torch.testing.assert_close(error, singular_values[2:].norm())
+
+
+def test_under_autocast_the_mixer_product_stays_in_the_adapter_dtype():
+    lora_A, mixer, lora_B = (t.float() for t in _factors(rank=3, features_in=7, features_out=5))
+    x = torch.randn(4, 7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = low_rank_forward(x, lora_A, mixer, lora_B, 1.0)
+    torch.testing.assert_close(mixed.float(), x @ (lora_B @ mixer @ lora_A).T, rtol=3e-2, atol=3e-2)
