@@ -4,6 +4,7 @@ is the same, so its users' commands work here with `--mixer_init` added."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 
 from .config import MIXER_INITS, UNET_TARGETS
 from .errors import UserInputError
@@ -127,6 +128,9 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
             raise UserInputError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.num_class_images < 0 or args.dataloader_num_workers < 0:
         raise UserInputError("--num_class_images and --dataloader_num_workers cannot be negative")
+    if args.report_to != "none" and importlib.util.find_spec(args.report_to) is None:
+        raise UserInputError(f"--report_to {args.report_to} needs the {args.report_to} package: "
+                             f"pip install {args.report_to} (or --report_to none)")
     args.target_modules = tuple(t.strip() for t in args.target_modules.split(",") if t.strip())
     return args
 

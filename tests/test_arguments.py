@@ -1,3 +1,5 @@
+import importlib.util
+
 import pytest
 
 from dreambooth_moslora.arguments import parse_args
@@ -36,3 +38,9 @@ def test_impossible_combinations_are_refused(extra, message):
 def test_mixer_choices_are_checked_by_the_parser():
     with pytest.raises(SystemExit):
         parse_args(REQUIRED + ["--mixer_init", "random"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed here")
+def test_a_tracker_that_is_not_installed_is_named():
+    with pytest.raises(UserInputError, match="--report_to wandb needs the wandb package"):
+        parse_args(REQUIRED + ["--report_to", "wandb"])
