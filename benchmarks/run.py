@@ -6,13 +6,14 @@
 3. end to end: our trainer with latent and prompt caching against the same trainer with both off.
 4. sampling: UNet denoising step with the adapter fused, unfused, and the base model.
 
-Memory: activation bytes saved for backward (unique storages, any device) and, on CUDA, peak allocated memory.
+Memory: bytes saved for backward (unique storages other than parameters, any device) and, on CUDA, peak
+allocated memory.
 On a GPU also model FLOPs utilisation: UNet forward+backward FLOPs (torch's FLOP counter) / step time / the
 measured bf16 matmul rate.
 
 Run: python benchmarks/run.py --preset tiny            (CPU, a few minutes)
      python benchmarks/run.py --preset sdxl --device cuda   (real SDXL UNet, random weights, 1024 px, bf16)
-Writes benchmarks/results-<preset>-<device>.json and .md.
+Writes benchmarks/results-<preset>-<device>-<resolution>px.json and .md.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from dreambooth_moslora.tiny import save_tiny_sdxl_pipeline
 from dreambooth_moslora.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
+PARTS = ("overhead", "sampling", "layer", "end_to_end")  # the adapter overhead always runs: the others use it
 PRESETS = {
     "tiny": dict(unet=None, resolution=128, batch=2, rank=4, steps=3, rounds=25,
                  layer_features=(640, 1280), layer_tokens=(1024,), layer_ranks=(4, 16), e2e_steps=100),
@@ -67,13 +69,16 @@ def timed(fn, device, repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def saved_activation_bytes(fn) -> int:
-    """Bytes of the distinct tensors autograd keeps for backward while fn() runs its forward."""
+def saved_activation_bytes(fn, module: nn.Module) -> int:
+    """Bytes of the distinct tensors autograd keeps for backward while fn() runs its forward, leaving out the
+    module's own parameters (they are in memory anyway)."""
+    parameters = {p.untyped_storage().data_ptr() for p in module.parameters()}
     storages = {}
 
     def pack(tensor):
         storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in parameters:
+            storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
@@ -158,13 +163,14 @@ def adapter_overhead(base, inputs, preset, device, autocast_dtype):
 
         results[name] = {
             "step_s": statistics.median(times[name]),
-            "saved_activation_bytes": saved_activation_bytes(forward),
+            "saved_activation_bytes": saved_activation_bytes(forward, unet),
             "peak_bytes": peak_memory(steps[name], device),
             "trainable_parameters": sum(p.numel() for p in unet.parameters() if p.requires_grad),
         }
     peft = results["peft_lora"]
-    for name in ("moslora", "moslora_none"):
-        results[name]["step_time_ratio_vs_peft"] = results[name]["step_s"] / peft["step_s"]
+    for name in ("moslora", "moslora_none"):  # the median of per-round ratios: drift between rounds cancels
+        results[name]["step_time_ratio_vs_peft"] = statistics.median(
+            mine / theirs for mine, theirs in zip(times[name], times["peft_lora"]))
         results[name]["activation_ratio_vs_peft"] = results[name]["saved_activation_bytes"] / peft["saved_activation_bytes"]
         if peft["peak_bytes"]:
             results[name]["peak_memory_ratio_vs_peft"] = results[name]["peak_bytes"] / peft["peak_bytes"]
@@ -201,7 +207,7 @@ def layer_benchmark(preset, device, dtype):
                             return forward()
 
                     row[f"{name}_s"] = timed(lambda f=step: f().float().sum().backward(), device, 5)
-                    row[f"{name}_saved_bytes"] = saved_activation_bytes(step)
+                    row[f"{name}_saved_bytes"] = saved_activation_bytes(step, holder if name == "peft_lora" else ours)
                 row["moslora_vs_peft"] = row["moslora_s"] / row["peft_lora_s"]
                 row["mix_first_vs_mix_after_down"] = row["moslora_s"] / row["moslora_mix_after_down_s"]
                 rows.append(row)
@@ -226,17 +232,20 @@ def sampling_benchmark(base, variants, inputs, preset, device, autocast_dtype):
                 unet(**doubled)
         return run
 
-    base_times, unfused_times, fused_times = [], [], []
+    # each adapted state is compared with the base timed alternately beside it, so drift cancels
+    before, unfused_times, after, fused_times = [], [], [], []
     for _ in range(preset["rounds"]):
-        base_times.append(timed(call(base), device, preset["steps"]))
+        before.append(timed(call(base), device, preset["steps"]))
         unfused_times.append(timed(call(ours), device, preset["steps"]))
     fuse_moslora(ours)  # merges into the weights it shares with `base`: the values change, not the cost
     for _ in range(preset["rounds"]):
+        after.append(timed(call(base), device, preset["steps"]))
         fused_times.append(timed(call(ours), device, preset["steps"]))
-        base_times.append(timed(call(base), device, preset["steps"]))
-    base_s, unfused_s, fused_s = (statistics.median(t) for t in (base_times, unfused_times, fused_times))
-    return {"base_s": base_s, "unfused_s": unfused_s, "fused_s": fused_s, "fused_vs_base": fused_s / base_s,
-            "unfused_vs_fused": unfused_s / fused_s}
+    unfused_vs_base = statistics.median(u / b for u, b in zip(unfused_times, before))
+    fused_vs_base = statistics.median(f / b for f, b in zip(fused_times, after))
+    return {"base_s": statistics.median(before + after), "unfused_s": statistics.median(unfused_times),
+            "fused_s": statistics.median(fused_times), "fused_vs_base": fused_vs_base,
+            "unfused_vs_base": unfused_vs_base, "unfused_vs_fused": unfused_vs_base / fused_vs_base}
 
 
 def end_to_end(preset, device):
@@ -309,17 +318,23 @@ def markdown(results) -> str:
     if overhead["peft_lora"]["peak_bytes"]:
         lines.append("| peak memory (GiB) | " + " | ".join(
             f"{overhead[n]['peak_bytes'] / 2**30:.2f}" for n in ("moslora", "moslora_none", "peft_lora")) + " |")
-    sampling, e2e = results["sampling"], results["end_to_end"]
-    work = e2e["uncached_work_per_sample_s"]
-    lines += ["", f"Sampling step: fused/base {sampling['fused_vs_base']:.3f}, unfused/fused "
-              f"{sampling['unfused_vs_fused']:.3f}. End to end ({e2e['steps']} steps, tiny pipeline): cached "
-              f"{e2e['cached_s']:.1f} s, uncached {e2e['uncached_s']:.1f} s, {e2e['speedup']:.2f}x. Uncached work per "
-              f"sample: image {work['read_and_crop_image'] * 1e3:.1f} ms, VAE {work['vae_encode'] * 1e3:.1f} ms, "
-              f"text encoders {work['text_encoders'] * 1e3:.1f} ms."]
-    layer = results["layer"]
-    lines.append(f"One layer ({len(layer)} SDXL shapes): MoSLoRA/PEFT time median "
-                 f"{statistics.median(r['moslora_vs_peft'] for r in layer):.3f}; mix-first/mix-after-down median "
-                 f"{statistics.median(r['mix_first_vs_mix_after_down'] for r in layer):.3f}.")
+    lines.append("")
+    if "sampling" in results:
+        sampling = results["sampling"]
+        lines.append(f"Sampling step: fused/base {sampling['fused_vs_base']:.3f}, unfused/fused "
+                     f"{sampling['unfused_vs_fused']:.3f}.")
+    if "end_to_end" in results:
+        e2e = results["end_to_end"]
+        work = e2e["uncached_work_per_sample_s"]
+        lines.append(f"End to end ({e2e['steps']} steps, tiny pipeline): cached {e2e['cached_s']:.1f} s, uncached "
+                     f"{e2e['uncached_s']:.1f} s, {e2e['speedup']:.2f}x. Uncached work per sample: image "
+                     f"{work['read_and_crop_image'] * 1e3:.1f} ms, VAE {work['vae_encode'] * 1e3:.1f} ms, "
+                     f"text encoders {work['text_encoders'] * 1e3:.1f} ms.")
+    if "layer" in results:
+        layer = results["layer"]
+        lines.append(f"One layer ({len(layer)} SDXL shapes): MoSLoRA/PEFT time median "
+                     f"{statistics.median(r['moslora_vs_peft'] for r in layer):.3f}; mix-first/mix-after-down median "
+                     f"{statistics.median(r['mix_first_vs_mix_after_down'] for r in layer):.3f}.")
     if "mfu" in results:
         mfu = results["mfu"]
         lines.append(f"MFU: {mfu['mfu']:.1%} ({mfu['achieved_tflops']:.0f} of a measured "
@@ -332,10 +347,17 @@ def main():
     parser.add_argument("--preset", choices=PRESETS, default="tiny")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--resolution", type=int, default=None, help="override the preset's (e.g. 256 for sdxl on CPU)")
+    parser.add_argument("--rounds", type=int, default=None, help="override the preset's alternating rounds")
+    parser.add_argument("--steps", type=int, default=None, help="override the preset's timed steps per round")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     args = parser.parse_args()
     preset = dict(PRESETS[args.preset])
-    if args.resolution:
-        preset["resolution"] = args.resolution
+    for name in ("resolution", "rounds", "steps"):
+        if getattr(args, name):
+            preset[name] = getattr(args, name)
+    parts = set(args.parts.split(","))
+    if not parts <= set(PARTS):
+        parser.error(f"--parts takes {','.join(PARTS)}")
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     dtype, autocast_dtype = (torch.bfloat16, torch.bfloat16) if cuda or args.preset == "sdxl" else (torch.float32, None)
@@ -357,12 +379,15 @@ def main():
     if cuda:
         results["mfu"] = model_flops_utilisation(variants["moslora"], inputs,
                                                  results["adapter_overhead"]["moslora"]["step_s"], device, autocast_dtype)
-    results["sampling"] = sampling_benchmark(base, variants, inputs, preset, device, autocast_dtype)
-    print(json.dumps(results["sampling"]), flush=True)
-    results["layer"] = layer_benchmark(preset, device, dtype)
-    results["end_to_end"] = end_to_end(preset, device)
-    print(json.dumps(results["end_to_end"]), flush=True)
-    stem = ROOT / "benchmarks" / f"results-{args.preset}-{device.type}"
+    if "sampling" in parts:
+        results["sampling"] = sampling_benchmark(base, variants, inputs, preset, device, autocast_dtype)
+        print(json.dumps(results["sampling"]), flush=True)
+    if "layer" in parts:
+        results["layer"] = layer_benchmark(preset, device, dtype)
+    if "end_to_end" in parts:
+        results["end_to_end"] = end_to_end(preset, device)
+        print(json.dumps(results["end_to_end"]), flush=True)
+    stem = ROOT / "benchmarks" / f"results-{args.preset}-{device.type}-{preset['resolution']}px"
     stem.with_suffix(".json").write_text(json.dumps(results, indent=2))
     stem.with_suffix(".md").write_text(markdown(results))
     print(markdown(results))
