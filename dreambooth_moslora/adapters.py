@@ -10,9 +10,6 @@ from safetensors.torch import load_file
 from .errors import AdapterFileError
 from .io import DIFFUSERS_FILE, FORMAT_NAME, KOHYA_FILE, NATIVE_FILE, load_moslora, read_moslora
 
-FORMATS = ("native", "diffusers", "kohya")
-
-
 def resolve_adapter_file(path) -> Path:
     """A folder means its native file, else its diffusers file, else its kohya file."""
     path = Path(path)
@@ -26,13 +23,20 @@ def resolve_adapter_file(path) -> Path:
     return path
 
 
-def detect_format(path) -> str:
-    """native (our metadata), kohya (lora_down/lora_up keys) or diffusers (lora_A/lora_B keys)."""
+def _header(path) -> tuple[dict[str, str], list[str]]:
     try:
         with safe_open(str(path), framework="pt") as handle:
-            metadata, keys = handle.metadata() or {}, list(handle.keys())
+            return handle.metadata() or {}, list(handle.keys())
     except (SafetensorError, OSError) as error:
         raise AdapterFileError(f"{path} is not a readable safetensors file ({error})") from None
+
+
+def detect_format(path) -> str:
+    """native (our metadata), kohya (lora_down/lora_up keys) or diffusers (lora_A/lora_B keys)."""
+    return _format(path, *_header(path))
+
+
+def _format(path, metadata, keys) -> str:
     if metadata.get("format") == FORMAT_NAME:
         return "native"
     if keys and all(k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in keys):
@@ -66,16 +70,14 @@ def load_adapter(pipe, path, scale: float = 1.0, fuse: bool = False) -> str:
 
 def read_update_factors(path) -> tuple[str, dict[str, tuple], dict[str, str]]:
     """(format, {module: (down, up)} with ΔW = up·down, metadata) for any of the three formats."""
-    kind = detect_format(path)
+    metadata, keys = _header(path)
+    kind = _format(path, metadata, keys)
     if kind == "native":
         adapter = read_moslora(path)
         factors = {f"{component}.{name}": pair for component in adapter.configs
                    for name, pair in adapter.folded(component).items()}
-        with safe_open(str(path), framework="pt") as handle:
-            return kind, factors, handle.metadata() or {}
+        return kind, factors, metadata
     tensors = load_file(str(path))
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
     down_suffix, up_suffix = (".lora_down.weight", ".lora_up.weight") if kind == "kohya" else (
         ".lora_A.weight", ".lora_B.weight")
     factors = {}

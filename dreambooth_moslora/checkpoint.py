@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 
 from .errors import UserInputError
 from .io import NATIVE_FILE, copy_adapter_weights, read_moslora, save_moslora, write_safetensors
-from .inject import moslora_layers
+from .inject import moslora_config
 
 PREFIX = "checkpoint-"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -68,8 +68,7 @@ def load_checkpoint(path, models: dict, optimizer, lr_scheduler) -> int:
     path = Path(path)
     adapter = read_moslora(path / NATIVE_FILE)
     for component, model in models.items():
-        layers = moslora_layers(model)
-        config = next(iter(layers.values())).config
+        config = moslora_config(model)
         if adapter.configs.get(component) != config:
             raise UserInputError(
                 f"{path} was trained with another {component} adapter ({adapter.configs.get(component)}); "

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from .adapters import load_adapter
 from .errors import UserInputError
 from .files import write_atomically
+from .models import model_load_error, require_model_folder
 
 SCHEDULERS = {
     "euler": (EulerDiscreteScheduler, {}),
@@ -76,13 +77,11 @@ def load_pipeline(base_model: str, adapter=None, settings: GenerationSettings = 
     """The base pipeline on the device, with the adapter attached and the scheduler chosen."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = DTYPES[dtype or ("fp16" if device.startswith("cuda") else "fp32")]
-    local = Path(base_model).expanduser()
-    if (base_model.startswith((".", "/", "~")) or local.exists()) and not local.is_dir():
-        raise UserInputError(f"model folder not found: {base_model}")
+    require_model_folder(base_model)
     try:
         pipe = StableDiffusionXLPipeline.from_pretrained(base_model, torch_dtype=torch_dtype)
     except (OSError, ValueError) as error:
-        raise UserInputError(f"could not load the SDXL model {base_model}: {str(error).splitlines()[0]}") from None
+        raise model_load_error(base_model, error) from None
     if settings.scheduler:
         if settings.scheduler not in SCHEDULERS:
             raise UserInputError(f"unknown scheduler {settings.scheduler!r}; one of {', '.join(SCHEDULERS)}")

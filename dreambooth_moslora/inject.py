@@ -25,6 +25,14 @@ def moslora_layers(model: nn.Module) -> dict[str, MoSLoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, MoSLoRALinear)}
 
 
+def moslora_config(model: nn.Module) -> MoSLoRAConfig:
+    """The config the model's adapter was injected with (one per model)."""
+    layers = moslora_layers(model)
+    if not layers:
+        raise ValueError("this model has no MoSLoRA layers; call inject_moslora first")
+    return next(iter(layers.values())).config
+
+
 def inject_moslora(model: nn.Module, config: MoSLoRAConfig, dtype: torch.dtype = torch.float32) -> list[str]:
     """Wrap every target linear layer and freeze the model's own weights; returns the wrapped names.
 

@@ -25,7 +25,14 @@ from .config import MoSLoRAConfig
 from .errors import AdapterFileError
 from .files import write_atomically
 from .functional import fold_mixer, low_rank_svd, truncate_lora
-from .inject import find_target_linears, fuse_moslora, inject_moslora, moslora_layers, set_moslora_scale
+from .inject import (
+    find_target_linears,
+    fuse_moslora,
+    inject_moslora,
+    moslora_config,
+    moslora_layers,
+    set_moslora_scale,
+)
 
 FORMAT_NAME = "moslora"
 FORMAT_VERSION = "1"
@@ -89,7 +96,7 @@ def save_moslora(path, unet, text_encoder=None, text_encoder_2=None, base_model:
         layers = moslora_layers(model) if model is not None else {}
         if not layers:
             continue
-        configs[component] = next(iter(layers.values())).config.to_dict()
+        configs[component] = moslora_config(model).to_dict()
         for name, layer in layers.items():
             for part, suffix in _PARTS.items():
                 tensor = getattr(layer, part)

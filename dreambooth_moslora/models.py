@@ -26,11 +26,20 @@ def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") != 1 or Path(name).exists()
 
 
+def require_model_folder(name_or_path: str):
+    """A name that can only be a local path must be a folder; hub ids are left to from_pretrained."""
+    if _looks_local(name_or_path) and not Path(name_or_path).expanduser().is_dir():
+        raise UserInputError(f"model folder not found: {name_or_path}")
+
+
+def model_load_error(name_or_path: str, error: Exception) -> UserInputError:
+    return UserInputError(f"could not load the SDXL model {name_or_path}: {str(error).splitlines()[0]}")
+
+
 def load_base_models(name_or_path: str, revision=None, variant=None, vae_name_or_path=None) -> BaseModels:
     """From a hub id or a local diffusers folder; a path that is not there is one clear error."""
     for source in filter(None, (name_or_path, vae_name_or_path)):
-        if _looks_local(source) and not Path(source).expanduser().is_dir():
-            raise UserInputError(f"model folder not found: {source}")
+        require_model_folder(source)
     common = {"revision": revision}
     try:
         tokenizers = tuple(
@@ -48,7 +57,7 @@ def load_base_models(name_or_path: str, revision=None, variant=None, vae_name_or
         unet = UNet2DConditionModel.from_pretrained(name_or_path, subfolder="unet", variant=variant, **common)
         noise_scheduler = DDPMScheduler.from_pretrained(name_or_path, subfolder="scheduler", **common)
     except (OSError, ValueError) as error:
-        raise UserInputError(f"could not load the SDXL model {name_or_path}: {str(error).splitlines()[0]}") from None
+        raise model_load_error(name_or_path, error) from None
     if getattr(unet.config, "addition_embed_type", None) != "text_time":
         raise UserInputError(f"{name_or_path} is not an SDXL model (its UNet has no text_time conditioning)")
     if noise_scheduler.config.prediction_type not in PREDICTION_TYPES:

@@ -13,7 +13,7 @@ import resource
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -34,7 +34,7 @@ from .data import MicroBatches, Sample, epoch_batches, epoch_examples, keep_as_i
 from .errors import UserInputError
 from .files import write_text_atomically
 from .generate import GenerationSettings, generate_images
-from .inject import inject_moslora, moslora_parameters
+from .inject import inject_moslora, moslora_config, moslora_parameters
 from .loss import diffusion_target, min_snr_weights
 from .io import DIFFUSERS_FILE, KOHYA_FILE, NATIVE_FILE, export_diffusers, export_kohya, save_moslora
 from .model_card import model_card
@@ -106,7 +106,7 @@ def train(args) -> TrainingResult:
     loop = TrainingLoop(args, accelerator, models, trained, optimizer, lr_scheduler, caches, weight_dtype)
     start = time.perf_counter()
     first_step = global_step
-    with _stop_on_interrupt() as stop:
+    with _StopOnInterrupt() as stop:
         global_step = loop.run(instance, classes, global_step, max_steps, stop, save=lambda step: _checkpoint(
             args, output_dir, step, accelerator, adapted, optimizer, lr_scheduler))
     seconds = time.perf_counter() - start
@@ -136,6 +136,7 @@ class TrainingLoop:
         self.prediction_type = models.noise_scheduler.config.prediction_type
         self.alphas_cumprod = models.noise_scheduler.alphas_cumprod.to(accelerator.device)
         self.losses: list[float] = []
+        self.adapter_parameters = [p for group in optimizer.param_groups for p in group["params"]]
 
     def run(self, instance, classes, global_step: int, max_steps: int, stop, save) -> int:
         args, accelerator = self.args, self.accelerator
@@ -181,8 +182,9 @@ class TrainingLoop:
         """One forward and backward; steps the optimizer when accumulation is complete. Returns the mean loss."""
         accelerator, unet = self.accelerator, self.trained["unet"]
         device = accelerator.device
-        generator = torch.Generator().manual_seed(step_seed(self.args.seed, number, accelerator.process_index))
-        torch.manual_seed(step_seed(self.args.seed, number, accelerator.process_index))  # adapter dropout
+        seed = step_seed(self.args.seed, number, accelerator.process_index)
+        generator = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)  # adapter dropout
         with accelerator.accumulate(*self.trained.values()):
             mean, std = self._latent_distribution(examples, samples, pixels)
             latents = sample_latents(mean, std, torch.randn(mean.shape, generator=generator).to(device),
@@ -213,8 +215,7 @@ class TrainingLoop:
                 raise TrainingDiverged(self._divergence_message(mean_loss))
             accelerator.backward(loss)
             if accelerator.sync_gradients and self.args.max_grad_norm:
-                accelerator.clip_grad_norm_(
-                    [p for model in self.trained.values() for p in moslora_parameters(model)], self.args.max_grad_norm)
+                accelerator.clip_grad_norm_(self.adapter_parameters, self.args.max_grad_norm)
             self.optimizer.step()
             if accelerator.sync_gradients:
                 self.lr_scheduler.step()
@@ -301,9 +302,7 @@ def _inject_adapters(args, models) -> dict:
     inject_moslora(models.unet, unet_config)
     adapted = {"unet": models.unet}
     if args.train_text_encoder:
-        text_config = MoSLoRAConfig(rank=args.rank, alpha=args.lora_alpha, mixer_init=args.mixer_init,
-                                    target_modules=TEXT_ENCODER_TARGETS, dropout=args.lora_dropout,
-                                    use_rslora=args.use_rslora)
+        text_config = replace(unet_config, target_modules=TEXT_ENCODER_TARGETS)
         for name, encoder in zip(TEXT_ENCODERS, models.text_encoders):
             inject_moslora(encoder, text_config)
             adapted[name] = encoder
@@ -388,24 +387,20 @@ def _checkpoint(args, output_dir, step, accelerator, adapted, optimizer, lr_sche
     return path
 
 
-class _StopFlag:
-    requested = False
-
-
-class _stop_on_interrupt:
+class _StopOnInterrupt:
     """Ctrl-C finishes the current step and saves a checkpoint; a second Ctrl-C stops at once."""
 
+    requested = False
+
     def __enter__(self):
-        self.flag = _StopFlag()
         self.previous = signal.getsignal(signal.SIGINT)
+        signal.signal(signal.SIGINT, self._request_stop)
+        return self
 
-        def request_stop(signum, frame):
-            self.flag.requested = True
-            signal.signal(signal.SIGINT, self.previous)
-            print("\ninterrupt: finishing this step and saving a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
-
-        signal.signal(signal.SIGINT, request_stop)
-        return self.flag
+    def _request_stop(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, self.previous)
+        print("\ninterrupt: finishing this step and saving a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
 
     def __exit__(self, *exc):
         signal.signal(signal.SIGINT, self.previous)
@@ -417,8 +412,7 @@ def _write_outputs(args, output_dir, adapted, steps, images) -> list[Path]:
     native = save_moslora(output_dir / NATIVE_FILE, adapted["unet"], adapted.get("text_encoder"),
                           adapted.get("text_encoder_2"), base_model=args.pretrained_model_name_or_path)
     files = [native, export_diffusers(native, output_dir / DIFFUSERS_FILE), export_kohya(native, output_dir / KOHYA_FILE)]
-    config = next(m for m in adapted["unet"].modules() if hasattr(m, "lora_A")).config
-    card = model_card(args.pretrained_model_name_or_path, args.instance_prompt, config, steps,
+    card = model_card(args.pretrained_model_name_or_path, args.instance_prompt, moslora_config(adapted["unet"]), steps,
                       args.train_text_encoder, args.validation_prompt, images, output_dir)
     return files + [write_text_atomically(output_dir / "README.md", card)]
 

@@ -16,6 +16,7 @@ from dreambooth_moslora import (
     unmerge_moslora,
 )
 from dreambooth_moslora.config import TEXT_ENCODER_TARGETS
+from dreambooth_moslora.inject import moslora_config
 
 
 @pytest.fixture
@@ -133,3 +134,11 @@ def test_two_optimizer_steps_move_a_mixer_and_b_but_no_base_weight(unet):
     for name, param in unet.named_parameters():
         if name in base:
             assert torch.equal(param, base[name]), name
+
+
+def test_moslora_config_reports_the_injected_config(unet):
+    with pytest.raises(ValueError, match="no MoSLoRA layers"):
+        moslora_config(unet)
+    config = MoSLoRAConfig(rank=3, mixer_init="kaiming")
+    inject_moslora(unet, config)
+    assert moslora_config(unet) is config
