@@ -50,6 +50,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     adapter.add_argument("--lora_alpha", type=float, default=None, help="default: the rank (scale 1)")
     adapter.add_argument("--mixer_init", choices=MIXER_INITS, default="orthogonal",
                          help="orthogonal (default), kaiming (paper's code), identity, or none (plain LoRA)")
+    adapter.add_argument("--freeze_mixer", action="store_true",
+                         help="keep the mixer at its initial value (a control for comparing MoSLoRA with LoRA)")
     adapter.add_argument("--target_modules", default=",".join(UNET_TARGETS),
                          help="comma-separated UNet layer names (default to_q,to_k,to_v,to_out.0)")
     adapter.add_argument("--lora_dropout", type=float, default=0.0)
@@ -126,6 +128,8 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     for name in ("max_train_steps", "num_train_epochs", "validation_steps", "checkpoints_total_limit"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserInputError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.freeze_mixer and args.mixer_init == "none":
+        raise UserInputError("--freeze_mixer needs a mixer to freeze; --mixer_init none has none")
     if args.num_class_images < 0 or args.dataloader_num_workers < 0:
         raise UserInputError("--num_class_images and --dataloader_num_workers cannot be negative")
     if args.report_to != "none" and importlib.util.find_spec(args.report_to) is None:

@@ -28,6 +28,8 @@ class MoSLoRAConfig:
     use_rslora: bool = False
     a_init: str = "gaussian"
     """gaussian (std 1/rank, as diffusers' SDXL DreamBooth LoRA script) or kaiming (uniform, a=√5)."""
+    train_mixer: bool = True
+    """False freezes M at its initial value: the control that separates learning M from merely having it."""
 
     def __post_init__(self):
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
@@ -46,6 +48,8 @@ class MoSLoRAConfig:
         if not targets or not all(isinstance(t, str) and t.strip(" .") for t in targets):
             raise ConfigError(f"target_modules must be non-empty module names, got {self.target_modules!r}")
         object.__setattr__(self, "target_modules", targets)
+        if not self.train_mixer and not self.has_mixer:
+            raise ConfigError("train_mixer=False needs a mixer; mixer_init none has none to freeze")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
 

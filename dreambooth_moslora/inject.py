@@ -52,10 +52,10 @@ def inject_moslora(model: nn.Module, config: MoSLoRAConfig, dtype: torch.dtype =
 
 
 def moslora_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The trainable adapter parameters, in a stable order (A, mixer, B per layer)."""
+    """The trainable adapter parameters, in a stable order (A, mixer, B per layer); a frozen mixer is left out."""
     params = []
     for layer in moslora_layers(model).values():
-        params += [p for p in (layer.lora_A, layer.lora_mixer, layer.lora_B) if p is not None]
+        params += [p for p in (layer.lora_A, layer.lora_mixer, layer.lora_B) if p is not None and p.requires_grad]
     return params
 
 

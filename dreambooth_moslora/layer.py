@@ -24,7 +24,9 @@ class MoSLoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(rank, base_layer.in_features, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(base_layer.out_features, rank, device=device, dtype=dtype))
         self.lora_mixer = (
-            nn.Parameter(torch.empty(rank, rank, device=device, dtype=dtype)) if config.has_mixer else None
+            nn.Parameter(torch.empty(rank, rank, device=device, dtype=dtype), requires_grad=config.train_mixer)
+            if config.has_mixer
+            else None
         )
         self.dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
         self.reset_adapter()
@@ -85,4 +87,4 @@ class MoSLoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        return f"rank={c.rank}, alpha={c.alpha}, mixer_init={c.mixer_init}, merged={self.merged}"
+        return f"rank={c.rank}, alpha={c.alpha}, mixer_init={c.mixer_init}, train_mixer={c.train_mixer}, merged={self.merged}"

@@ -298,7 +298,7 @@ def _inject_adapters(args, models) -> dict:
     """The UNet, and both text encoders with --train_text_encoder, each with its MoSLoRA layers."""
     unet_config = MoSLoRAConfig(rank=args.rank, alpha=args.lora_alpha, mixer_init=args.mixer_init,
                                 target_modules=args.target_modules, dropout=args.lora_dropout,
-                                use_rslora=args.use_rslora)
+                                use_rslora=args.use_rslora, train_mixer=not args.freeze_mixer)
     inject_moslora(models.unet, unet_config)
     adapted = {"unet": models.unet}
     if args.train_text_encoder:

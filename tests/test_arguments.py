@@ -28,6 +28,7 @@ def test_defaults_and_diffusers_compatible_names():
         (["--with_prior_preservation", "--class_prompt", "a dog"], "needs --class_data_dir"),
         (["--train_batch_size", "0"], "--train_batch_size must be at least 1"),
         (["--max_train_steps", "0"], "--max_train_steps must be at least 1"),
+        (["--freeze_mixer", "--mixer_init", "none"], "--freeze_mixer needs a mixer"),
     ],
 )
 def test_impossible_combinations_are_refused(extra, message):

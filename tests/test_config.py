@@ -28,6 +28,7 @@ def test_scaling_is_alpha_over_rank_or_root_rank_with_rslora():
         ({"target_modules": "to_q"}, "not one string"),
         ({"target_modules": ()}, "non-empty module names"),
         ({"dropout": 1.0}, "dropout must be in"),
+        ({"mixer_init": "none", "train_mixer": False}, "needs a mixer"),
     ],
 )
 def test_invalid_values_are_refused_with_a_clear_message(kwargs, message):
@@ -36,7 +37,8 @@ def test_invalid_values_are_refused_with_a_clear_message(kwargs, message):
 
 
 def test_dict_round_trip_and_unknown_fields():
-    config = MoSLoRAConfig(rank=8, alpha=16, mixer_init="kaiming", target_modules=["q_proj"], dropout=0.1)
+    config = MoSLoRAConfig(rank=8, alpha=16, mixer_init="kaiming", target_modules=["q_proj"], dropout=0.1,
+                           train_mixer=False)
     assert MoSLoRAConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="unknown MoSLoRA config fields: colour"):
         MoSLoRAConfig.from_dict({**config.to_dict(), "colour": "red"})

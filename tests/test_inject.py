@@ -136,6 +136,22 @@ def test_two_optimizer_steps_move_a_mixer_and_b_but_no_base_weight(unet):
             assert torch.equal(param, base[name]), name
 
 
+def test_a_frozen_mixer_keeps_its_initial_value_while_a_and_b_learn(unet):
+    inject_moslora(unet, MoSLoRAConfig(rank=4, train_mixer=False))
+    layers = [m for m in unet.modules() if isinstance(m, MoSLoRALinear)]
+    assert len(moslora_parameters(unet)) == 2 * len(layers)
+    start = [(m.lora_A.clone(), m.lora_mixer.clone()) for m in layers]
+    optimizer = torch.optim.AdamW(moslora_parameters(unet), lr=1e-2)
+    for step in range(2):
+        _out(unet, _unet_inputs(seed=step)).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for layer, (a, m) in zip(layers, start):
+        assert not torch.equal(layer.lora_A, a)
+        assert torch.equal(layer.lora_mixer, m)
+        assert not torch.equal(layer.lora_mixer, torch.eye(4))
+
+
 def test_moslora_config_reports_the_injected_config(unet):
     with pytest.raises(ValueError, match="no MoSLoRA layers"):
         moslora_config(unet)
