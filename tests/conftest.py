@@ -90,3 +90,20 @@ def feature_models(tmp_path_factory):
     from helpers import save_tiny_feature_models
 
     return save_tiny_feature_models(tmp_path_factory.mktemp("features"))
+
+
+@pytest.fixture(scope="session")
+def world_tokenizer():
+    from dreambooth_moslora.world.vocabulary import build_world_tokenizer
+
+    return build_world_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def untrained_mini_dir(tmp_path_factory):
+    """The mini SDXL before pretraining: the world's architecture and tokenizer, random weights."""
+    from dreambooth_moslora.world.model import build_mini_sdxl_pipeline
+
+    path = tmp_path_factory.mktemp("mini-sdxl")
+    build_mini_sdxl_pipeline(seed=0).save_pretrained(path)
+    return path

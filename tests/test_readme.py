@@ -44,7 +44,8 @@ def test_quickstart_and_the_verbs_after_it_run_offline(tmp_path, feature_models)
     out = tmp_path / "outputs" / "quickstart"
     for name in ("moslora.safetensors", "pytorch_lora_weights.safetensors", "lora_kohya.safetensors", "README.md"):
         assert (out / name).is_file()
-    assert len(list((out / "validation" / "final-step-200").glob("000-*.png"))) == 4
+    steps = re.search(r"--max_train_steps (\d+)", readme_block("example: quickstart")).group(1)
+    assert len(list((out / "validation" / f"final-step-{steps}").glob("000-*.png"))) == 4
 
     run_commands(shell_commands("example: cli-verbs"), tmp_path)
     assert len(list((tmp_path / "outputs" / "samples").glob("*.png"))) == 5  # 2 prompts x 2 images + grid

@@ -1,0 +1,71 @@
+"""Novel subjects for DreamBooth on the world: silhouettes and two-colour patterns pretraining never shows.
+
+Each has a class noun that is a world shape it resembles, so "a photo of a star" (the class prompt) and
+"a photo of a sks star" (the instance prompt) are both prompts the mini model can be asked, and the analyzer
+can tell whether the class prompt still gives the class after fine-tuning (class drift).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from ..files import save_png_atomically
+from .render import COLOURS, IMAGE_SIZE, _ellipse, _star, background_pixels, compose, pattern_fill, sample_scene, shape_mask
+
+
+def _house() -> list[tuple[float, float]]:
+    return [(0.0, -1.0), (0.8, -0.25), (0.8, 0.85), (-0.8, 0.85), (-0.8, -0.25)]
+
+
+@dataclass(frozen=True)
+class Subject:
+    name: str
+    class_noun: str
+    outline: tuple
+    pattern: str
+    colours: tuple[str, str]
+
+    def instance_prompt(self, token: str = "sks") -> str:
+        return f"a photo of a {token} {self.class_noun}"
+
+    @property
+    def class_prompt(self) -> str:
+        return f"a photo of a {self.class_noun}"
+
+
+SUBJECTS = (
+    Subject("striped-hexagram", "star", ([_star(6, 0.55)], []), "stripes", ("red", "yellow")),
+    Subject("dotted-egg", "circle", ([_ellipse(0.72, 1.0)], []), "dots", ("blue", "white")),
+    Subject("checked-house", "square", ([_house()], []), "checks", ("green", "purple")),
+)
+
+
+def subject_by_name(name: str) -> Subject:
+    for subject in SUBJECTS:
+        if subject.name == name:
+            return subject
+    raise KeyError(f"unknown subject {name!r}; known: {', '.join(s.name for s in SUBJECTS)}")
+
+
+def render_subject(subject: Subject, rng: np.random.Generator, size: int = IMAGE_SIZE, background=None, texture=None):
+    """One photo of the subject: random size, place and turn, on a background of neither of its colours."""
+    others = [c for c in COLOURS if c not in subject.colours]
+    background = background or str(rng.choice(others))
+    scene = sample_scene(rng, shape="circle", colour=subject.colours[0], background=background, texture=texture)
+    radius = max(scene.size, 0.3)
+    low, high = radius + 0.03, 1 - radius - 0.03
+    scene = replace(scene, size=radius, x=float(np.clip(scene.x, low, high)), y=float(np.clip(scene.y, low, high)))
+    mask = shape_mask(scene.shape, scene, size, outlines=subject.outline)
+    backdrop = background_pixels(scene.background, scene.texture, scene.texture_seed, size)
+    return compose(backdrop, mask, pattern_fill(scene, subject.pattern, subject.colours, size))
+
+
+def write_instance_images(subject: Subject, folder, count: int = 5, seed: int = 0) -> list[Path]:
+    """The DreamBooth training set: `count` photos of the subject on varied backgrounds, as PNG files."""
+    rng = np.random.default_rng([seed, sum(map(ord, subject.name))])
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return [save_png_atomically(render_subject(subject, rng), folder / f"{i:02d}.png") for i in range(count)]

@@ -1,0 +1,47 @@
+import numpy as np
+from PIL import Image
+
+from dreambooth_moslora.world.render import COLOURS, IMAGE_SIZE, SHAPES, Scene, shape_mask
+from dreambooth_moslora.world.subjects import SUBJECTS, render_subject, subject_by_name, write_instance_images
+
+
+def _colour_share(image, colour) -> float:
+    pixels = np.asarray(image).astype(int)
+    return float((np.abs(pixels - COLOURS[colour]).max(axis=-1) <= 8).mean())
+
+
+def test_there_are_three_novel_subjects_named_after_world_classes():
+    assert len(SUBJECTS) >= 3
+    for subject in SUBJECTS:
+        assert subject.class_noun in SHAPES
+        assert subject.instance_prompt("sks") == f"a photo of a sks {subject.class_noun}"
+        assert subject.class_prompt == f"a photo of a {subject.class_noun}"
+        assert subject_by_name(subject.name) is subject
+
+
+def test_subject_silhouettes_are_not_world_shapes():
+    scene = Scene(shape="circle", colour="red", background="blue", size=0.4)
+    for subject in SUBJECTS:
+        ours = shape_mask("circle", scene, outlines=subject.outline) > 0.5
+        for shape in SHAPES:
+            theirs = shape_mask(shape, scene) > 0.5
+            assert (ours & theirs).sum() / (ours | theirs).sum() < 0.85, (subject.name, shape)
+
+
+def test_instance_images_show_both_colours_on_another_background_and_are_reproducible(tmp_path):
+    subject = SUBJECTS[0]
+    paths = write_instance_images(subject, tmp_path / "a", count=5, seed=0)
+    again = write_instance_images(subject, tmp_path / "b", count=5, seed=0)
+    assert [p.name for p in paths] == [f"{i:02d}.png" for i in range(5)]
+    for path, other in zip(paths, again):
+        image = Image.open(path)
+        assert image.size == (IMAGE_SIZE, IMAGE_SIZE)
+        assert np.array_equal(np.asarray(image), np.asarray(Image.open(other)))
+        assert all(_colour_share(image, c) > 0.03 for c in subject.colours)
+    backgrounds = {tuple(np.asarray(Image.open(p))[0, 0]) for p in paths}
+    assert len(backgrounds) > 1
+
+
+def test_a_named_background_is_used():
+    image = render_subject(SUBJECTS[1], np.random.default_rng(0), background="red", texture="plain")
+    assert np.abs(np.asarray(image)[0, 0].astype(int) - COLOURS["red"]).max() <= 1
