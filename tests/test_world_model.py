@@ -3,6 +3,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import StableDiffusionXLPipeline
+from safetensors.torch import load_file
 
 from dreambooth_moslora.world.analyzer import accuracy, load_analyzer
 from dreambooth_moslora.world.model import build_mini_sdxl_pipeline
@@ -27,8 +28,9 @@ def test_the_mini_model_has_sdxl_classes_and_conditioning():
 def test_the_shipped_mini_model_is_small_and_loads_with_from_pretrained():
     folder = ASSETS / "mini-sdxl"
     assert sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) <= 25 * 2**20
+    stored = load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert {t.dtype for t in stored.values()} == {torch.float16}
     pipe = StableDiffusionXLPipeline.from_pretrained(folder)
-    assert pipe.unet.dtype == torch.float16
     assert pipe.tokenizer.get_vocab() == build_mini_sdxl_pipeline().tokenizer.get_vocab()
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -171,7 +171,8 @@ def sample_world(pipe, prompts: list[str], seed: int, steps: int = 20, guidance_
     return images
 
 
-def evaluate_world_model(pipe, analyzer: WorldAnalyzer, count: int = 256, seed: int = 1, **sampling) -> dict:
+def evaluate_world_model(pipe, analyzer: WorldAnalyzer, count: int = 256, seed: int = 1, steps: int = 20,
+                         guidance_scale: float = 5.0) -> dict:
     """How often the analyzer reads the prompt's shape, colour and background off samples of held-out prompts,
     next to its accuracy on renders of the same scenes and on their VAE round trips (the ceilings)."""
     scenes = held_out_scenes(np.random.default_rng(seed), count)
@@ -180,6 +181,7 @@ def evaluate_world_model(pipe, analyzer: WorldAnalyzer, count: int = 256, seed: 
         latents = pipe.vae.encode(to_pixels(renders).to(pipe.vae.dtype)).latent_dist.mean
         decoded = pipe.vae.decode(latents).sample.float()
     round_trips = pipe.image_processor.postprocess(decoded, output_type="pil")
+    sampling = {"steps": steps, "guidance_scale": guidance_scale}
     samples = sample_world(pipe, [s.caption for s in scenes], seed, **sampling)
     return {
         "held_out_prompts": count,
@@ -202,6 +204,3 @@ def pretrain_world_model(settings: PretrainSettings, log=print):
         model.eval().requires_grad_(False)
     return pipe
 
-
-def settings_dict(settings: PretrainSettings) -> dict:
-    return asdict(settings)

@@ -8,7 +8,7 @@ Shapes are drawn as masks 4x larger than the image and box-filtered down, so edg
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -167,10 +167,6 @@ def to_pixels(images) -> torch.Tensor:
     """PIL images (resized to 32 px if needed) -> (N, 3, 32, 32) float in [-1, 1], the VAE's input range."""
     arrays = [np.asarray(image.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE)), dtype=np.float32) for image in images]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1
-
-
-def with_background(scene: Scene, background: str, texture: str = "plain") -> Scene:
-    return replace(scene, background=background, texture=texture)
 
 
 def pattern_fill(scene: Scene, pattern: str, colours: tuple[str, str], size: int = IMAGE_SIZE) -> np.ndarray:
