@@ -57,6 +57,19 @@ def _text_config(hidden: int, vocab_size: int, projection_dim: int) -> CLIPTextC
     )
 
 
+def sdxl_scheduler() -> EulerDiscreteScheduler:
+    """SDXL base's scheduler config: Euler, scaled-linear betas 0.00085-0.012, ε-prediction."""
+    return EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type="epsilon",
+    )
+
+
 def build_tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
     """SDXL's layout in miniature: 3 down blocks (the first without attention), 2 layers per block."""
     tokenizer = tiny_clip_tokenizer()
@@ -93,15 +106,7 @@ def build_tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
     )
     text_encoder = CLIPTextModel(_text_config(TEXT_HIDDEN, vocab_size, TEXT_HIDDEN))
     text_encoder_2 = CLIPTextModelWithProjection(_text_config(TEXT_2_HIDDEN, vocab_size, TEXT_2_PROJECTION))
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        steps_offset=1,
-        timestep_spacing="leading",
-        prediction_type="epsilon",
-    )
+    scheduler = sdxl_scheduler()
     return StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,

@@ -8,9 +8,10 @@ and the pipeline encodes prompts with both CLIP encoders' penultimate layers, ex
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from ..tiny import sdxl_scheduler
 from .render import IMAGE_SIZE
 from .vocabulary import build_world_tokenizer
 
@@ -80,13 +81,5 @@ def build_mini_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
         tokenizer=tokenizer,
         tokenizer_2=build_world_tokenizer(),
         unet=build_mini_unet(),
-        scheduler=EulerDiscreteScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            num_train_timesteps=1000,
-            steps_offset=1,
-            timestep_spacing="leading",
-            prediction_type="epsilon",
-        ),
+        scheduler=sdxl_scheduler(),
     )
