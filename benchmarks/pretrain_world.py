@@ -25,6 +25,7 @@ from diffusers import StableDiffusionXLPipeline  # noqa: E402
 from dreambooth_moslora.files import write_text_atomically  # noqa: E402
 from dreambooth_moslora.world.analyzer import accuracy, save_analyzer, train_analyzer  # noqa: E402
 from dreambooth_moslora.world.pretrain import PretrainSettings, evaluate_world_model, pretrain_world_model  # noqa: E402
+from dreambooth_moslora.world.model import save_mini_sdxl_pipeline  # noqa: E402
 from dreambooth_moslora.world.render import render, sample_scene  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -55,8 +56,8 @@ def main(argv=None):
     settings = PretrainSettings(seed=args.seed, steps=args.steps, vae_steps=args.vae_steps)
     pipe = pretrain_world_model(settings, log)
     timings["pretraining_s"] = round(time.perf_counter() - started - timings["analyzer_s"], 1)
-    pipe.to(torch.float16).save_pretrained(args.output_dir)
-    reloaded = StableDiffusionXLPipeline.from_pretrained(args.output_dir, torch_dtype=torch.float32)
+    save_mini_sdxl_pipeline(pipe, args.output_dir)
+    reloaded = StableDiffusionXLPipeline.from_pretrained(args.output_dir)  # fp32: see save_mini_sdxl_pipeline
     quality = evaluate_world_model(reloaded, analyzer)
     log(f"held-out prompt accuracy: {quality}")
     timings["total_s"] = round(time.perf_counter() - started, 1)

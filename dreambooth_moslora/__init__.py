@@ -1,10 +1,15 @@
 """DreamBooth for SDXL with MoSLoRA adapters, exported as plain LoRAs that every SDXL tool loads."""
 
-from .config import MoSLoRAConfig
+from .feedback import silence_harmless_dependency_warnings
+
+silence_harmless_dependency_warnings()  # before diffusers and transformers are imported
+
+from .config import MoSLoRAConfig  # noqa: E402
 from .inject import (
     fuse_moslora,
     inject_moslora,
     merge_moslora,
+    moslora_disabled,
     moslora_parameters,
     remove_moslora,
     set_moslora_scale,
@@ -41,6 +46,7 @@ __all__ = [
     "inject_moslora",
     "fuse_moslora",
     "merge_moslora",
+    "moslora_disabled",
     "moslora_parameters",
     "remove_moslora",
     "set_moslora_scale",

@@ -5,15 +5,21 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import logging
 
 from .config import MIXER_INITS, UNET_TARGETS
 from .errors import UserInputError
+from .parser import CommandParser
+from .prompt_words import has_trigger_word
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_TRAIN_STEPS = 500
+PRIOR_MODES = ("class_images", "base_model")
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog=prog, description="DreamBooth fine-tuning of Stable Diffusion XL with a MoSLoRA adapter."
     )
     model = parser.add_argument_group("base model")
@@ -39,6 +45,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
     prior = parser.add_argument_group("prior preservation")
     prior.add_argument("--with_prior_preservation", action="store_true")
+    prior.add_argument("--prior_preservation_mode", choices=PRIOR_MODES, default="class_images",
+                       help="class_images: train on class images (generated when missing), as DreamBooth does; "
+                            "base_model: the frozen base model's own prediction for --class_prompt on the instance "
+                            "images is the target, no class images needed")
     prior.add_argument("--class_data_dir", default=None, help="class images; missing ones are generated here")
     prior.add_argument("--class_prompt", default=None, help="prompt of the class without the trigger, e.g. 'a photo of a dog'")
     prior.add_argument("--num_class_images", type=int, default=100)
@@ -118,8 +128,9 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.with_prior_preservation:
         if not args.class_prompt:
             raise UserInputError("--with_prior_preservation needs --class_prompt (e.g. 'a photo of a dog')")
-        if not args.class_data_dir:
-            raise UserInputError("--with_prior_preservation needs --class_data_dir")
+        if not args.class_data_dir and args.prior_preservation_mode == "class_images":
+            raise UserInputError("--with_prior_preservation needs --class_data_dir (or --prior_preservation_mode "
+                                 "base_model, which needs no class images)")
     positive = ("train_batch_size", "gradient_accumulation_steps", "repeats", "rank", "checkpointing_steps",
                 "num_validation_images", "sample_batch_size", "num_inference_steps")
     for name in positive:
@@ -135,6 +146,10 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.report_to != "none" and importlib.util.find_spec(args.report_to) is None:
         raise UserInputError(f"--report_to {args.report_to} needs the {args.report_to} package: "
                              f"pip install {args.report_to} (or --report_to none)")
+    if not has_trigger_word(args.instance_prompt, args.class_prompt):
+        logger.warning("every word of --instance_prompt %r is an ordinary word: the subject gets no name of its own "
+                       "and those words will draw it; add a rare trigger word, e.g. 'a photo of sks dog'",
+                       args.instance_prompt)
     args.target_modules = tuple(t.strip() for t in args.target_modules.split(",") if t.strip())
     return args
 

@@ -10,6 +10,7 @@ import torch
 from .conditioning import encode_latent_distribution, encode_prompts
 from .data import Example, center_sample, has_crop_slack, render
 from .errors import UserInputError
+from .feedback import progress_bar
 
 
 def latents_are_cacheable(requested: bool | None, center_crop: bool, examples: list[Example]) -> bool:
@@ -22,21 +23,21 @@ def latents_are_cacheable(requested: bool | None, center_crop: bool, examples: l
 
 
 @torch.no_grad()
-def cache_latent_distributions(vae, examples: list[Example], random_flip: bool) -> dict:
+def cache_latent_distributions(vae, examples: list[Example], random_flip: bool, show_progress: bool = False) -> dict:
     """(example, flipped) → (mean, std) of the VAE posterior of its centre crop, both orientations if flipping."""
     cache = {}
-    for example in dict.fromkeys(examples):
-        for flip in (False, True) if random_flip else (False,):
-            mean, std = encode_latent_distribution(vae, render(example, center_sample(example, flip))[None])
-            cache[(example, flip)] = (mean[0].cpu(), std[0].cpu())
+    jobs = [(example, flip) for example in dict.fromkeys(examples) for flip in ((False, True) if random_flip else (False,))]
+    for example, flip in progress_bar(jobs, desc="caching latents", show=show_progress):
+        mean, std = encode_latent_distribution(vae, render(example, center_sample(example, flip))[None])
+        cache[(example, flip)] = (mean[0].cpu(), std[0].cpu())
     return cache
 
 
 @torch.no_grad()
-def cache_prompt_embeddings(text_encoders, tokenizers, captions, device) -> dict:
+def cache_prompt_embeddings(text_encoders, tokenizers, captions, device, show_progress: bool = False) -> dict:
     """caption → (prompt embeddings, pooled embedding), encoded once each."""
     cache = {}
-    for caption in dict.fromkeys(captions):
+    for caption in progress_bar(list(dict.fromkeys(captions)), desc="caching prompts", show=show_progress):
         embeds, pooled = encode_prompts(text_encoders, tokenizers, [caption], device)
         cache[caption] = (embeds[0], pooled[0])
     return cache

@@ -15,6 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import UserInputError
+from .files import write_text_atomically
 from .io import NATIVE_FILE, copy_adapter_weights, read_moslora, save_moslora, write_safetensors
 from .inject import moslora_config
 
@@ -30,19 +31,23 @@ def checkpoints(output_dir) -> list[Path]:
 
 
 def save_checkpoint(output_dir, step: int, models: dict, optimizer, lr_scheduler, base_model: str) -> Path:
-    """Written into a temporary folder and renamed, so a crash never leaves a half checkpoint."""
+    """Written into a temporary folder and renamed, so a crash never leaves a half checkpoint (nor the folder)."""
     final = Path(output_dir) / f"{PREFIX}{step}"
     staging = Path(output_dir) / f".{PREFIX}{step}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    save_moslora(staging / NATIVE_FILE, models["unet"], models.get("text_encoder"), models.get("text_encoder_2"),
-                 base_model=base_model)
-    tensors, metadata = _flatten_optimizer(optimizer.state_dict())
-    write_safetensors(tensors, staging / OPTIMIZER_FILE, metadata)
-    state = {"global_step": step, "lr_scheduler": lr_scheduler.state_dict()}
-    (staging / STATE_FILE).write_text(json.dumps(state, default=float))
-    shutil.rmtree(final, ignore_errors=True)
-    staging.rename(final)
+    try:
+        save_moslora(staging / NATIVE_FILE, models["unet"], models.get("text_encoder"), models.get("text_encoder_2"),
+                     base_model=base_model)
+        tensors, metadata = _flatten_optimizer(optimizer.state_dict())
+        write_safetensors(tensors, staging / OPTIMIZER_FILE, metadata)
+        state = {"global_step": step, "lr_scheduler": lr_scheduler.state_dict()}
+        write_text_atomically(staging / STATE_FILE, json.dumps(state, default=float))
+        shutil.rmtree(final, ignore_errors=True)
+        staging.rename(final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return final
 
 

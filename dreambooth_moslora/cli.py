@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 
 from .errors import UserInputError
+from .feedback import quiet_dependency_progress_bars
+from .files import check_writable_file, check_writable_folder
+from .parser import CommandParser
 
 
 def _tiny_pipeline(args):
@@ -39,6 +42,7 @@ def _generate(args):
     from .generate import generate_images, load_pipeline, read_prompts
 
     prompts = read_prompts(args.prompt, args.prompts_file)
+    check_writable_folder(args.output_dir, "--output_dir")
     settings = _settings(args)
     pipe = load_pipeline(args.pretrained_model_name_or_path, args.adapter, settings, args.device, args.dtype)
     paths = generate_images(pipe, prompts, settings, args.output_dir, adapter_name=str(args.adapter or ""))
@@ -48,6 +52,7 @@ def _generate(args):
 def _evaluate(args):
     from .evaluate import evaluate_adapters, metrics_table, parse_adapter_specs
 
+    check_writable_folder(args.output_dir, "--output_dir")
     results = evaluate_adapters(
         args.pretrained_model_name_or_path, parse_adapter_specs(args.adapter), args.subject_dir, args.token,
         args.class_noun, args.output_dir, args.prompt_list, args.prompts_file, _settings(args),
@@ -68,7 +73,7 @@ def _export(args):
     from .io import DIFFUSERS_FILE, KOHYA_FILE, export_diffusers, export_kohya, read_moslora
 
     exporter, default_name = (export_kohya, KOHYA_FILE) if args.format == "kohya" else (export_diffusers, DIFFUSERS_FILE)
-    output = args.output or Path(args.file).with_name(default_name)
+    output = check_writable_file(args.output or Path(args.file).with_name(default_name), "--output")
     path = exporter(args.file, output, rank=args.rank)
     message = f"wrote {path}"
     if args.rank:
@@ -97,7 +102,7 @@ def _add_sampling_options(parser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dreambooth-moslora", description=__doc__)
+    parser = CommandParser(prog="dreambooth-moslora", description=__doc__)
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     # `train` has its own parser (arguments.py); main() hands it the rest of the command line.
     verbs.add_parser("train", add_help=False, help="DreamBooth-train a MoSLoRA adapter (train --help)")
@@ -148,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run_reporting_errors(run, args) -> int:
     """Bad input becomes one line on stderr and exit code 2, never a traceback; Ctrl-C exits 130."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    quiet_dependency_progress_bars()
     try:
         run(args)
     except UserInputError as error:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +52,10 @@ def image_files(folder) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise UserInputError(f"image folder not found: {folder}")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    candidates = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    for broken in (p for p in candidates if p.is_symlink() and not p.exists()):
+        logger.warning("skipping %s: a broken symbolic link (its target %s does not exist)", broken, os.readlink(broken))
+    files = [p for p in candidates if p.is_file()]
     if not files:
         raise UserInputError(
             f"no images in {folder} (looked for {', '.join(IMAGE_EXTENSIONS)})"

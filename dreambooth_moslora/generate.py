@@ -20,12 +20,12 @@ from diffusers import (
 )
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
-from tqdm.auto import tqdm
 
 from .adapters import load_adapter
 from .errors import UserInputError
+from .feedback import progress_bar
 from .files import write_atomically
-from .models import model_load_error, require_model_folder
+from .models import dtype_option, model_load_error, require_model_folder
 
 SCHEDULERS = {
     "euler": (EulerDiscreteScheduler, {}),
@@ -79,7 +79,7 @@ def load_pipeline(base_model: str, adapter=None, settings: GenerationSettings = 
     torch_dtype = DTYPES[dtype or ("fp16" if device.startswith("cuda") else "fp32")]
     require_model_folder(base_model)
     try:
-        pipe = StableDiffusionXLPipeline.from_pretrained(base_model, torch_dtype=torch_dtype)
+        pipe = StableDiffusionXLPipeline.from_pretrained(base_model, **dtype_option(torch_dtype))
     except (OSError, ValueError) as error:
         raise model_load_error(base_model, error) from None
     if settings.scheduler:
@@ -100,7 +100,7 @@ def generate_images(pipe, prompts: list[str], settings: GenerationSettings, outp
     paths, images = [], []
     jobs = [(i, prompt, settings.seed + j) for i, prompt in enumerate(prompts)
             for j in range(settings.num_images_per_prompt)]
-    for index, prompt, seed in tqdm(jobs, desc="images", disable=not show_progress):
+    for index, prompt, seed in progress_bar(jobs, desc="images", show=show_progress):
         image = pipe(
             prompt, negative_prompt=settings.negative_prompt, num_inference_steps=settings.num_inference_steps,
             guidance_scale=settings.guidance_scale, height=settings.height, width=settings.width,

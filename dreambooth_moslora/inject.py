@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -65,6 +67,19 @@ def set_moslora_scale(model: nn.Module, scale: float):
         if layer.merged:
             raise ValueError("unmerge the adapter before changing its scale")
         layer.scale = float(scale)
+
+
+@contextmanager
+def moslora_disabled(model: nn.Module):
+    """The base model inside the block (every update scaled by 0), the adapter's own scales again after it."""
+    layers = list(moslora_layers(model).values())
+    scales = [layer.scale for layer in layers]
+    set_moslora_scale(model, 0.0)
+    try:
+        yield model
+    finally:
+        for layer, scale in zip(layers, scales):
+            layer.scale = scale
 
 
 def merge_moslora(model: nn.Module):

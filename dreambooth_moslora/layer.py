@@ -58,7 +58,7 @@ class MoSLoRALinear(nn.Module):
 
     def forward(self, x):
         result = self.base_layer(x)
-        if self.merged:
+        if self.merged or self.scale == 0:
             return result
         update = low_rank_forward(
             self.dropout(x.to(self.lora_A.dtype)), self.lora_A, self.lora_mixer, self.lora_B, self.scaling

@@ -5,12 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import diffusers
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .errors import UserInputError
 from .loss import PREDICTION_TYPES
+
+# diffusers 0.42 renamed from_pretrained's torch_dtype to dtype and warns on the old name
+_DTYPE_KEYWORD = "dtype" if tuple(int(p) for p in diffusers.__version__.split(".")[:2]) >= (0, 42) else "torch_dtype"
 
 
 @dataclass
@@ -24,6 +28,22 @@ class BaseModels:
 
 def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") != 1 or Path(name).exists()
+
+
+def dtype_option(dtype: torch.dtype) -> dict:
+    """The keyword this diffusers' from_pretrained takes for the dtype."""
+    return {_DTYPE_KEYWORD: dtype}
+
+
+def model_reference(name_or_path: str) -> str:
+    """What to record of a base model: an absolute path for a local folder (valid from anywhere), else the hub id."""
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.is_dir() else name_or_path
+
+
+def native_resolution(unet_config, vae_config) -> int:
+    """The side, in pixels, the model was trained at: the UNet's sample size times the VAE's downscaling."""
+    return unet_config.sample_size * 2 ** (len(vae_config.block_out_channels) - 1)
 
 
 def require_model_folder(name_or_path: str):

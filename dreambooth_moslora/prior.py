@@ -1,15 +1,22 @@
-"""Prior preservation: class images made by the base model itself, so the class keeps its look (Ruiz et al. 2023)."""
+"""Prior preservation, so the class keeps its look while the subject is learned (Ruiz et al. 2023).
+
+Two ways: class images made by the base model itself (DreamBooth's), or no images at all, the frozen base model's
+own prediction for the class on the instance images' noisy latents being the target (ai-toolkit's differential
+output preservation, OneTrainer's prior prediction).
+"""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionXLPipeline
-from tqdm.auto import tqdm
 
-from .data import IMAGE_EXTENSIONS
+from .data import IMAGE_EXTENSIONS, Example
+from .feedback import progress_bar
 from .files import save_png_atomically
+
 
 def count_images(folder) -> int:
     folder = Path(folder)
@@ -23,7 +30,7 @@ def generate_class_images(pipe: StableDiffusionXLPipeline, folder, prompt: str, 
     folder.mkdir(parents=True, exist_ok=True)
     pipe.set_progress_bar_config(disable=True)
     batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
-    for batch in tqdm(batches, desc="generating class images", disable=not show_progress):
+    for batch in progress_bar(batches, desc="generating class images", show=show_progress):
         generators = [torch.Generator().manual_seed(seed * 100_003 + index) for index in batch]
         images = pipe(
             [prompt] * len(batch), generator=generators, height=resolution, width=resolution,
@@ -42,3 +49,11 @@ def missing_class_indices(folder, wanted: int) -> list[int]:
             indices.append(index)
         index += 1
     return indices
+
+
+def base_model_prior_examples(instance: list[Example], instance_prompt: str, class_prompt: str) -> list[Example]:
+    """The instance images as class examples, each caption less the trigger words (those of the instance prompt
+    that the class prompt lacks): "a photo of sks dog on a beach" becomes "a photo of dog on a beach"."""
+    trigger = set(instance_prompt.split()) - set(class_prompt.split())
+    return [replace(e, caption=" ".join(w for w in e.caption.split() if w not in trigger), is_class=True)
+            for e in instance]

@@ -23,7 +23,6 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 from diffusers.optimization import get_scheduler
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from .arguments import DEFAULT_MAX_TRAIN_STEPS
 from .checkpoint import checkpoints, load_checkpoint, prune_checkpoints, resolve_checkpoint, save_checkpoint
@@ -32,14 +31,16 @@ from .conditioning import encode_latent_distribution, encode_prompts, micro_cond
 from .config import TEXT_ENCODER_TARGETS, MoSLoRAConfig
 from .data import MicroBatches, Sample, epoch_batches, epoch_examples, keep_as_is, process_micro_batches, read_examples
 from .errors import UserInputError
-from .files import write_text_atomically
+from .feedback import progress_bar
+from .files import check_writable_folder, write_text_atomically
 from .generate import GenerationSettings, generate_images
-from .inject import inject_moslora, moslora_config, moslora_parameters
+from .inject import inject_moslora, moslora_config, moslora_disabled, moslora_parameters
 from .loss import diffusion_target, min_snr_weights
 from .io import DIFFUSERS_FILE, KOHYA_FILE, NATIVE_FILE, export_diffusers, export_kohya, save_moslora
 from .model_card import model_card
-from .models import load_base_models, place_models
-from .prior import generate_class_images, missing_class_indices
+from .models import dtype_option, load_base_models, model_reference, native_resolution, place_models
+from .output_lock import output_folder_lock
+from .prior import base_model_prior_examples, generate_class_images, missing_class_indices
 
 logger = logging.getLogger(__name__)
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
@@ -65,7 +66,9 @@ def step_seed(seed: int, micro_batch: int, process_index: int) -> int:
 
 
 def train(args) -> TrainingResult:
+    """Everything that can be checked without a model is checked first; then the output folder is held."""
     output_dir = Path(args.output_dir)
+    check_writable_folder(output_dir, "--output_dir")
     project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir))
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -76,10 +79,16 @@ def train(args) -> TrainingResult:
         cpu=not torch.accelerator.is_available(),  # so torchrun on CPUs gives gloo processes, not lone ones
     )
     instance = read_examples(args.instance_data_dir, args.instance_prompt, args.resolution, args.bucketing)
+    with output_folder_lock(output_dir, enabled=accelerator.is_main_process):
+        return _train(args, accelerator, output_dir, instance)
+
+
+def _train(args, accelerator, output_dir: Path, instance) -> TrainingResult:
     models = load_base_models(args.pretrained_model_name_or_path, args.revision, args.variant,
                               args.pretrained_vae_model_name_or_path)
+    _warn_about_resolution(args.resolution, models, args.pretrained_model_name_or_path)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    classes = _class_examples(args, accelerator, weight_dtype) if args.with_prior_preservation else []
+    classes = _class_examples(args, accelerator, weight_dtype, instance) if args.with_prior_preservation else []
     place_models(models, accelerator.device, weight_dtype, vae_is_fp16_safe=bool(args.pretrained_vae_model_name_or_path))
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -97,9 +106,9 @@ def train(args) -> TrainingResult:
     prepared = accelerator.prepare(*adapted.values(), optimizer)
     trained, optimizer = dict(zip(adapted, prepared[:-1])), prepared[-1]
 
-    caches = _build_caches(args, accelerator, models, instance + classes, samples=max_steps * args.train_batch_size
-                           * args.gradient_accumulation_steps)
     global_step = _resume(args, output_dir, adapted, optimizer, lr_scheduler)
+    caches = _build_caches(args, accelerator, models, instance + classes, samples=(max_steps - global_step)
+                           * args.train_batch_size * args.gradient_accumulation_steps)
     if accelerator.is_main_process:
         accelerator.init_trackers("dreambooth-moslora", config=_tracker_config(args))
 
@@ -142,7 +151,7 @@ class TrainingLoop:
         args, accelerator = self.args, self.accelerator
         for model in self.trained.values():
             model.train()
-        progress = tqdm(total=max_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
+        progress = progress_bar(total=max_steps, initial=global_step, desc="steps", show=accelerator.is_local_main_process)
         skip = global_step * args.gradient_accumulation_steps
         stream = process_micro_batches(instance, classes, args.repeats, args.train_batch_size, args.seed,
                                        accelerator.num_processes, accelerator.process_index)
@@ -205,6 +214,8 @@ class TrainingLoop:
                 added_cond_kwargs={"text_embeds": pooled.to(self.weight_dtype), "time_ids": time_ids.to(self.weight_dtype)},
             ).sample
             target = diffusion_target(self.models.noise_scheduler, latents, noise, timesteps)
+            if self.args.with_prior_preservation and self.args.prior_preservation_mode == "base_model":
+                target = self._base_model_targets(examples, target, noisy, timesteps, prompt_embeds, pooled, time_ids)
             per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
             weights = torch.tensor(
                 [self.args.prior_loss_weight if e.is_class else 1.0 for e in examples], device=device
@@ -221,6 +232,25 @@ class TrainingLoop:
                 self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         return mean_loss
+
+    @torch.no_grad()
+    def _base_model_targets(self, examples, target, noisy, timesteps, prompt_embeds, pooled, time_ids):
+        """For class examples, what the frozen base model predicts on the same noisy latent and class prompt."""
+        is_class = torch.tensor([e.is_class for e in examples], device=target.device)
+        if not is_class.any():
+            return target
+        unwrap = self.accelerator.unwrap_model
+        if len(self.trained) > 1:  # adapted text encoders: the base model's prompt embeddings too
+            with moslora_disabled(unwrap(self.trained["text_encoder"])), \
+                    moslora_disabled(unwrap(self.trained["text_encoder_2"])):
+                prompt_embeds, pooled = self._prompt_embeddings([e.caption for e in examples])
+        unet = unwrap(self.trained["unet"])
+        with moslora_disabled(unet):
+            base = unet(
+                noisy.to(self.weight_dtype), timesteps, prompt_embeds.to(self.weight_dtype),
+                added_cond_kwargs={"text_embeds": pooled.to(self.weight_dtype), "time_ids": time_ids.to(self.weight_dtype)},
+            ).sample
+        return torch.where(is_class[:, None, None, None], base.to(target.dtype), target)
 
     def _latent_distribution(self, examples, samples, pixels):
         if self.latent_cache is not None:
@@ -276,14 +306,26 @@ def _log_images(accelerator, paths, step):
         accelerator.get_tracker("tensorboard").writer.add_images("validation", images, step, dataformats="NHWC")
 
 
-def _class_examples(args, accelerator, weight_dtype):
-    """The class images, generating the missing ones with the base pipeline first (processes share the work)."""
+def _warn_about_resolution(resolution: int, models, name: str):
+    native = native_resolution(models.unet.config, models.vae.config)
+    if not native / 2 <= resolution <= native * 2:
+        logger.warning("--resolution %d is far from the %d px that %s was trained at: expect poor results and, "
+                       "above it, much slower steps", resolution, native, name)
+
+
+def _class_examples(args, accelerator, weight_dtype, instance):
+    """The class images, generating the missing ones with the base pipeline first (processes share the work).
+
+    With the base-model prior there are no class images: see base_model_prior_examples.
+    """
+    if args.prior_preservation_mode == "base_model":
+        return base_model_prior_examples(instance, args.instance_prompt, args.class_prompt)
     missing = missing_class_indices(args.class_data_dir, args.num_class_images)
     if missing:
         logger.info("generating %d class images for %r", len(missing), args.class_prompt)
         pipe = StableDiffusionXLPipeline.from_pretrained(
             args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
-            torch_dtype=weight_dtype,
+            **dtype_option(weight_dtype),
         ).to(accelerator.device)
         with accelerator.split_between_processes(missing) as mine:
             generate_class_images(pipe, args.class_data_dir, args.class_prompt, mine, args.sample_batch_size,
@@ -348,13 +390,14 @@ def _micro_batches_per_epoch(args, instance, classes, num_processes) -> int:
 
 def _build_caches(args, accelerator, models, examples, samples: int):
     start = time.perf_counter()
+    show = accelerator.is_local_main_process
     latents = None
     if latents_are_cacheable(args.cache_latents, args.center_crop, examples):
-        latents = cache_latent_distributions(models.vae, examples, args.random_flip)
+        latents = cache_latent_distributions(models.vae, examples, args.random_flip, show_progress=show)
     prompts = None
     if args.cache_prompts and not args.train_text_encoder:
         prompts = cache_prompt_embeddings(models.text_encoders, models.tokenizers, [e.caption for e in examples],
-                                          accelerator.device)
+                                          accelerator.device, show_progress=show)
     if accelerator.is_main_process:
         logger.info(
             "caching took %.1f s: %s; %s", time.perf_counter() - start,
@@ -381,7 +424,8 @@ def _resume(args, output_dir, adapted, optimizer, lr_scheduler) -> int:
 def _checkpoint(args, output_dir, step, accelerator, adapted, optimizer, lr_scheduler):
     path = output_dir / f"checkpoint-{step}"
     if accelerator.is_main_process:
-        path = save_checkpoint(output_dir, step, adapted, optimizer, lr_scheduler, args.pretrained_model_name_or_path)
+        path = save_checkpoint(output_dir, step, adapted, optimizer, lr_scheduler,
+                               model_reference(args.pretrained_model_name_or_path))
         prune_checkpoints(output_dir, args.checkpoints_total_limit)
     accelerator.wait_for_everyone()
     return path
@@ -409,10 +453,11 @@ class _StopOnInterrupt:
 
 def _write_outputs(args, output_dir, adapted, steps, images) -> list[Path]:
     """The native file, then both exports of it, then the model card."""
+    base_model = model_reference(args.pretrained_model_name_or_path)
     native = save_moslora(output_dir / NATIVE_FILE, adapted["unet"], adapted.get("text_encoder"),
-                          adapted.get("text_encoder_2"), base_model=args.pretrained_model_name_or_path)
+                          adapted.get("text_encoder_2"), base_model=base_model)
     files = [native, export_diffusers(native, output_dir / DIFFUSERS_FILE), export_kohya(native, output_dir / KOHYA_FILE)]
-    card = model_card(args.pretrained_model_name_or_path, args.instance_prompt, moslora_config(adapted["unet"]), steps,
+    card = model_card(base_model, args.instance_prompt, moslora_config(adapted["unet"]), steps,
                       args.train_text_encoder, args.validation_prompt, images, output_dir)
     return files + [write_text_atomically(output_dir / "README.md", card)]
 

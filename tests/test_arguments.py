@@ -26,6 +26,7 @@ def test_defaults_and_diffusers_compatible_names():
         (["--resolution", "1001"], "multiple of 8"),
         (["--with_prior_preservation", "--class_data_dir", "c"], "needs --class_prompt"),
         (["--with_prior_preservation", "--class_prompt", "a dog"], "needs --class_data_dir"),
+        (["--with_prior_preservation", "--prior_preservation_mode", "base_model"], "needs --class_prompt"),
         (["--train_batch_size", "0"], "--train_batch_size must be at least 1"),
         (["--max_train_steps", "0"], "--max_train_steps must be at least 1"),
         (["--freeze_mixer", "--mixer_init", "none"], "--freeze_mixer needs a mixer"),
@@ -45,3 +46,9 @@ def test_mixer_choices_are_checked_by_the_parser():
 def test_a_tracker_that_is_not_installed_is_named():
     with pytest.raises(UserInputError, match="--report_to wandb needs the wandb package"):
         parse_args(REQUIRED + ["--report_to", "wandb"])
+
+
+def test_the_base_model_prior_needs_no_class_folder():
+    args = parse_args(REQUIRED + ["--with_prior_preservation", "--prior_preservation_mode", "base_model",
+                                  "--class_prompt", "a photo of a dog"])
+    assert args.prior_preservation_mode == "base_model" and args.class_data_dir is None

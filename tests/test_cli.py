@@ -212,3 +212,101 @@ def test_verb_errors_are_one_line_and_exit_2(trained, tiny_sdxl_dir, tmp_path, c
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and message in err[-1]
     assert not (tmp_path / "o").exists() and not (tmp_path / "x.safetensors").exists()
+
+
+def _file_mode_of_open() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def test_a_fresh_run_prints_only_our_lines_records_an_absolute_base_and_writes_readable_files(tiny_sdxl_dir,
+                                                                                              subject, tmp_path):
+    out = tmp_path / "out"
+    relative_base = os.path.relpath(tiny_sdxl_dir, tmp_path)
+    argv = training_argv(relative_base, subject, out, "--validation_prompt", "a photo of sks dog",
+                         "--num_validation_images", "1", "--num_inference_steps", "2", steps=2)
+    done = subprocess.run([sys.executable, str(ROOT / "train_dreambooth.py"), *argv], cwd=tmp_path,
+                          env={**ENV, "TQDM_DISABLE": "1"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for noise in ("%|", "it/s", "torchvision", "Warning", "deprecated"):
+        assert noise not in done.stderr, done.stderr
+    card = (out / "README.md").read_text()
+    assert f"base_model: {Path(tiny_sdxl_dir).resolve()}" in card
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert files and all(p.stat().st_mode & 0o777 == _file_mode_of_open() for p in files)
+    assert not [p for p in out.rglob("*") if p.name.endswith((".tmp", ".lock"))]
+
+
+@pytest.mark.parametrize("verb", ["train", "generate", "export"])
+def test_an_output_folder_that_is_a_file_is_refused_before_any_model_is_loaded(trained, subject, tmp_path, capsys,
+                                                                             verb, fresh_accelerate):
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    no_model = str(tmp_path / "no-model")  # a model error would come first if the model were loaded first
+    argv = {
+        "train": ["train", *training_argv(no_model, subject, taken)],
+        "generate": ["generate", "--pretrained_model_name_or_path", no_model, "--prompt", "x", "--output_dir", str(taken)],
+        "export": ["export", str(trained["dir"] / "moslora.safetensors"), "--format", "kohya",
+                   "--output", str(taken / "x.safetensors")],
+    }[verb]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "is a file" in err[-1] and "taken" in err[-1]
+    assert taken.read_text() == "a file"
+
+
+def test_a_second_run_into_the_same_folder_is_refused_at_start(tiny_sdxl_dir, subject, tmp_path, capsys,
+                                                               fresh_accelerate):
+    from dreambooth_moslora.output_lock import output_folder_lock
+
+    out = tmp_path / "out"
+    with output_folder_lock(out):  # as a first run holds it
+        assert main(["train", *training_argv(tiny_sdxl_dir, subject, out)]) == 2
+        assert [p.name for p in out.iterdir()] == [".dreambooth-moslora.lock"]  # the first run's, untouched
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: --output_dir") and f"PID {os.getpid()}" in err
+
+
+def test_ctrl_c_before_the_first_step_exits_130_and_writes_nothing(tiny_sdxl_dir, subject, tmp_path, capsys,
+                                                                   monkeypatch, fresh_accelerate):
+    import dreambooth_moslora.train as training
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "cache_prompt_embeddings", interrupted)  # Ctrl-C while caching
+    out = tmp_path / "out"
+    assert main(["train", *training_argv(tiny_sdxl_dir, subject, out)]) == 130
+    assert not out.exists()
+
+
+def test_a_prompt_without_a_trigger_and_a_far_resolution_are_warned(tiny_sdxl_dir, subject, tmp_path, caplog,
+                                                                    fresh_accelerate):
+    argv = training_argv(tiny_sdxl_dir, subject, tmp_path / "out", "--no_bucketing", steps=1)
+    argv = _set(_set(argv, "--instance_prompt", "a photo of a dog"), "--resolution", "256")
+    assert main(["train", *argv]) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("is an ordinary word" in w for w in warnings)
+    assert any("--resolution 256 is far from the 64 px" in w for w in warnings)
+
+
+def test_a_dangling_symlink_among_the_photos_is_warned(tiny_sdxl_dir, subject, tmp_path, caplog, fresh_accelerate):
+    (subject / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    assert main(["train", *training_argv(tiny_sdxl_dir, subject, tmp_path / "out", steps=1)]) == 0
+    assert any("gone.png" in r.getMessage() and "broken symbolic link" in r.getMessage() for r in caplog.records)
+
+
+def test_resuming_logs_what_caching_saves_for_the_steps_left(tiny_sdxl_dir, subject, tmp_path, caplog,
+                                                            fresh_accelerate):
+    from accelerate.state import AcceleratorState
+
+    caplog.set_level("INFO")
+    out = tmp_path / "out"
+    assert main(["train", *training_argv(tiny_sdxl_dir, subject, out, "--center_crop", steps=3)]) == 0
+    AcceleratorState._reset_state(reset_partial_state=True)
+    caplog.clear()
+    argv = training_argv(tiny_sdxl_dir, subject, out, "--center_crop", "--resume_from_checkpoint", "latest", steps=5)
+    assert main(["train", *argv]) == 0
+    caching = [r.getMessage() for r in caplog.records if "caching took" in r.getMessage()]
+    assert "prompt encodings replace 2" in caching[0]

@@ -1,6 +1,9 @@
 from PIL import Image
 
-from dreambooth_moslora.prior import count_images, generate_class_images, missing_class_indices
+from pathlib import Path
+
+from dreambooth_moslora.data import Example
+from dreambooth_moslora.prior import base_model_prior_examples, count_images, generate_class_images, missing_class_indices
 from helpers import write_images
 
 
@@ -22,3 +25,11 @@ def test_generated_images_are_seeded_per_index(tiny_pipe, tmp_path):
     same = [Image.open(tmp_path / d / "class-00002.png").tobytes() for d in ("a", "b")]
     assert same[0] == same[1]
     assert Image.open(tmp_path / "a" / "class-00000.png").size == (64, 64)
+
+
+def test_base_model_prior_examples_are_the_instance_images_with_the_trigger_taken_out():
+    instance = [Example(Path("a.png"), "a photo of sks dog", (64, 64), (64, 64)),
+                Example(Path("b.png"), "a photo of sks dog on a sks beach", (64, 64), (64, 64))]
+    classes = base_model_prior_examples(instance, "a photo of sks dog", "a photo of a dog")
+    assert [c.caption for c in classes] == ["a photo of dog", "a photo of dog on a beach"]
+    assert [c.path for c in classes] == [e.path for e in instance] and all(c.is_class for c in classes)

@@ -1,4 +1,4 @@
-"""The README's examples are run, so they cannot drift from the code."""
+"""The README's and the docs' examples are run as written, so they cannot drift from the code."""
 
 import os
 import re
@@ -6,14 +6,26 @@ import subprocess
 import sys
 from pathlib import Path
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def readme_block(marker: str) -> str:
-    """The fenced code block right after the HTML comment `<!-- marker -->`."""
-    match = re.search(rf"<!-- {marker} -->\s*```\w*\n(.*?)```", README.read_text(), re.S)
-    assert match, f"README has no block marked {marker}"
-    return match.group(1)
+    """The fenced code block right after the HTML comment `<!-- marker -->`, in the README or a docs page."""
+    found = [m.group(1) for page in PAGES
+             for m in re.finditer(rf"<!-- {marker} -->\s*```\w*\n(.*?)```", page.read_text(), re.S)]
+    assert len(found) == 1, f"{len(found)} blocks marked {marker} in README.md and docs/"
+    return found[0]
+
+
+def test_every_docs_page_is_linked_from_the_readme_and_its_links_resolve():
+    text = README.read_text()
+    for page in PAGES[1:]:
+        assert f"(docs/{page.name})" in text, page.name
+    for page in PAGES:
+        for target in re.findall(r"\]\(((?!https?:|#)[^)#]+)", page.read_text()):
+            assert (page.parent / target).exists(), f"{page.name} links to missing {target}"
 
 
 def test_python_api_examples_run(tmp_path, monkeypatch):
@@ -38,7 +50,8 @@ def run_commands(commands, cwd):
         assert done.returncode == 0, done.stderr[-3000:]
 
 
-def test_quickstart_and_the_verbs_after_it_run_offline(tmp_path, feature_models):
+def test_quickstart_and_the_verbs_after_it_run_offline(tmp_path, feature_models, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "assets").symlink_to(README.parent / "assets")
     run_commands(shell_commands("example: quickstart"), tmp_path)
     out = tmp_path / "outputs" / "quickstart"
@@ -51,17 +64,26 @@ def test_quickstart_and_the_verbs_after_it_run_offline(tmp_path, feature_models)
     assert len(list((tmp_path / "outputs" / "samples").glob("*.png"))) == 5  # 2 prompts x 2 images + grid
     assert (out / "lora_kohya_rank2.safetensors").is_file()
     # the evaluate example as written, with the two hub models swapped for tiny local ones (no download here)
-    dino, clip = feature_models
-    evaluate = [c.replace("facebook/dino-vits16", str(dino)).replace("openai/clip-vit-base-patch32", str(clip))
+    dino, clip = feature_models  # tiny local stand-ins for the folders the block says to download once
+    evaluate = [c.replace("models/dino-vits16", str(dino)).replace("models/clip-vit-base-patch32", str(clip))
                 for c in shell_commands("example: evaluate")]
     run_commands(evaluate, tmp_path)
     assert "| moslora |" in (tmp_path / "outputs" / "eval" / "metrics.md").read_text()
+
+    # the diffusers snippet, on the CPU line it offers, with the mini model for SDXL and the quick start's output
+    snippet = (readme_block("example: load-diffusers")
+               .replace('device, dtype = "cuda", torch.float16', 'device, dtype = "cpu", torch.float32')
+               .replace("stabilityai/stable-diffusion-xl-base-1.0", str(README.parent / "assets" / "mini-sdxl"))
+               .replace('"sks-dog"', repr(str(out)))
+               .replace('("a photo of sks dog in a bucket")', '("a photo of sks dog in a bucket", num_inference_steps=2)'))
+    exec(compile(snippet, "README.md", "exec"), {})
+    assert (tmp_path / "sks-dog-in-a-bucket.png").is_file()
 
 
 def test_every_training_option_is_documented():
     from dreambooth_moslora.arguments import build_parser
 
-    text = README.read_text()
+    text = (ROOT / "docs" / "training.md").read_text()
     options = [o for action in build_parser()._actions for o in action.option_strings if o.startswith("--")]
     missing = [o for o in options if o != "--help" and f"`{o}`" not in text]
-    assert not missing, f"README does not document {missing}"
+    assert not missing, f"docs/training.md does not document {missing}"

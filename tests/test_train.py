@@ -96,6 +96,23 @@ def test_prior_preservation_generates_missing_class_images_and_trains(tiny_sdxl_
     assert result.steps == 3
 
 
+@pytest.mark.parametrize("text_encoders", [(), ("--train_text_encoder", "--text_encoder_lr", "1e-3")])
+def test_the_base_model_prior_targets_the_base_models_own_prediction(tiny_sdxl_dir, tmp_path, text_encoders):
+    """One image, batch 2: the batch is the image with its caption and with the class caption. With B = 0 the
+    adapted model is the base model, so the class half's loss is exactly 0 and its weight cannot matter."""
+    from accelerate.state import AcceleratorState
+
+    write_images(tmp_path / "one", sizes=((64, 64),))
+    common = ("--with_prior_preservation", "--prior_preservation_mode", "base_model", "--class_prompt",
+              "a photo of a dog", "--train_batch_size", "2", "--max_train_steps", "2", *text_encoders)
+    light = run(tiny_sdxl_dir, tmp_path / "one", tmp_path / "light", *common, "--prior_loss_weight", "1")
+    AcceleratorState._reset_state(reset_partial_state=True)
+    heavy = run(tiny_sdxl_dir, tmp_path / "one", tmp_path / "heavy", *common, "--prior_loss_weight", "5")
+    assert light.losses[0] == pytest.approx(heavy.losses[0], rel=1e-6) and light.losses[0] > 0
+    assert light.losses[1] != heavy.losses[1]  # once B moved, the class half counts
+    assert not (tmp_path / "light" / "class").exists()
+
+
 def test_text_encoder_training_writes_and_reloads_text_encoder_adapters(tiny_sdxl_dir, subject, tmp_path, tiny_pipe):
     run(tiny_sdxl_dir, subject, tmp_path / "out", "--train_text_encoder", "--text_encoder_lr", "1e-3")
     loaded = load_moslora(tiny_pipe, tmp_path / "out" / "moslora.safetensors")

@@ -41,3 +41,14 @@ def test_the_shipped_mini_model_draws_held_out_prompts(tmp_path):
     assert images[0].size == (IMAGE_SIZE, IMAGE_SIZE)
     found = accuracy(load_analyzer(ASSETS / "world-analyzer.safetensors"), images, scenes)
     assert all(value >= THRESHOLD for value in found.values()), found
+
+
+def test_a_saved_mini_pipeline_samples_through_the_plain_from_pretrained_call(tmp_path):
+    from dreambooth_moslora.world.model import save_mini_sdxl_pipeline
+
+    for folder in (save_mini_sdxl_pipeline(build_mini_sdxl_pipeline(seed=0), tmp_path / "mini"), ASSETS / "mini-sdxl"):
+        pipe = StableDiffusionXLPipeline.from_pretrained(folder)  # no torch_dtype, as a new user writes it
+        pipe.set_progress_bar_config(disable=True)
+        assert {m.dtype for m in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2)} == {torch.float32}
+        image = pipe("a photo of a red star on a blue background", num_inference_steps=2, output_type="np").images
+        assert np.isfinite(image).all() and image.shape == (1, IMAGE_SIZE, IMAGE_SIZE, 3)

@@ -7,10 +7,14 @@ and the pipeline encodes prompts with both CLIP encoders' penultimate layers, ex
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from ..files import write_text_atomically
 from ..tiny import sdxl_scheduler
 from .render import IMAGE_SIZE
 from .vocabulary import build_world_tokenizer
@@ -83,3 +87,19 @@ def build_mini_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
         unet=build_mini_unet(),
         scheduler=sdxl_scheduler(),
     )
+
+
+def save_mini_sdxl_pipeline(pipe: StableDiffusionXLPipeline, path) -> Path:
+    """Weights stored in fp16 (half the size), every component loading in fp32 by default.
+
+    diffusers loads the UNet and VAE in fp32 unless told otherwise, but transformers loads a text encoder in the
+    dtype its config records; so the configs say fp32, and the plain `from_pretrained(path)` samples on a CPU.
+    """
+    path = Path(path)
+    pipe.to(torch.float16).save_pretrained(path)
+    for name in ("text_encoder", "text_encoder_2"):
+        config = path / name / "config.json"
+        values = json.loads(config.read_text())
+        values["dtype"] = "float32"
+        write_text_atomically(config, json.dumps(values, indent=2, sort_keys=True) + "\n")
+    return path

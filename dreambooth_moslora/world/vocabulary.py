@@ -13,25 +13,12 @@ import re
 
 from transformers import CLIPTokenizer
 
-from ..dreambooth_prompts import LIVE_SUBJECT_PROMPTS, OBJECT_PROMPTS
+from ..prompt_words import ordinary_words
 from ..tiny import byte_unicode_map
 from .render import COLOURS, SHAPES, TEXTURE_WORDS
 
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 TRIGGER_WORDS = ("sks", "zwx", "ohwx", "xyz", "qwe")
-EVERYDAY_WORDS = """
-a an the of on in at to with and or but for from by as is are was be it its this that these those my your
-photo picture image painting drawing render rendering sketch style close up view front back side top bottom
-left right center middle small large big tiny huge little bright dark light shiny wet dry old new clean
-dog cat bird horse cow sheep fish bear duck rabbit puppy kitten person man woman boy girl child face hand
-backpack bowl can candle boot clock sneaker teapot toy vase glasses sunglasses cup mug bottle chair table
-car house tree flower grass sky sun cloud water sea ocean beach river lake mountain forest jungle snow city
-street road floor wall rug fabric wood wooden stone metal glass paper plastic gold silver brown gray grey
-pink cyan teal rainbow colour color colorful shape object thing pattern striped dotted checkered plaid
-hat scarf shirt top outfit chef firefighter police wizard monocle santa eiffel tower field wheat autumn
-leaves milk mirror sidewalk crowded dirt sunflowers around floating cobblestone cube shaped purple red
-high quality detailed realistic cartoon simple plain one two three many some very good best beautiful
-""".split()
 
 
 def world_words() -> list[str]:
@@ -39,9 +26,7 @@ def world_words() -> list[str]:
 
 
 def vocabulary_words() -> list[str]:
-    prompt_words = {w for p in OBJECT_PROMPTS + LIVE_SUBJECT_PROMPTS for w in re.findall(r"[a-z]+", p.lower())}
-    words = set(EVERYDAY_WORDS) | set(world_words()) | set(TRIGGER_WORDS) | prompt_words
-    return sorted(words - {"token", "noun"})
+    return sorted(ordinary_words() | set(world_words()) | set(TRIGGER_WORDS))
 
 
 def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
