@@ -1,14 +1,18 @@
 """The personalization benchmark on the mini world: DreamBooth with MoSLoRA, LoRA and fixed-mixer controls.
 
-    python benchmarks/personalization.py   # 3 subjects x 3 seeds x (5 methods, and 2 of them with prior preservation)
+    python benchmarks/personalization.py --tune   # each method's learning rate, on the tuning subject alone
+    python benchmarks/personalization.py          # 3 subjects x 3 seeds x 5 methods at those rates, + LoRA without prior
+    python benchmarks/personalization.py --quick  # one subject, one seed, LoRA and MoSLoRA: a CI-sized check
 
-Writes results.json, results.md (mean ± std over subjects and seeds, paired tests against LoRA) and
-samples.png to --output_dir (default benchmarks/personalization/), plus every run's adapter under runs/.
+Writes tuning.json/.md, or results.json, results.md (mean ± std over subjects and seeds, paired tests against
+LoRA), samples.png and fidelity-vs-steps.png to --output_dir (default benchmarks/personalization/), plus every
+run's adapter under runs/.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -19,7 +23,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dreambooth_moslora.world.personalization import METHODS, BenchmarkSettings, run_benchmark  # noqa: E402
+from dreambooth_moslora.arguments import PRIOR_MODES  # noqa: E402
+from dreambooth_moslora.world.personalization import (  # noqa: E402
+    METHODS, BenchmarkSettings, run_benchmark, tune_learning_rates,
+)
 from dreambooth_moslora.world.subjects import SUBJECTS  # noqa: E402
 
 
@@ -29,29 +36,51 @@ def main(argv=None):
     parser.add_argument("--base_model", default=str(ROOT / "assets" / "mini-sdxl"))
     parser.add_argument("--analyzer_file", default=str(ROOT / "assets" / "world-analyzer.safetensors"))
     parser.add_argument("--output_dir", default=str(ROOT / "benchmarks" / "personalization"))
+    parser.add_argument("--tune", action="store_true", help="choose each method's learning rate on the tuning subject")
+    parser.add_argument("--tune_learning_rates", nargs="+", type=float, default=[3e-4, 1e-3, 3e-3])
+    parser.add_argument("--quick", action="store_true", help="one subject, one seed, LoRA and MoSLoRA, 200 steps")
     parser.add_argument("--subjects", nargs="+", default=list(defaults.subjects), choices=[s.name for s in SUBJECTS])
     parser.add_argument("--methods", nargs="+", default=list(defaults.methods), choices=list(METHODS))
+    parser.add_argument("--ablation_methods", nargs="*", default=list(defaults.ablation_methods), choices=list(METHODS),
+                        help="also run these with prior preservation the other way")
     parser.add_argument("--seeds", nargs="+", type=int, default=list(defaults.seeds))
-    parser.add_argument("--prior", choices=("off", "on", "both"), default="both", help="prior preservation runs")
-    parser.add_argument("--prior_methods", nargs="+", default=list(defaults.prior_methods), choices=list(METHODS),
-                        help="the methods also run with prior preservation")
+    parser.add_argument("--prior", choices=("on", "off"), default="on", help="the setting methods are compared in")
+    parser.add_argument("--prior_mode", choices=PRIOR_MODES, default=defaults.prior_mode)
+    parser.add_argument("--no_captions", action="store_true", help="train on the bare instance prompt")
     for name in ("rank", "steps", "train_batch_size", "images_per_prompt", "inference_steps", "num_class_images"):
         parser.add_argument(f"--{name}", type=int, default=getattr(defaults, name))
-    parser.add_argument("--learning_rate", type=float, default=defaults.learning_rate)
+    parser.add_argument("--curve_steps", nargs="*", type=int, default=list(defaults.curve_steps))
+    parser.add_argument("--learning_rate", type=float, default=None,
+                        help="one rate for every method (default: each method's from tuning.json)")
     parser.add_argument("--guidance_scale", type=float, default=defaults.guidance_scale)
     args = parser.parse_args(argv)
-    prior = {"off": (False,), "on": (True,), "both": (False, True)}[args.prior]
+    if args.quick:
+        args.subjects, args.seeds, args.methods, args.ablation_methods = args.subjects[:1], [0], ["lora", "moslora-orthogonal"], []
+        args.steps, args.curve_steps = 200, [100, 200]
+    output_dir = Path(args.output_dir)
     settings = BenchmarkSettings(
         base_model=args.base_model, analyzer_file=args.analyzer_file, output_dir=args.output_dir,
-        subjects=tuple(args.subjects), methods=tuple(args.methods), seeds=tuple(args.seeds), prior_preservation=prior,
-        prior_methods=tuple(args.prior_methods),
-        rank=args.rank, steps=args.steps, learning_rate=args.learning_rate, train_batch_size=args.train_batch_size,
+        subjects=tuple(args.subjects), methods=tuple(args.methods), ablation_methods=tuple(args.ablation_methods),
+        seeds=tuple(args.seeds), prior_preservation=args.prior == "on", prior_mode=args.prior_mode,
+        captions=not args.no_captions, rank=args.rank, steps=args.steps, train_batch_size=args.train_batch_size,
         images_per_prompt=args.images_per_prompt, inference_steps=args.inference_steps,
-        num_class_images=args.num_class_images, guidance_scale=args.guidance_scale,
+        num_class_images=args.num_class_images, guidance_scale=args.guidance_scale, curve_steps=tuple(args.curve_steps),
     )
+    log = lambda message: print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)  # noqa: E731
     started = time.perf_counter()
-    run_benchmark(settings, log=lambda message: print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True))
-    print(f"done in {time.perf_counter() - started:.0f} s; see {args.output_dir}/results.md and samples.png")
+    if args.tune:
+        tuning = tune_learning_rates(settings, tuple(args.tune_learning_rates), log=log)
+        print(f"chosen learning rates: {tuning['chosen']}; see {output_dir}/tuning.md")
+    else:
+        tuning_file = output_dir / "tuning.json"
+        if args.learning_rate is not None:
+            settings.learning_rate = args.learning_rate
+        elif tuning_file.is_file():
+            settings.learning_rates = json.loads(tuning_file.read_text())["chosen"]
+            log(f"learning rates from {tuning_file}: {settings.learning_rates}")
+        run_benchmark(settings, log=log)
+        print(f"see {output_dir}/results.md, samples.png and fidelity-vs-steps.png")
+    print(f"done in {time.perf_counter() - started:.0f} s")
 
 
 if __name__ == "__main__":

@@ -7,22 +7,15 @@ from safetensors.torch import load_file
 
 from dreambooth_moslora.world.personalization import (
     BenchmarkSettings,
+    choose_learning_rate,
     evaluation_prompts,
-    results_table,
     run_benchmark,
-    sign_flip_p_value,
     subject_backgrounds,
-    summarize,
+    tune_learning_rates,
 )
-from dreambooth_moslora.world.subjects import SUBJECTS
+from dreambooth_moslora.world.subjects import SUBJECTS, TUNING_SUBJECT
 
 ANALYZER_FILE = Path(__file__).resolve().parents[1] / "assets" / "world-analyzer.safetensors"
-
-
-def test_sign_flip_test_is_exact_for_small_samples():
-    assert sign_flip_p_value([0.1] * 9) == pytest.approx(2 / 512)
-    assert sign_flip_p_value([0.1, -0.1] * 4) == 1.0
-    assert 0.05 < sign_flip_p_value([0.3, -0.1, 0.2, -0.2, 0.1]) < 1.0
 
 
 def test_prompts_name_backgrounds_the_subject_does_not_have():
@@ -37,45 +30,52 @@ def test_prompts_name_backgrounds_the_subject_does_not_have():
     assert class_prompt.split()[4] not in (background, *subject.colours)
 
 
-def _run(subject, method, seed, fidelity):
-    return {"subject": subject, "method": method, "seed": seed, "prior_preservation": False, "subject_fidelity": fidelity,
-            "prompt_fidelity": 0.5, "class_shape_accuracy": 1.0, "class_subject_similarity": 0.2}
+def test_the_chosen_learning_rate_keeps_the_class_when_any_does():
+    rows = [{"learning_rate": 1e-4, "subject_fidelity": 0.5, "class_shape_accuracy": 1.0},
+            {"learning_rate": 1e-3, "subject_fidelity": 0.6, "class_shape_accuracy": 0.95},
+            {"learning_rate": 3e-3, "subject_fidelity": 0.7, "class_shape_accuracy": 0.2}]
+    assert choose_learning_rate(rows, 0.9) == 1e-3
+    assert choose_learning_rate(rows, 0.99) == 1e-4
+    assert choose_learning_rate(rows[2:], 0.9) == 3e-3  # none keeps it: the best fidelity
 
 
-def test_summary_pairs_each_method_with_lora_on_the_same_subject_and_seed():
-    runs = [_run(s, "lora", seed, 0.5 + 0.1 * seed) for s in ("a", "b") for seed in (0, 1)]
-    runs += [_run(s, "moslora-orthogonal", seed, 0.6 + 0.1 * seed) for s in ("a", "b") for seed in (0, 1)]
-    floor = {m: 0.1 for m in ("subject_fidelity", "prompt_fidelity", "class_shape_accuracy", "class_subject_similarity")}
-    results = {"settings": {"methods": ["lora", "moslora-orthogonal"], "prior_preservation": [False]},
-               "subjects": {"a": {"real_vs_real": 0.9, "untrained": floor}, "b": {"real_vs_real": 0.8, "untrained": floor}},
-               "runs": runs}
-    summary = summarize(results)
-    assert summary["methods"]["lora|no prior"]["subject_fidelity"]["mean"] == pytest.approx(0.55)
-    paired = summary["paired_vs_lora"]["moslora-orthogonal|no prior"]["subject_fidelity"]
-    assert paired["mean_difference"] == pytest.approx(0.1) and paired["pairs"] == 4
-    assert paired["p_value"] == pytest.approx(2 / 16)
-    results["summary"] = summary
-    table = results_table(results)
-    assert "| moslora-orthogonal | no prior | 0.650 ± 0.058" in table
-    assert "real vs real (ceiling) | | 0.850 ± 0.071" in table
+def _settings(base, tmp_path, **changes):
+    common = dict(base_model=str(base), analyzer_file=str(ANALYZER_FILE), output_dir=str(tmp_path),
+                  subjects=(SUBJECTS[0].name,), seeds=(0,), steps=4, curve_steps=(2, 4), num_class_images=2,
+                  backgrounds_per_subject=2, images_per_prompt=1, inference_steps=2)
+    return BenchmarkSettings(**{**common, **changes})
 
 
 def test_the_benchmark_runs_end_to_end_and_the_control_keeps_its_mixer(untrained_mini_dir, tmp_path, fresh_accelerate):
-    settings = BenchmarkSettings(
-        base_model=str(untrained_mini_dir), analyzer_file=str(ANALYZER_FILE), output_dir=str(tmp_path),
-        subjects=(SUBJECTS[0].name,), methods=("lora", "moslora-orthogonal", "fixed-orthogonal"), seeds=(0,),
-        prior_preservation=(False, True), prior_methods=("lora", "fixed-orthogonal"), steps=2, num_class_images=2, backgrounds_per_subject=2,
-        images_per_prompt=1, inference_steps=2,
-    )
+    settings = _settings(untrained_mini_dir, tmp_path, methods=("lora", "moslora-orthogonal", "fixed-orthogonal"),
+                         ablation_methods=("lora",), learning_rates={"moslora-orthogonal": 2e-3})
     results = run_benchmark(settings, log=lambda _: None)
-    assert len(results["runs"]) == 5
+    assert [(r["method"], r["prior_preservation"]) for r in results["runs"]] == [
+        ("lora", True), ("moslora-orthogonal", True), ("fixed-orthogonal", True), ("lora", False)]
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["summary"]["paired_vs_lora"].keys() == {"moslora-orthogonal|no prior", "fixed-orthogonal|no prior", "fixed-orthogonal|prior"}
-    assert "fixed-orthogonal" in (tmp_path / "results.md").read_text()
-    assert (tmp_path / "samples.png").stat().st_size > 0
-    assert len(list((tmp_path / "class-images" / SUBJECTS[0].name).glob("*.png"))) == 2
+    assert saved["summary"]["paired_vs_lora"].keys() == {"moslora-orthogonal|prior", "fixed-orthogonal|prior"}
+    subject = saved["subjects"][SUBJECTS[0].name]
+    assert 0 < subject["oracle"] <= 1 and subject["untrained"]["normalized_fidelity"] == pytest.approx(0)
+    assert {(c["method"], c["step"]) for c in saved["curves"]} == {(m, s) for m in ("lora", "moslora-orthogonal")
+                                                                   for s in (2, 4)}
+    for name in ("results.md", "samples.png", "fidelity-vs-steps.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    runs = tmp_path / "runs" / SUBJECTS[0].name
+    assert (runs / "moslora-orthogonal-lr0.002-seed0-prior").is_dir()  # its own learning rate
+    assert "class-images" not in [p.name for p in tmp_path.iterdir()]  # the base-model prior needs none
+    captions = sorted((tmp_path / "instance-images" / SUBJECTS[0].name).glob("*.txt"))
+    assert len(captions) == 5 and all(c.read_text().startswith("a photo of a sks star on a ") for c in captions)
     for method, frozen in (("fixed-orthogonal", True), ("moslora-orthogonal", False)):
-        weights = load_file(str(tmp_path / "runs" / SUBJECTS[0].name / f"{method}-seed0-noprior" / "moslora.safetensors"))
+        weights = load_file(str(next(runs.glob(f"{method}-*-prior")) / "moslora.safetensors"))
         mixer = next(v for k, v in weights.items() if k.endswith("lora_mixer.weight"))
         off_identity = (mixer @ mixer.T - torch.eye(mixer.shape[0])).abs().max().item()
         assert (off_identity < 1e-5) == frozen, (method, off_identity)
+
+
+def test_tuning_uses_the_tuning_subject_and_writes_the_grid(untrained_mini_dir, tmp_path, fresh_accelerate):
+    settings = _settings(untrained_mini_dir, tmp_path, methods=("lora",), prior_mode="class_images")
+    tuning = tune_learning_rates(settings, (1e-4, 1e-3), log=lambda _: None)
+    assert tuning["subject"] == TUNING_SUBJECT.name not in [s.name for s in SUBJECTS]
+    assert len(tuning["grid"]) == 4 and tuning["chosen"]["lora"] in (1e-4, 1e-3)
+    assert "✓" in (tmp_path / "tuning.md").read_text()
+    assert len(list((tmp_path / "class-images" / TUNING_SUBJECT.name).glob("*.png"))) == 2

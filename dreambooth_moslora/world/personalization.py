@@ -1,28 +1,29 @@
 """DreamBooth on the mini world, measured as the DreamBooth paper measures it (Ruiz et al. 2023, section 4.1).
 
-For every subject x method x seed x prior-preservation setting, train an adapter with the ordinary trainer,
-sample the mini model with it, and read the samples with the world analyzer:
+For every subject x method x seed, train an adapter with the ordinary trainer, sample the mini model with it, and
+read the samples with the world analyzer:
 - subject fidelity: mean cosine similarity of the analyzer's embedding (the world's DINO) between samples of
-  "a photo of a sks star on a blue background" and the real instance images; the real-vs-real mean is the
-  ceiling and the untrained model the floor;
+  "a photo of a sks star on a blue background" and the real instance images. Two ceilings: real-vs-real (pairs
+  of distinct instance images) and the oracle, true renders of the subject on the prompts' backgrounds sent
+  through the VAE (what a perfect model could reach); the untrained model is the floor;
 - prompt fidelity: how often the analyzer finds the background the prompt names;
 - class drift: for the class prompt without the trigger, how often the analyzer still finds the class shape,
   and how much those samples look like the subject (leakage).
-Sampling noise is the same for every adapter, so methods are compared on paired samples.
+Sampling noise is the same for every adapter, so methods are compared on paired samples. Learning rates are
+chosen per method on a tuning subject that is not reported (`tune_learning_rates`).
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-import random
-import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate.state import AcceleratorState
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from ..arguments import parse_args
 from ..files import save_png_atomically, write_text_atomically
@@ -31,8 +32,9 @@ from ..metrics import mean_cross_similarity, mean_self_similarity
 from ..train import train
 from .analyzer import analyze, embed, load_analyzer
 from .pretrain import sample_world
-from .render import COLOURS, IMAGE_SIZE
-from .subjects import SUBJECTS, Subject, subject_by_name, write_instance_images
+from .render import COLOURS, IMAGE_SIZE, to_pixels
+from .report import curve_plot, curve_summary, normalized, results_table, sample_figure, summarize
+from .subjects import SUBJECTS, TUNING_SUBJECT, Subject, render_subject, subject_by_name, write_instance_images
 
 METHODS = {
     "lora": ["--mixer_init", "none"],
@@ -41,7 +43,6 @@ METHODS = {
     "fixed-orthogonal": ["--mixer_init", "orthogonal", "--freeze_mixer"],
     "fixed-kaiming": ["--mixer_init", "kaiming", "--freeze_mixer"],
 }
-BASELINE = "lora"
 
 
 @dataclass
@@ -52,14 +53,23 @@ class BenchmarkSettings:
     subjects: tuple[str, ...] = tuple(s.name for s in SUBJECTS)
     methods: tuple[str, ...] = tuple(METHODS)
     seeds: tuple[int, ...] = (0, 1, 2)
-    prior_preservation: tuple[bool, ...] = (False, True)
-    prior_methods: tuple[str, ...] = ("lora", "moslora-orthogonal")
-    """Methods also trained with prior preservation (when prior_preservation has True)."""
+    prior_preservation: bool = True
+    """The setting every method is compared in."""
+    ablation_methods: tuple[str, ...] = ("lora",)
+    """Methods also run with prior preservation the other way, to show what it does."""
+    prior_mode: str = "base_model"
+    captions: bool = True
+    """Each instance image captioned with its background (a same-named .txt), as users caption their photos."""
     token: str = "sks"
     instance_images: int = 5
     rank: int = 4
     steps: int = 400
-    learning_rate: float = 1e-4
+    learning_rate: float = 1e-3
+    learning_rates: dict[str, float] = field(default_factory=dict)
+    """Per-method learning rates (from tune_learning_rates); methods not named use learning_rate."""
+    curve_steps: tuple[int, ...] = (100, 200, 400)
+    """Checkpoints measured too, for fidelity against steps (steps must be among them to be the final point)."""
+    curve_methods: tuple[str, ...] = ("lora", "moslora-orthogonal")
     train_batch_size: int = 1
     num_class_images: int = 50
     backgrounds_per_subject: int = 4
@@ -68,6 +78,9 @@ class BenchmarkSettings:
     guidance_scale: float = 5.0
     sampling_seed: int = 1234
     extra_train_args: list[str] = field(default_factory=list)
+
+    def learning_rate_of(self, method: str) -> float:
+        return self.learning_rates.get(method, self.learning_rate)
 
 
 def subject_backgrounds(subject: Subject, count: int) -> list[str]:
@@ -106,8 +119,20 @@ def measure(pipe, analyzer, subject: Subject, real: torch.Tensor, settings: Benc
     return metrics, {"instance": instance_images, "class": class_images}
 
 
+@torch.no_grad()
+def oracle_fidelity(vae, analyzer, subject: Subject, real: torch.Tensor, settings: BenchmarkSettings) -> float:
+    """What a perfect model would score: fresh renders of the subject on the prompts' backgrounds, through the VAE
+    (encode, decode), against the instance images. The real-vs-real ceiling compares photos among themselves,
+    backgrounds included, so it sits above anything a sample of another background can reach."""
+    rng = np.random.default_rng([settings.sampling_seed, sum(map(ord, subject.name))])
+    renders = [render_subject(subject, rng, background=bg) for _, bg in evaluation_prompts(subject, settings, settings.token)]
+    decoded = vae.decode(vae.encode(to_pixels(renders).to(vae.dtype)).latent_dist.mean).sample
+    pixels = ((decoded.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return mean_cross_similarity(embed(analyzer, [Image.fromarray(p) for p in pixels]), real)
+
+
 def _train_adapter(settings: BenchmarkSettings, subject: Subject, instance_dir: Path, method: str, seed: int,
-                   prior: bool, output_dir: Path) -> Path:
+                   prior: bool, learning_rate: float, checkpoint_every: int, output_dir: Path) -> Path:
     argv = [
         "--pretrained_model_name_or_path", settings.base_model,
         "--instance_data_dir", str(instance_dir),
@@ -116,21 +141,20 @@ def _train_adapter(settings: BenchmarkSettings, subject: Subject, instance_dir: 
         "--resolution", str(IMAGE_SIZE),
         "--rank", str(settings.rank),
         "--max_train_steps", str(settings.steps),
-        "--learning_rate", str(settings.learning_rate),
+        "--learning_rate", str(learning_rate),
         "--train_batch_size", str(settings.train_batch_size),
-        "--checkpointing_steps", str(settings.steps),
+        "--checkpointing_steps", str(checkpoint_every),
+        "--report_to", "none",
         "--seed", str(seed),
         *METHODS[method],
         *settings.extra_train_args,
     ]
     if prior:
-        argv += [
-            "--with_prior_preservation",
-            "--class_prompt", subject.class_prompt,
-            "--class_data_dir", str(Path(settings.output_dir) / "class-images" / subject.name),
-            "--num_class_images", str(settings.num_class_images),
-            "--sample_batch_size", "25",
-        ]
+        argv += ["--with_prior_preservation", "--class_prompt", subject.class_prompt,
+                 "--prior_preservation_mode", settings.prior_mode]
+        if settings.prior_mode == "class_images":
+            argv += ["--class_data_dir", str(Path(settings.output_dir) / "class-images" / subject.name),
+                     "--num_class_images", str(settings.num_class_images), "--sample_batch_size", "25"]
     try:
         train(parse_args(argv))
     finally:
@@ -138,32 +162,73 @@ def _train_adapter(settings: BenchmarkSettings, subject: Subject, instance_dir: 
     return output_dir / "moslora.safetensors"
 
 
+class SubjectBench:
+    """One subject's real images, floor and ceilings, and the measuring of adapters against them."""
+
+    def __init__(self, subject: Subject, settings: BenchmarkSettings, analyzer, generation: GenerationSettings):
+        self.subject, self.settings, self.analyzer, self.generation = subject, settings, analyzer, generation
+        output_dir = Path(settings.output_dir)
+        self.instance_dir = output_dir / "instance-images" / subject.name
+        paths = write_instance_images(subject, self.instance_dir, settings.instance_images,
+                                      caption_token=settings.token if settings.captions else None)
+        self.real_images = [Image.open(p).convert("RGB") for p in paths]
+        self.real = embed(analyzer, self.real_images)
+        base = load_pipeline(settings.base_model, None, generation, device="cpu")
+        self.floor, self.untrained_samples = measure(base, analyzer, subject, self.real, settings)
+        self.real_vs_real = mean_self_similarity(self.real)
+        self.oracle = oracle_fidelity(base.vae, analyzer, subject, self.real, settings)
+
+    def record(self) -> dict:
+        return {"real_vs_real": self.real_vs_real, "oracle": self.oracle,
+                "untrained": {**self.floor, **self._normalized(self.floor["subject_fidelity"])}}
+
+    def _normalized(self, fidelity: float) -> dict:
+        floor = self.floor["subject_fidelity"]
+        return {"normalized_fidelity": normalized(fidelity, floor, self.real_vs_real),
+                "oracle_normalized_fidelity": normalized(fidelity, floor, self.oracle)}
+
+    def measure_adapter(self, adapter) -> tuple[dict, dict]:
+        pipe = load_pipeline(self.settings.base_model, adapter, self.generation, device="cpu")
+        metrics, samples = measure(pipe, self.analyzer, self.subject, self.real, self.settings)
+        return {**metrics, **self._normalized(metrics["subject_fidelity"])}, samples
+
+    def train_and_measure(self, method: str, seed: int, prior: bool, learning_rate: float, curve_steps=()) -> tuple:
+        """The final adapter's measures and samples, and the measures at each of curve_steps (from checkpoints)."""
+        tag = f"{method}-lr{learning_rate:g}-seed{seed}-{'prior' if prior else 'noprior'}"
+        run_dir = Path(self.settings.output_dir) / "runs" / self.subject.name / tag
+        every = min(curve_steps) if curve_steps else self.settings.steps
+        adapter = _train_adapter(self.settings, self.subject, self.instance_dir, method, seed, prior, learning_rate,
+                                 every, run_dir)
+        metrics, samples = self.measure_adapter(adapter)
+        curve = [{"step": step, **(metrics if step == self.settings.steps else
+                                   self.measure_adapter(run_dir / f"checkpoint-{step}" / "moslora.safetensors")[0])}
+                 for step in curve_steps if step <= self.settings.steps]
+        return metrics, samples, curve
+
+
 def run_benchmark(settings: BenchmarkSettings, log=print) -> dict:
-    """Every run's measures, the untrained floor and real-vs-real ceiling per subject; resumable by run."""
+    """Every run's measures, the floor and both ceilings per subject, curves, the report files."""
     output_dir = Path(settings.output_dir)
     analyzer = load_analyzer(settings.analyzer_file)
-    generation = GenerationSettings()
-    results = {"settings": asdict(settings), "subjects": {}, "runs": []}
+    results = {"settings": asdict(settings), "subjects": {}, "runs": [], "curves": []}
     figure_rows = []
     for name in settings.subjects:
-        subject = subject_by_name(name)
-        instance_dir = output_dir / "instance-images" / name
-        real_images = [Image.open(p).convert("RGB") for p in write_instance_images(subject, instance_dir, settings.instance_images)]
-        real = embed(analyzer, real_images)
-        floor, samples = measure(load_pipeline(settings.base_model, None, generation, device="cpu"), analyzer, subject, real, settings)
-        results["subjects"][name] = {"real_vs_real": mean_self_similarity(real), "untrained": floor}
+        bench = SubjectBench(subject_by_name(name), settings, analyzer, GenerationSettings())
+        results["subjects"][name] = bench.record()
         one_per_background = slice(None, None, settings.images_per_prompt)
-        row = {"real": real_images, "untrained": samples["instance"][one_per_background]}
-        log(f"{name}: real-vs-real {results['subjects'][name]['real_vs_real']:.3f}, untrained {floor}")
-        for method, seed, prior in itertools.product(settings.methods, settings.seeds, settings.prior_preservation):
-            if prior and method not in settings.prior_methods:
-                continue
-            run_dir = output_dir / "runs" / name / f"{method}-seed{seed}-{'prior' if prior else 'noprior'}"
-            adapter = _train_adapter(settings, subject, instance_dir, method, seed, prior, run_dir)
-            metrics, samples = measure(load_pipeline(settings.base_model, adapter, generation, device="cpu"),
-                                       analyzer, subject, real, settings)
-            results["runs"].append({"subject": name, "method": method, "seed": seed, "prior_preservation": prior, **metrics})
-            if seed == settings.seeds[0] and not prior:
+        row = {"real": bench.real_images, "untrained": bench.untrained_samples["instance"][one_per_background]}
+        log(f"{name}: real-vs-real {bench.real_vs_real:.3f}, oracle {bench.oracle:.3f}, untrained {bench.floor}")
+        runs = [(m, s, settings.prior_preservation) for m, s in itertools.product(settings.methods, settings.seeds)]
+        runs += [(m, s, not settings.prior_preservation) for m, s in itertools.product(settings.ablation_methods, settings.seeds)]
+        for method, seed, prior in runs:
+            compared = prior == settings.prior_preservation
+            curve_steps = settings.curve_steps if compared and method in settings.curve_methods else ()
+            metrics, samples, curve = bench.train_and_measure(method, seed, prior, settings.learning_rate_of(method),
+                                                              curve_steps)
+            keys = {"subject": name, "method": method, "seed": seed, "prior_preservation": prior}
+            results["runs"].append({**keys, **metrics})
+            results["curves"] += [{**keys, **point} for point in curve]
+            if seed == settings.seeds[0] and compared:
                 row[method] = samples["instance"][one_per_background]
             log(f"{name} {method} seed {seed} prior {prior}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
         figure_rows.append((name, row))
@@ -171,92 +236,49 @@ def run_benchmark(settings: BenchmarkSettings, log=print) -> dict:
     results["summary"] = summarize(results)
     write_text_atomically(output_dir / "results.json", json.dumps(results, indent=2) + "\n")
     write_text_atomically(output_dir / "results.md", results_table(results))
+    if results["curves"]:
+        plot = curve_plot(curve_summary(results), "subject fidelity against training steps (mean ± std)",
+                          "normalised fidelity")
+        save_png_atomically(plot, output_dir / "fidelity-vs-steps.png")
     return results
 
 
-MEASURES = ("subject_fidelity", "prompt_fidelity", "class_shape_accuracy", "class_subject_similarity")
+def choose_learning_rate(rows: list[dict], min_class_shape_accuracy: float) -> float:
+    """The learning rate with the best subject fidelity among those that keep the class; the best fidelity
+    overall when none does."""
+    keeping = [r for r in rows if r["class_shape_accuracy"] >= min_class_shape_accuracy] or rows
+    return max(keeping, key=lambda r: r["subject_fidelity"])["learning_rate"]
 
 
-def sign_flip_p_value(differences: list[float]) -> float:
-    """Two-sided paired permutation test: how often random signs give a mean difference at least as large."""
-    observed = abs(sum(differences))
-    if len(differences) <= 16:
-        flips = itertools.product((1, -1), repeat=len(differences))
-    else:
-        rng = random.Random(0)
-        flips = ([rng.choice((1, -1)) for _ in differences] for _ in range(20_000))
-    totals = [abs(sum(s * d for s, d in zip(signs, differences))) for signs in flips]
-    return sum(t >= observed - 1e-12 for t in totals) / len(totals)
+def tune_learning_rates(settings: BenchmarkSettings, learning_rates: tuple[float, ...], seed: int = 0,
+                        subject: Subject = TUNING_SUBJECT, min_class_shape_accuracy: float = 0.9, log=print) -> dict:
+    """Each method's learning rate from one grid, on the tuning subject alone, in the compared prior setting."""
+    output_dir = Path(settings.output_dir)
+    bench = SubjectBench(subject, settings, load_analyzer(settings.analyzer_file), GenerationSettings())
+    grid = []
+    for method, rate in itertools.product(settings.methods, learning_rates):
+        metrics, _, curve = bench.train_and_measure(method, seed, settings.prior_preservation, rate,
+                                                    settings.curve_steps)
+        grid += [{"method": method, "learning_rate": rate, **point} for point in curve]
+        log(f"tuning {method} lr {rate:g}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    final = [row for row in grid if row["step"] == settings.steps]
+    chosen = {m: choose_learning_rate([r for r in final if r["method"] == m], min_class_shape_accuracy)
+              for m in settings.methods}
+    tuning = {"subject": subject.name, "seed": seed, "steps": settings.steps, "subject_record": bench.record(),
+              "min_class_shape_accuracy": min_class_shape_accuracy, "grid": grid, "chosen": chosen}
+    write_text_atomically(output_dir / "tuning.json", json.dumps(tuning, indent=2) + "\n")
+    write_text_atomically(output_dir / "tuning.md", tuning_table(tuning))
+    return tuning
 
 
-def _mean_std(values: list[float]) -> dict:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
-
-
-def summarize(results: dict) -> dict:
-    """Mean and std over subjects and seeds per (method, prior), and each method paired with LoRA."""
-    runs = results["runs"]
-    summary = {"methods": {}, "paired_vs_lora": {}}
-    for method, prior in itertools.product(results["settings"]["methods"], results["settings"]["prior_preservation"]):
-        chosen = [r for r in runs if r["method"] == method and r["prior_preservation"] == prior]
-        if not chosen:
-            continue
-        key = f"{method}|{'prior' if prior else 'no prior'}"
-        summary["methods"][key] = {m: _mean_std([r[m] for r in chosen]) for m in MEASURES}
-        if method == BASELINE:
-            continue
-        baseline = {(r["subject"], r["seed"]): r for r in runs if r["method"] == BASELINE and r["prior_preservation"] == prior}
-        if not baseline:
-            continue
-        pairs = [(r, baseline[(r["subject"], r["seed"])]) for r in chosen]
-        summary["paired_vs_lora"][key] = {
-            m: {"mean_difference": statistics.fmean(a[m] - b[m] for a, b in pairs),
-                "p_value": sign_flip_p_value([a[m] - b[m] for a, b in pairs]), "pairs": len(pairs)}
-            for m in ("subject_fidelity", "prompt_fidelity")
-        }
-    floors = [s["untrained"] for s in results["subjects"].values()]
-    summary["untrained"] = {m: _mean_std([f[m] for f in floors]) for m in MEASURES}
-    summary["real_vs_real"] = _mean_std([s["real_vs_real"] for s in results["subjects"].values()])
-    return summary
-
-
-def _cell(stats: dict) -> str:
-    return f"{stats['mean']:.3f} ± {stats['std']:.3f}"
-
-
-def results_table(results: dict) -> str:
-    summary = results["summary"]
-    lines = [
-        "| method | prior preservation | subject fidelity ↑ | prompt fidelity ↑ | class shape accuracy ↑ | class-subject similarity ↓ |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    for key, row in summary["methods"].items():
-        method, prior = key.split("|")
-        lines.append(f"| {method} | {prior} | " + " | ".join(_cell(row[m]) for m in MEASURES) + " |")
-    floor = summary["untrained"]
-    lines.append("| untrained (floor) | | " + " | ".join(_cell(floor[m]) for m in MEASURES) + " |")
-    lines.append(f"| real vs real (ceiling) | | {_cell(summary['real_vs_real'])} | | | |")
-    lines += ["", "Paired with LoRA on the same subject and seed (two-sided sign-flip permutation test):", "",
-              "| method | prior preservation | Δ subject fidelity | p | Δ prompt fidelity | p |", "| --- | --- | --- | --- | --- | --- |"]
-    for key, row in summary["paired_vs_lora"].items():
-        method, prior = key.split("|")
-        s, p = row["subject_fidelity"], row["prompt_fidelity"]
-        lines.append(f"| {method} | {prior} | {s['mean_difference']:+.4f} | {s['p_value']:.3f} | "
-                     f"{p['mean_difference']:+.4f} | {p['p_value']:.3f} |")
+def tuning_table(tuning: dict) -> str:
+    lines = [f"Tuning subject {tuning['subject']} (seed {tuning['seed']}), {tuning['steps']} steps; chosen: the best "
+             f"subject fidelity with class shape accuracy ≥ {tuning['min_class_shape_accuracy']}.", "",
+             "| method | learning rate | step | subject fidelity | normalised (real) | normalised (oracle) | "
+             "class shape accuracy | class-subject similarity | chosen |", "| --- " * 9 + "|"]
+    for row in tuning["grid"]:
+        chosen = "✓" if row["step"] == tuning["steps"] and tuning["chosen"][row["method"]] == row["learning_rate"] else ""
+        lines.append(f"| {row['method']} | {row['learning_rate']:g} | {row['step']} | {row['subject_fidelity']:.3f} | "
+                     f"{row['normalized_fidelity']:.3f} | {row['oracle_normalized_fidelity']:.3f} | "
+                     f"{row['class_shape_accuracy']:.3f} | {row['class_subject_similarity']:.3f} | {chosen} |")
     return "\n".join(lines) + "\n"
-
-
-def sample_figure(rows: list[tuple[str, dict]], per_column: int = 3, zoom: int = 3) -> Image.Image:
-    """One row per subject: real images, the untrained model, then each method (seed 0, no prior)."""
-    cell, label_height = IMAGE_SIZE * zoom, 14
-    columns = list(rows[0][1])
-    width = len(columns) * per_column * cell + (len(columns) - 1) * 4
-    figure = Image.new("RGB", (width, label_height + len(rows) * (cell + 4)), "white")
-    draw = ImageDraw.Draw(figure)
-    for c, column in enumerate(columns):
-        left = c * (per_column * cell + 4)
-        draw.text((left + 2, 1), column, fill="black")
-        for r, (_, images) in enumerate(rows):
-            for k, image in enumerate(images[column][:per_column]):
-                figure.paste(image.resize((cell, cell), Image.NEAREST), (left + k * cell, label_height + r * (cell + 4)))
-    return figure

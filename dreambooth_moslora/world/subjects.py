@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..files import save_png_atomically
-from .render import COLOURS, IMAGE_SIZE, _ellipse, _star, background_pixels, compose, pattern_fill, sample_scene, shape_mask
+from ..files import save_png_atomically, write_text_atomically
+from .render import (COLOURS, IMAGE_SIZE, TEXTURE_WORDS, Scene, _ellipse, _star, background_pixels, compose,
+                     pattern_fill, sample_scene, shape_mask)
 
 
 def _house() -> list[tuple[float, float]]:
@@ -36,36 +37,63 @@ class Subject:
         return f"a photo of a {self.class_noun}"
 
 
+def _kite() -> list[tuple[float, float]]:
+    return [(0.0, -1.0), (0.62, -0.2), (0.0, 0.95), (-0.62, -0.2)]
+
+
 SUBJECTS = (
     Subject("striped-hexagram", "star", ([_star(6, 0.55)], []), "stripes", ("red", "yellow")),
     Subject("dotted-egg", "circle", ([_ellipse(0.72, 1.0)], []), "dots", ("blue", "white")),
     Subject("checked-house", "square", ([_house()], []), "checks", ("green", "purple")),
 )
+TUNING_SUBJECT = Subject("checked-kite", "triangle", ([_kite()], []), "checks", ("orange", "black"))
+"""Settings are chosen on this subject alone, never on the three that are reported."""
 
 
 def subject_by_name(name: str) -> Subject:
-    for subject in SUBJECTS:
+    for subject in (*SUBJECTS, TUNING_SUBJECT):
         if subject.name == name:
             return subject
     raise KeyError(f"unknown subject {name!r}; known: {', '.join(s.name for s in SUBJECTS)}")
 
 
-def render_subject(subject: Subject, rng: np.random.Generator, size: int = IMAGE_SIZE, background=None, texture=None):
-    """One photo of the subject: random size, place and turn, on a background of neither of its colours."""
+def subject_scene(subject: Subject, rng: np.random.Generator, background=None, texture=None) -> Scene:
+    """Where one photo puts the subject: random size, place and turn, on a background of neither of its colours."""
     others = [c for c in COLOURS if c not in subject.colours]
     background = background or str(rng.choice(others))
     scene = sample_scene(rng, shape="circle", colour=subject.colours[0], background=background, texture=texture)
     radius = max(scene.size, 0.3)
     low, high = radius + 0.03, 1 - radius - 0.03
-    scene = replace(scene, size=radius, x=float(np.clip(scene.x, low, high)), y=float(np.clip(scene.y, low, high)))
+    return replace(scene, size=radius, x=float(np.clip(scene.x, low, high)), y=float(np.clip(scene.y, low, high)))
+
+
+def draw_subject(subject: Subject, scene: Scene, size: int = IMAGE_SIZE):
     mask = shape_mask(scene.shape, scene, size, outlines=subject.outline)
     backdrop = background_pixels(scene.background, scene.texture, scene.texture_seed, size)
     return compose(backdrop, mask, pattern_fill(scene, subject.pattern, subject.colours, size))
 
 
-def write_instance_images(subject: Subject, folder, count: int = 5, seed: int = 0) -> list[Path]:
-    """The DreamBooth training set: `count` photos of the subject on varied backgrounds, as PNG files."""
+def render_subject(subject: Subject, rng: np.random.Generator, size: int = IMAGE_SIZE, background=None, texture=None):
+    """One photo of the subject."""
+    return draw_subject(subject, subject_scene(subject, rng, background, texture), size)
+
+
+def subject_caption(subject: Subject, scene: Scene, token: str) -> str:
+    """What a user would write of one photo: the trigger, the class, and what is not the subject (its background)."""
+    return f"a photo of a {token} {subject.class_noun} on a {TEXTURE_WORDS[scene.texture]}{scene.background} background"
+
+
+def write_instance_images(subject: Subject, folder, count: int = 5, seed: int = 0,
+                          caption_token: str | None = None) -> list[Path]:
+    """The DreamBooth training set: `count` photos of the subject on varied backgrounds, as PNG files; with
+    `caption_token`, each with a same-named .txt caption that names its background."""
     rng = np.random.default_rng([seed, sum(map(ord, subject.name))])
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    return [save_png_atomically(render_subject(subject, rng), folder / f"{i:02d}.png") for i in range(count)]
+    paths = []
+    for i in range(count):
+        scene = subject_scene(subject, rng)
+        paths.append(save_png_atomically(draw_subject(subject, scene), folder / f"{i:02d}.png"))
+        if caption_token:
+            write_text_atomically(folder / f"{i:02d}.txt", subject_caption(subject, scene, caption_token) + "\n")
+    return paths
