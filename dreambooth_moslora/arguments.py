@@ -10,7 +10,7 @@ import logging
 from .config import MIXER_INITS, UNET_TARGETS
 from .errors import UserInputError
 from .parser import CommandParser
-from .prompt_words import has_trigger_word
+from .prompt_words import has_trigger_word, read_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,15 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     data.add_argument("--random_flip", action="store_true", help="mirror images at random, drawn every step")
     data.add_argument("--no_bucketing", dest="bucketing", action="store_false",
                       help="square crops instead of aspect-ratio buckets")
+    masked = data.add_mutually_exclusive_group()
+    masked.add_argument("--mask_dir", default=None,
+                        help="masked loss: a folder of same-named masks (white = subject) for the instance images")
+    masked.add_argument("--alpha_mask", action="store_true",
+                        help="masked loss: each instance image's alpha channel is its mask")
+    data.add_argument("--unmasked_weight", type=float, default=0.0,
+                      help="loss weight outside the mask (default 0: only the subject is learned)")
+    data.add_argument("--caption_dropout", type=float, default=0.0,
+                      help="probability that a training caption is replaced by the empty prompt (drawn per use)")
     data.add_argument("--repeats", type=int, default=1, help="how often each instance image appears per epoch")
     data.add_argument("--dataloader_num_workers", type=int, default=0)
 
@@ -51,6 +60,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                             "images is the target, no class images needed")
     prior.add_argument("--class_data_dir", default=None, help="class images; missing ones are generated here")
     prior.add_argument("--class_prompt", default=None, help="prompt of the class without the trigger, e.g. 'a photo of a dog'")
+    prior.add_argument("--class_prompts_file", default=None,
+                       help="several class prompts, one per line: class images are generated cycling through them "
+                            "(each keeps its prompt as caption), and the base-model prior uses them as class captions")
     prior.add_argument("--num_class_images", type=int, default=100)
     prior.add_argument("--prior_loss_weight", type=float, default=1.0)
     prior.add_argument("--sample_batch_size", type=int, default=4, help="batch size when generating class images")
@@ -90,6 +102,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     optim.add_argument("--max_grad_norm", type=float, default=1.0)
     optim.add_argument("--snr_gamma", type=float, default=None, help="min-SNR-γ loss weighting; 5.0 is usual")
     optim.add_argument("--noise_offset", type=float, default=0.0)
+    optim.add_argument("--use_ema", action="store_true",
+                       help="export and validate an exponential moving average of the adapter weights")
+    optim.add_argument("--ema_decay", type=float, default=0.995, help="EMA decay (default 0.995)")
+    optim.add_argument("--ema_device", choices=["accelerator", "cpu"], default="accelerator",
+                       help="where the average is kept: cpu saves accelerator memory")
     optim.add_argument("--seed", type=int, default=0)
 
     memory = parser.add_argument_group("precision and memory")
@@ -125,6 +142,9 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     """Refuse combinations that cannot work, before any model is loaded."""
     if args.resolution <= 0 or args.resolution % 8:
         raise UserInputError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
+    args.class_prompts = read_prompts(prompts_file=args.class_prompts_file) if args.class_prompts_file else None
+    if args.class_prompts and not args.class_prompt:
+        args.class_prompt = args.class_prompts[0]
     if args.with_prior_preservation:
         if not args.class_prompt:
             raise UserInputError("--with_prior_preservation needs --class_prompt (e.g. 'a photo of a dog')")
@@ -141,6 +161,12 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
             raise UserInputError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.freeze_mixer and args.mixer_init == "none":
         raise UserInputError("--freeze_mixer needs a mixer to freeze; --mixer_init none has none")
+    if not 0 < args.ema_decay < 1:
+        raise UserInputError(f"--ema_decay must be between 0 and 1, got {args.ema_decay}")
+    if not 0 <= args.unmasked_weight <= 1:
+        raise UserInputError(f"--unmasked_weight must be in [0, 1], got {args.unmasked_weight}")
+    if not 0 <= args.caption_dropout < 1:
+        raise UserInputError(f"--caption_dropout must be in [0, 1), got {args.caption_dropout}")
     if args.num_class_images < 0 or args.dataloader_num_workers < 0:
         raise UserInputError("--num_class_images and --dataloader_num_workers cannot be negative")
     if args.report_to != "none" and importlib.util.find_spec(args.report_to) is None:

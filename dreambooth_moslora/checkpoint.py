@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from .ema import EMA_FILE
 from .errors import UserInputError
 from .files import write_text_atomically
 from .io import NATIVE_FILE, copy_adapter_weights, read_moslora, save_moslora, write_safetensors
@@ -30,7 +31,7 @@ def checkpoints(output_dir) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
-def save_checkpoint(output_dir, step: int, models: dict, optimizer, lr_scheduler, base_model: str) -> Path:
+def save_checkpoint(output_dir, step: int, models: dict, optimizer, lr_scheduler, base_model: str, ema=None) -> Path:
     """Written into a temporary folder and renamed, so a crash never leaves a half checkpoint (nor the folder)."""
     final = Path(output_dir) / f"{PREFIX}{step}"
     staging = Path(output_dir) / f".{PREFIX}{step}.tmp"
@@ -41,6 +42,8 @@ def save_checkpoint(output_dir, step: int, models: dict, optimizer, lr_scheduler
                      base_model=base_model)
         tensors, metadata = _flatten_optimizer(optimizer.state_dict())
         write_safetensors(tensors, staging / OPTIMIZER_FILE, metadata)
+        if ema is not None:
+            ema.save(staging / EMA_FILE)
         state = {"global_step": step, "lr_scheduler": lr_scheduler.state_dict()}
         write_text_atomically(staging / STATE_FILE, json.dumps(state, default=float))
         shutil.rmtree(final, ignore_errors=True)
@@ -68,9 +71,11 @@ def resolve_checkpoint(output_dir, spec: str) -> Path | None:
     return path
 
 
-def load_checkpoint(path, models: dict, optimizer, lr_scheduler) -> int:
-    """Restore adapter weights, optimizer and schedule; returns the step to continue from."""
+def load_checkpoint(path, models: dict, optimizer, lr_scheduler, ema=None) -> int:
+    """Restore adapter weights, optimizer, schedule and the weights' average; returns the step to continue from."""
     path = Path(path)
+    if ema is not None and not (path / EMA_FILE).is_file():
+        raise UserInputError(f"{path} was trained without --use_ema; resume it without --use_ema, or start afresh")
     adapter = read_moslora(path / NATIVE_FILE)
     for component, model in models.items():
         config = moslora_config(model)
@@ -85,6 +90,8 @@ def load_checkpoint(path, models: dict, optimizer, lr_scheduler) -> int:
             optimizer.load_state_dict(_unflatten_optimizer(handle))
     except (SafetensorError, OSError, KeyError, ValueError) as error:
         raise UserInputError(f"{path / OPTIMIZER_FILE} is not a usable optimizer state ({error})") from None
+    if ema is not None:
+        ema.load(path / EMA_FILE)
     state = json.loads((path / STATE_FILE).read_text())
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     return int(state["global_step"])

@@ -39,7 +39,8 @@ def _settings(args):
 
 
 def _generate(args):
-    from .generate import generate_images, load_pipeline, read_prompts
+    from .generate import generate_images, load_pipeline
+    from .prompt_words import read_prompts
 
     prompts = read_prompts(args.prompt, args.prompts_file)
     check_writable_folder(args.output_dir, "--output_dir")

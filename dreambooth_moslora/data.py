@@ -11,7 +11,7 @@ import logging
 import math
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,8 @@ class Example:
     original_size: tuple[int, int]
     target_size: tuple[int, int]
     is_class: bool = False
+    mask: Path | None = None
+    """Where its loss mask comes from: a mask file, or the image itself for its alpha channel (masks.py)."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,11 @@ class Sample:
 
     flip: bool
     crop_top_left: tuple[int, int]
+    drop_caption: bool = False
+
+    def caption(self, example: Example) -> str:
+        """The caption this use trains on: the empty prompt when caption dropout drew it."""
+        return "" if self.drop_caption else example.caption
 
 
 def image_files(folder) -> list[Path]:
@@ -100,8 +107,10 @@ def nearest_bucket(size: tuple[int, int], buckets) -> tuple[int, int]:
     return min(buckets, key=lambda b: (abs(math.log(b[1] / b[0]) - ratio), -b[0] * b[1]))
 
 
-def read_examples(folder, default_caption: str, resolution: int, bucketing: bool, is_class=False) -> list[Example]:
-    """Every readable image of a folder; a corrupt one is skipped with a warning naming it."""
+def read_examples(folder, default_caption: str, resolution: int, bucketing: bool, is_class=False,
+                  find_mask=None) -> list[Example]:
+    """Every readable image of a folder; a corrupt one is skipped with a warning naming it. `find_mask(path)` gives
+    each image's mask source (masks.mask_finder)."""
     buckets = bucket_sizes(resolution) if bucketing else [(resolution, resolution)]
     examples = []
     for path in image_files(folder):
@@ -113,7 +122,8 @@ def read_examples(folder, default_caption: str, resolution: int, bucketing: bool
         caption_file = path.with_suffix(".txt")
         caption = caption_file.read_text(encoding="utf-8").strip() if caption_file.is_file() else default_caption
         size = (height, width)
-        examples.append(Example(path, caption or default_caption, size, nearest_bucket(size, buckets), is_class))
+        mask = find_mask(path) if find_mask else None
+        examples.append(Example(path, caption or default_caption, size, nearest_bucket(size, buckets), is_class, mask))
     if not examples:
         raise UserInputError(f"no readable images in {folder}")
     return examples
@@ -140,25 +150,32 @@ def center_sample(example: Example, flip: bool) -> Sample:
     return Sample(flip, (slack_y // 2, slack_x // 2))
 
 
-def draw_sample(example: Example, rng: random.Random, random_flip: bool, center_crop: bool) -> Sample:
-    """The augmentation of one use of an example, drawn fresh every step."""
+def draw_sample(example: Example, rng: random.Random, random_flip: bool, center_crop: bool,
+                caption_dropout: float = 0.0) -> Sample:
+    """The augmentation of one use of an example, drawn fresh every step (caption dropout last, so runs without it
+    draw exactly what they drew before it existed)."""
     slack_y, slack_x = _crop_slack(example)
     crop = None if center_crop else (rng.randint(0, slack_y), rng.randint(0, slack_x))
     flip = random_flip and rng.random() < 0.5
-    return Sample(flip, crop) if crop else center_sample(example, flip)
+    sample = Sample(flip, crop) if crop else center_sample(example, flip)
+    if caption_dropout and rng.random() < caption_dropout:
+        sample = replace(sample, drop_caption=True)
+    return sample
+
+
+def place(image: Image.Image, example: Example, sample: Sample, resample=Image.Resampling.BICUBIC) -> Image.Image:
+    """Resized to cover the bucket, cropped, maybe mirrored: what one use of the example shows (masks follow it)."""
+    height, width = resized_size(example.original_size, example.target_size)
+    image = image.resize((width, height), resample)
+    top, left = sample.crop_top_left
+    image = image.crop((left, top, left + example.target_size[1], top + example.target_size[0]))
+    return ImageOps.mirror(image) if sample.flip else image
 
 
 def render(example: Example, sample: Sample) -> torch.Tensor:
     """The image as the UNet's VAE sees it: resized, cropped, maybe mirrored, in [-1, 1], (3, H, W)."""
-    image = load_rgb(example.path)
-    height, width = resized_size(example.original_size, example.target_size)
-    image = image.resize((width, height), Image.Resampling.BICUBIC)
-    top, left = sample.crop_top_left
-    image = image.crop((left, top, left + example.target_size[1], top + example.target_size[0]))
-    if sample.flip:
-        image = ImageOps.mirror(image)
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
-    return pixels / 127.5 - 1.0
+    pixels = torch.from_numpy(np.asarray(place(load_rgb(example.path), example, sample), dtype=np.float32))
+    return pixels.permute(2, 0, 1) / 127.5 - 1.0
 
 
 def epoch_batches(examples: list[Example], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -215,10 +232,12 @@ def process_micro_batches(
 class MicroBatches(Dataset):
     """Micro-batches drawn and rendered from (seed, micro-batch number, process): the same on resume, in workers."""
 
-    def __init__(self, plan, seed: int, process_index: int, random_flip: bool, center_crop: bool, render_pixels: bool):
+    def __init__(self, plan, seed: int, process_index: int, random_flip: bool, center_crop: bool, render_pixels: bool,
+                 caption_dropout: float = 0.0, render_mask=None):
         self.plan = plan
         self.seed, self.process_index = seed, process_index
         self.random_flip, self.center_crop, self.render_pixels = random_flip, center_crop, render_pixels
+        self.caption_dropout, self.render_mask = caption_dropout, render_mask
 
     def __len__(self):
         return len(self.plan)
@@ -226,9 +245,10 @@ class MicroBatches(Dataset):
     def __getitem__(self, item):
         number, examples = self.plan[item]
         rng = random.Random(f"{self.seed}-{number}-{self.process_index}")
-        samples = [draw_sample(e, rng, self.random_flip, self.center_crop) for e in examples]
+        samples = [draw_sample(e, rng, self.random_flip, self.center_crop, self.caption_dropout) for e in examples]
         pixels = torch.stack([render(e, s) for e, s in zip(examples, samples)]) if self.render_pixels else None
-        return number, examples, samples, pixels
+        masks = torch.stack([self.render_mask(e, s) for e, s in zip(examples, samples)]) if self.render_mask else None
+        return number, examples, samples, pixels, masks
 
 
 def keep_as_is(item):

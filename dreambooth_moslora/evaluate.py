@@ -15,7 +15,8 @@ from .data import image_files, load_rgb
 from .dreambooth_prompts import LIVE_SUBJECT_PROMPTS, OBJECT_PROMPTS
 from .errors import UserInputError
 from .files import write_text_atomically
-from .generate import GenerationSettings, generate_images, load_pipeline, read_prompts
+from .generate import GenerationSettings, generate_images, load_pipeline
+from .prompt_words import read_prompts
 from .metrics import (
     DEFAULT_CLIP,
     DEFAULT_DINO,

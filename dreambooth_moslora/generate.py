@@ -56,22 +56,6 @@ class GenerationSettings:
     scheduler: str | None = None
 
 
-def read_prompts(prompts: list[str] | None = None, prompts_file=None) -> list[str]:
-    """Prompts given one by one, or one per line of a file (blank lines and # comments skipped)."""
-    found = list(prompts or [])
-    if prompts_file is not None:
-        path = Path(prompts_file)
-        if not path.is_file():
-            raise UserInputError(f"prompts file not found: {path}")
-        found += [line.strip() for line in path.read_text(encoding="utf-8").splitlines()
-                  if line.strip() and not line.strip().startswith("#")]
-        if not found:
-            raise UserInputError(f"prompts file {path} has no prompts")
-    if not found:
-        raise UserInputError("give at least one --prompt or a --prompts_file")
-    return found
-
-
 def load_pipeline(base_model: str, adapter=None, settings: GenerationSettings = GenerationSettings(),
                   device: str | None = None, dtype: str | None = None) -> StableDiffusionXLPipeline:
     """The base pipeline on the device, with the adapter attached and the scheduler chosen."""

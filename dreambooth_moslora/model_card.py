@@ -8,7 +8,8 @@ from .io import DIFFUSERS_FILE, KOHYA_FILE, NATIVE_FILE
 
 
 def model_card(base_model: str, instance_prompt: str, config, steps: int, text_encoders_trained: bool,
-               validation_prompt: str | None, validation_images: list[Path], output_dir: Path) -> str:
+               validation_prompt: str | None, validation_images: list[Path], output_dir: Path,
+               ema_decay: float | None = None) -> str:
     images = "\n".join(f"![{validation_prompt}]({p.relative_to(output_dir).as_posix()})" for p in validation_images)
     return f"""---
 base_model: {base_model}
@@ -30,6 +31,7 @@ prompt **{instance_prompt}**.
 | target modules | {", ".join(config.target_modules)} |
 | text encoders trained | {"yes" if text_encoders_trained else "no"} |
 | training steps | {steps} |
+| weights | {f"the exponential moving average of the trained weights (decay {ema_decay:g}), in every file" if ema_decay else "as trained"} |
 
 ## Files
 - `{DIFFUSERS_FILE}`: a plain LoRA (the mixer folded in) for diffusers and PEFT.

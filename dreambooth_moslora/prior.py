@@ -15,7 +15,7 @@ from diffusers import StableDiffusionXLPipeline
 
 from .data import IMAGE_EXTENSIONS, Example
 from .feedback import progress_bar
-from .files import save_png_atomically
+from .files import save_png_atomically, write_text_atomically
 
 
 def count_images(folder) -> int:
@@ -23,20 +23,24 @@ def count_images(folder) -> int:
     return sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS) if folder.is_dir() else 0
 
 
-def generate_class_images(pipe: StableDiffusionXLPipeline, folder, prompt: str, indices: list[int], batch_size: int,
-                          resolution: int, num_inference_steps: int, seed: int, show_progress: bool = True):
-    """Write `class-<index>.png` for each index; each image's seed is (seed, index), so processes can share the work."""
+def generate_class_images(pipe: StableDiffusionXLPipeline, folder, prompts: list[str], indices: list[int],
+                          batch_size: int, resolution: int, num_inference_steps: int, seed: int,
+                          show_progress: bool = True):
+    """Write `class-<index>.png` and its caption `class-<index>.txt` for each index: prompt (index mod the number
+    of prompts), seed (seed, index), so processes can share the work and any image can be made again alone."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     pipe.set_progress_bar_config(disable=True)
     batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
     for batch in progress_bar(batches, desc="generating class images", show=show_progress):
         generators = [torch.Generator().manual_seed(seed * 100_003 + index) for index in batch]
+        captions = [prompts[index % len(prompts)] for index in batch]
         images = pipe(
-            [prompt] * len(batch), generator=generators, height=resolution, width=resolution,
+            captions, generator=generators, height=resolution, width=resolution,
             num_inference_steps=num_inference_steps,
         ).images
-        for index, image in zip(batch, images):
+        for index, image, caption in zip(batch, images, captions):
+            write_text_atomically(folder / f"class-{index:05d}.txt", caption + "\n")
             save_png_atomically(image, folder / f"class-{index:05d}.png")
 
 
@@ -51,9 +55,14 @@ def missing_class_indices(folder, wanted: int) -> list[int]:
     return indices
 
 
-def base_model_prior_examples(instance: list[Example], instance_prompt: str, class_prompt: str) -> list[Example]:
-    """The instance images as class examples, each caption less the trigger words (those of the instance prompt
-    that the class prompt lacks): "a photo of sks dog on a beach" becomes "a photo of dog on a beach"."""
+def base_model_prior_examples(instance: list[Example], instance_prompt: str, class_prompt: str,
+                              class_prompts: list[str] | None = None) -> list[Example]:
+    """The instance images as class examples. Captioned with the class prompts when there are several (image
+    i mod n with prompt i, one example per prompt); else each with its own caption less the trigger words (those of
+    the instance prompt that the class prompt lacks): "a photo of sks dog on a beach" → "a photo of dog on a beach"."""
+    if class_prompts:
+        return [replace(instance[i % len(instance)], caption=prompt, is_class=True, mask=None)
+                for i, prompt in enumerate(class_prompts)]
     trigger = set(instance_prompt.split()) - set(class_prompt.split())
-    return [replace(e, caption=" ".join(w for w in e.caption.split() if w not in trigger), is_class=True)
+    return [replace(e, caption=" ".join(w for w in e.caption.split() if w not in trigger), is_class=True, mask=None)
             for e in instance]

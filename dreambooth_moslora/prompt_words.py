@@ -1,12 +1,16 @@
-"""Does a prompt name the subject? DreamBooth binds the subject to a rare word (the trigger, e.g. "sks"); a prompt
-made only of ordinary words teaches the model to draw the subject for those words, and it has no name of its own.
+"""Prompts: reading them from options and files, and whether one names the subject.
+
+DreamBooth binds the subject to a rare word (the trigger, e.g. "sks"); a prompt made only of ordinary words
+teaches the model to draw the subject for those words, and it has no name of its own.
 """
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from .dreambooth_prompts import LIVE_SUBJECT_PROMPTS, OBJECT_PROMPTS
+from .errors import UserInputError
 
 EVERYDAY_WORDS = """
 a an the of on in at to with and or but for from by as is are was be it its this that these those my your
@@ -33,3 +37,19 @@ def has_trigger_word(instance_prompt: str, class_prompt: str | None = None) -> b
     """True when some word of the instance prompt is neither ordinary nor a word of the class prompt."""
     known = ordinary_words() | set(re.findall(r"[a-z]+", (class_prompt or "").lower()))
     return any(word not in known for word in re.findall(r"[a-z0-9]+", instance_prompt.lower()))
+
+
+def read_prompts(prompts: list[str] | None = None, prompts_file=None) -> list[str]:
+    """Prompts given one by one, or one per line of a file (blank lines and # comments skipped)."""
+    found = list(prompts or [])
+    if prompts_file is not None:
+        path = Path(prompts_file)
+        if not path.is_file():
+            raise UserInputError(f"prompts file not found: {path}")
+        found += [line.strip() for line in path.read_text(encoding="utf-8").splitlines()
+                  if line.strip() and not line.strip().startswith("#")]
+        if not found:
+            raise UserInputError(f"prompts file {path} has no prompts")
+    if not found:
+        raise UserInputError("give at least one --prompt or a --prompts_file")
+    return found

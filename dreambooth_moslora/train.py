@@ -30,12 +30,14 @@ from .caching import cache_latent_distributions, cache_prompt_embeddings, latent
 from .conditioning import encode_latent_distribution, encode_prompts, micro_conditioning, sample_latents
 from .config import TEXT_ENCODER_TARGETS, MoSLoRAConfig
 from .data import MicroBatches, Sample, epoch_batches, epoch_examples, keep_as_is, process_micro_batches, read_examples
+from .ema import AdapterEMA, adapter_parameters, averaged_weights
 from .errors import UserInputError
 from .feedback import progress_bar
 from .files import check_writable_folder, write_text_atomically
 from .generate import GenerationSettings, generate_images
 from .inject import inject_moslora, moslora_config, moslora_disabled, moslora_parameters
 from .loss import diffusion_target, min_snr_weights
+from .masks import loss_weights, mask_finder, render_mask
 from .io import DIFFUSERS_FILE, KOHYA_FILE, NATIVE_FILE, export_diffusers, export_kohya, save_moslora
 from .model_card import model_card
 from .models import dtype_option, load_base_models, model_reference, native_resolution, place_models
@@ -78,7 +80,8 @@ def train(args) -> TrainingResult:
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.train_text_encoder)],
         cpu=not torch.accelerator.is_available(),  # so torchrun on CPUs gives gloo processes, not lone ones
     )
-    instance = read_examples(args.instance_data_dir, args.instance_prompt, args.resolution, args.bucketing)
+    instance = read_examples(args.instance_data_dir, args.instance_prompt, args.resolution, args.bucketing,
+                             find_mask=mask_finder(args.mask_dir, args.alpha_mask))
     with output_folder_lock(output_dir, enabled=accelerator.is_main_process):
         return _train(args, accelerator, output_dir, instance)
 
@@ -105,30 +108,33 @@ def _train(args, accelerator, output_dir: Path, instance) -> TrainingResult:
                                  num_training_steps=max_steps)
     prepared = accelerator.prepare(*adapted.values(), optimizer)
     trained, optimizer = dict(zip(adapted, prepared[:-1])), prepared[-1]
+    ema = AdapterEMA(adapter_parameters(adapted), args.ema_decay,
+                     "cpu" if args.ema_device == "cpu" else accelerator.device) if args.use_ema else None
 
-    global_step = _resume(args, output_dir, adapted, optimizer, lr_scheduler)
+    global_step = _resume(args, output_dir, adapted, optimizer, lr_scheduler, ema)
     caches = _build_caches(args, accelerator, models, instance + classes, samples=(max_steps - global_step)
                            * args.train_batch_size * args.gradient_accumulation_steps)
     if accelerator.is_main_process:
         accelerator.init_trackers("dreambooth-moslora", config=_tracker_config(args))
 
-    loop = TrainingLoop(args, accelerator, models, trained, optimizer, lr_scheduler, caches, weight_dtype)
+    loop = TrainingLoop(args, accelerator, models, trained, optimizer, lr_scheduler, caches, weight_dtype, ema)
     start = time.perf_counter()
     first_step = global_step
     with _StopOnInterrupt() as stop:
         global_step = loop.run(instance, classes, global_step, max_steps, stop, save=lambda step: _checkpoint(
-            args, output_dir, step, accelerator, adapted, optimizer, lr_scheduler))
+            args, output_dir, step, accelerator, adapted, optimizer, lr_scheduler, ema))
     seconds = time.perf_counter() - start
     if stop.requested:
-        path = _checkpoint(args, output_dir, global_step, accelerator, adapted, optimizer, lr_scheduler)
+        path = _checkpoint(args, output_dir, global_step, accelerator, adapted, optimizer, lr_scheduler, ema)
         raise KeyboardInterrupt(f"interrupted at step {global_step}; saved {path}; "
                                 "continue with --resume_from_checkpoint latest")
 
     files = []
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        images = loop.validate(global_step, final=True) if args.validation_prompt else []
-        files = _write_outputs(args, output_dir, adapted, global_step, images)
+        with averaged_weights(ema):  # the exported adapter is the average, as validation shows it
+            images = loop.validate(global_step, final=True) if args.validation_prompt else []
+            files = _write_outputs(args, output_dir, adapted, global_step, images)
         _summary(global_step - first_step, seconds, files, accelerator.device)
     accelerator.end_training()
     return TrainingResult(output_dir, global_step, seconds, files, loop.losses)
@@ -137,8 +143,8 @@ def _train(args, accelerator, output_dir: Path, instance) -> TrainingResult:
 class TrainingLoop:
     """One optimizer step after another, with checkpoints, validation and logging in between."""
 
-    def __init__(self, args, accelerator, models, trained, optimizer, lr_scheduler, caches, weight_dtype):
-        self.args, self.accelerator, self.models = args, accelerator, models
+    def __init__(self, args, accelerator, models, trained, optimizer, lr_scheduler, caches, weight_dtype, ema=None):
+        self.args, self.accelerator, self.models, self.ema = args, accelerator, models, ema
         self.trained, self.optimizer, self.lr_scheduler = trained, optimizer, lr_scheduler
         self.latent_cache, self.prompt_cache = caches
         self.weight_dtype = weight_dtype
@@ -160,16 +166,19 @@ class TrainingLoop:
             plan = [item for _, item in zip(range(PLAN_CHUNK), stream) if item[0] >= skip]
             loader = DataLoader(
                 MicroBatches(plan, args.seed, accelerator.process_index, args.random_flip, args.center_crop,
-                             render_pixels=self.latent_cache is None),
+                             render_pixels=self.latent_cache is None, caption_dropout=args.caption_dropout,
+                             render_mask=render_mask if args.mask_dir or args.alpha_mask else None),
                 batch_size=None, num_workers=args.dataloader_num_workers, collate_fn=keep_as_is,
             )
-            for number, examples, samples, pixels in loader:
-                micro_losses.append(self.micro_step(number, examples, samples, pixels))
+            for number, examples, samples, pixels, masks in loader:
+                micro_losses.append(self.micro_step(number, examples, samples, pixels, masks))
                 if not accelerator.sync_gradients:
                     continue
                 loss = sum(micro_losses) / len(micro_losses)
                 micro_losses.clear()
                 global_step += 1
+                if self.ema is not None:
+                    self.ema.update(global_step)
                 self.losses.append(loss)
                 seconds = time.perf_counter() - step_start
                 step_start = time.perf_counter()
@@ -181,13 +190,14 @@ class TrainingLoop:
                     save(global_step)  # the last one too, so a finished run can be extended
                 if args.validation_prompt and args.validation_steps and global_step % args.validation_steps == 0 \
                         and global_step < max_steps and accelerator.is_main_process:
-                    self.validate(global_step)
+                    with averaged_weights(self.ema):
+                        self.validate(global_step)
                 if global_step >= max_steps or stop.requested:
                     break
         progress.close()
         return global_step
 
-    def micro_step(self, number: int, examples, samples: list[Sample], pixels) -> float:
+    def micro_step(self, number: int, examples, samples: list[Sample], pixels, masks=None) -> float:
         """One forward and backward; steps the optimizer when accumulation is complete. Returns the mean loss."""
         accelerator, unet = self.accelerator, self.trained["unet"]
         device = accelerator.device
@@ -204,7 +214,8 @@ class TrainingLoop:
             noise = noise.to(device)
             timesteps = torch.randint(0, len(self.alphas_cumprod), (latents.shape[0],), generator=generator).to(device)
             noisy = self.models.noise_scheduler.add_noise(latents, noise, timesteps)
-            prompt_embeds, pooled = self._prompt_embeddings([e.caption for e in examples])
+            captions = [s.caption(e) for e, s in zip(examples, samples)]
+            prompt_embeds, pooled = self._prompt_embeddings(captions)
             time_ids = torch.tensor(
                 [micro_conditioning(e.original_size, s.crop_top_left, e.target_size) for e, s in zip(examples, samples)],
                 device=device,
@@ -215,8 +226,12 @@ class TrainingLoop:
             ).sample
             target = diffusion_target(self.models.noise_scheduler, latents, noise, timesteps)
             if self.args.with_prior_preservation and self.args.prior_preservation_mode == "base_model":
-                target = self._base_model_targets(examples, target, noisy, timesteps, prompt_embeds, pooled, time_ids)
-            per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+                target = self._base_model_targets(examples, captions, target, noisy, timesteps, prompt_embeds, pooled,
+                                                  time_ids)
+            errors = F.mse_loss(prediction.float(), target.float(), reduction="none")
+            if masks is not None:
+                errors = errors * loss_weights(masks.to(device), errors.shape[-2:], self.args.unmasked_weight)
+            per_sample = errors.mean(dim=(1, 2, 3))
             weights = torch.tensor(
                 [self.args.prior_loss_weight if e.is_class else 1.0 for e in examples], device=device
             ) * min_snr_weights(self.alphas_cumprod, timesteps, self.args.snr_gamma, self.prediction_type)
@@ -234,7 +249,7 @@ class TrainingLoop:
         return mean_loss
 
     @torch.no_grad()
-    def _base_model_targets(self, examples, target, noisy, timesteps, prompt_embeds, pooled, time_ids):
+    def _base_model_targets(self, examples, captions, target, noisy, timesteps, prompt_embeds, pooled, time_ids):
         """For class examples, what the frozen base model predicts on the same noisy latent and class prompt."""
         is_class = torch.tensor([e.is_class for e in examples], device=target.device)
         if not is_class.any():
@@ -243,7 +258,7 @@ class TrainingLoop:
         if len(self.trained) > 1:  # adapted text encoders: the base model's prompt embeddings too
             with moslora_disabled(unwrap(self.trained["text_encoder"])), \
                     moslora_disabled(unwrap(self.trained["text_encoder_2"])):
-                prompt_embeds, pooled = self._prompt_embeddings([e.caption for e in examples])
+                prompt_embeds, pooled = self._prompt_embeddings(captions)
         unet = unwrap(self.trained["unet"])
         with moslora_disabled(unet):
             base = unet(
@@ -319,7 +334,7 @@ def _class_examples(args, accelerator, weight_dtype, instance):
     With the base-model prior there are no class images: see base_model_prior_examples.
     """
     if args.prior_preservation_mode == "base_model":
-        return base_model_prior_examples(instance, args.instance_prompt, args.class_prompt)
+        return base_model_prior_examples(instance, args.instance_prompt, args.class_prompt, args.class_prompts)
     missing = missing_class_indices(args.class_data_dir, args.num_class_images)
     if missing:
         logger.info("generating %d class images for %r", len(missing), args.class_prompt)
@@ -328,7 +343,8 @@ def _class_examples(args, accelerator, weight_dtype, instance):
             **dtype_option(weight_dtype),
         ).to(accelerator.device)
         with accelerator.split_between_processes(missing) as mine:
-            generate_class_images(pipe, args.class_data_dir, args.class_prompt, mine, args.sample_batch_size,
+            generate_class_images(pipe, args.class_data_dir, args.class_prompts or [args.class_prompt], mine,
+                                  args.sample_batch_size,
                                   args.resolution, args.num_inference_steps, args.seed,
                                   show_progress=accelerator.is_local_main_process)
         del pipe
@@ -396,7 +412,8 @@ def _build_caches(args, accelerator, models, examples, samples: int):
         latents = cache_latent_distributions(models.vae, examples, args.random_flip, show_progress=show)
     prompts = None
     if args.cache_prompts and not args.train_text_encoder:
-        prompts = cache_prompt_embeddings(models.text_encoders, models.tokenizers, [e.caption for e in examples],
+        captions = [e.caption for e in examples] + ([""] if args.caption_dropout else [])
+        prompts = cache_prompt_embeddings(models.text_encoders, models.tokenizers, captions,
                                           accelerator.device, show_progress=show)
     if accelerator.is_main_process:
         logger.info(
@@ -409,23 +426,23 @@ def _build_caches(args, accelerator, models, examples, samples: int):
     return latents, prompts
 
 
-def _resume(args, output_dir, adapted, optimizer, lr_scheduler) -> int:
+def _resume(args, output_dir, adapted, optimizer, lr_scheduler, ema) -> int:
     if not args.resume_from_checkpoint:
         return 0
     path = resolve_checkpoint(output_dir, args.resume_from_checkpoint)
     if path is None:
         logger.info("no checkpoint in %s yet; starting from step 0", output_dir)
         return 0
-    step = load_checkpoint(path, adapted, optimizer, lr_scheduler)
+    step = load_checkpoint(path, adapted, optimizer, lr_scheduler, ema)
     logger.info("resumed from %s at step %d", path, step)
     return step
 
 
-def _checkpoint(args, output_dir, step, accelerator, adapted, optimizer, lr_scheduler):
+def _checkpoint(args, output_dir, step, accelerator, adapted, optimizer, lr_scheduler, ema):
     path = output_dir / f"checkpoint-{step}"
     if accelerator.is_main_process:
         path = save_checkpoint(output_dir, step, adapted, optimizer, lr_scheduler,
-                               model_reference(args.pretrained_model_name_or_path))
+                               model_reference(args.pretrained_model_name_or_path), ema)
         prune_checkpoints(output_dir, args.checkpoints_total_limit)
     accelerator.wait_for_everyone()
     return path
@@ -458,7 +475,8 @@ def _write_outputs(args, output_dir, adapted, steps, images) -> list[Path]:
                           adapted.get("text_encoder_2"), base_model=base_model)
     files = [native, export_diffusers(native, output_dir / DIFFUSERS_FILE), export_kohya(native, output_dir / KOHYA_FILE)]
     card = model_card(base_model, args.instance_prompt, moslora_config(adapted["unet"]), steps,
-                      args.train_text_encoder, args.validation_prompt, images, output_dir)
+                      args.train_text_encoder, args.validation_prompt, images, output_dir,
+                      ema_decay=args.ema_decay if args.use_ema else None)
     return files + [write_text_atomically(output_dir / "README.md", card)]
 
 

@@ -52,3 +52,12 @@ def test_the_base_model_prior_needs_no_class_folder():
     args = parse_args(REQUIRED + ["--with_prior_preservation", "--prior_preservation_mode", "base_model",
                                   "--class_prompt", "a photo of a dog"])
     assert args.prior_preservation_mode == "base_model" and args.class_data_dir is None
+
+
+def test_class_prompts_come_from_a_file_read_before_any_model(tmp_path):
+    (tmp_path / "classes.txt").write_text("# class prompts\na photo of a dog\na dog on the beach\n")
+    args = parse_args(REQUIRED + ["--with_prior_preservation", "--class_data_dir", "c",
+                                  "--class_prompts_file", str(tmp_path / "classes.txt")])
+    assert args.class_prompts == ["a photo of a dog", "a dog on the beach"] and args.class_prompt == "a photo of a dog"
+    with pytest.raises(UserInputError, match="prompts file not found"):
+        parse_args(REQUIRED + ["--class_prompts_file", str(tmp_path / "missing.txt")])

@@ -105,6 +105,16 @@ def test_random_crop_and_flip_are_drawn_per_use(tmp_path):
     assert centered == center_sample(example, False)
 
 
+def test_caption_dropout_is_drawn_per_use_after_the_augmentation(tmp_path):
+    example = _example(tmp_path)
+    plain = [draw_sample(example, random.Random(seed), True, False) for seed in range(200)]
+    dropping = [draw_sample(example, random.Random(seed), True, False, caption_dropout=0.3) for seed in range(200)]
+    assert [(s.flip, s.crop_top_left) for s in plain] == [(s.flip, s.crop_top_left) for s in dropping]
+    dropped = [s for s in dropping if s.drop_caption]
+    assert 30 < len(dropped) < 90 and not any(s.drop_caption for s in plain)
+    assert dropped[0].caption(example) == "" and plain[0].caption(example) == example.caption
+
+
 def test_render_crops_to_the_bucket_and_mirrors(tmp_path):
     example = _example(tmp_path)
     sample = center_sample(example, flip=False)

@@ -4,7 +4,7 @@ import pytest
 from PIL import Image
 
 from dreambooth_moslora.errors import UserInputError
-from dreambooth_moslora.generate import GenerationSettings, generate_images, load_pipeline, read_prompts
+from dreambooth_moslora.generate import GenerationSettings, generate_images, load_pipeline
 
 SETTINGS = GenerationSettings(num_images_per_prompt=2, seed=7, num_inference_steps=2, scheduler="euler_a")
 
@@ -35,19 +35,6 @@ def test_fused_sampling_matches_unfused(trained, tiny_sdxl_dir, tmp_path):
         path = generate_images(pipe, ["a photo"], settings, tmp_path / str(fuse), show_progress=False)[0]
         images.append(np.asarray(Image.open(path), dtype=np.int16))
     assert np.abs(images[0] - images[1]).max() <= 1
-
-
-def test_prompts_from_arguments_and_files(tmp_path):
-    file = tmp_path / "prompts.txt"
-    file.write_text("# subject prompts\na photo of sks dog\n\na sks dog in the snow\n")
-    assert read_prompts(["first"], file) == ["first", "a photo of sks dog", "a sks dog in the snow"]
-    (tmp_path / "empty.txt").write_text("\n# nothing\n")
-    with pytest.raises(UserInputError, match="has no prompts"):
-        read_prompts(None, tmp_path / "empty.txt")
-    with pytest.raises(UserInputError, match="prompts file not found"):
-        read_prompts(None, tmp_path / "missing.txt")
-    with pytest.raises(UserInputError, match="at least one --prompt"):
-        read_prompts()
 
 
 def test_bad_model_and_scheduler_names(tiny_sdxl_dir, tmp_path):

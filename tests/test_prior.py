@@ -17,11 +17,14 @@ def test_missing_indices_skip_existing_names(tmp_path):
 
 
 def test_generated_images_are_seeded_per_index(tiny_pipe, tmp_path):
-    generate_class_images(tiny_pipe, tmp_path / "a", "a photo of a dog", [0, 1, 2], batch_size=2, resolution=64,
+    prompts = ["a photo of a dog", "a photo of a dog on the beach"]
+    generate_class_images(tiny_pipe, tmp_path / "a", prompts, [0, 1, 2], batch_size=2, resolution=64,
                           num_inference_steps=2, seed=0, show_progress=False)
-    generate_class_images(tiny_pipe, tmp_path / "b", "a photo of a dog", [2], batch_size=1, resolution=64,
+    generate_class_images(tiny_pipe, tmp_path / "b", prompts, [2], batch_size=1, resolution=64,
                           num_inference_steps=2, seed=0, show_progress=False)
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["class-00000.png", "class-00001.png", "class-00002.png"]
+    assert sorted(p.name for p in (tmp_path / "a").glob("*.png")) == ["class-00000.png", "class-00001.png", "class-00002.png"]
+    captions = [(tmp_path / "a" / f"class-0000{i}.txt").read_text().strip() for i in range(3)]
+    assert captions == [prompts[0], prompts[1], prompts[0]]  # cycled, each image's own prompt kept
     same = [Image.open(tmp_path / d / "class-00002.png").tobytes() for d in ("a", "b")]
     assert same[0] == same[1]
     assert Image.open(tmp_path / "a" / "class-00000.png").size == (64, 64)
@@ -33,3 +36,7 @@ def test_base_model_prior_examples_are_the_instance_images_with_the_trigger_take
     classes = base_model_prior_examples(instance, "a photo of sks dog", "a photo of a dog")
     assert [c.caption for c in classes] == ["a photo of dog", "a photo of dog on a beach"]
     assert [c.path for c in classes] == [e.path for e in instance] and all(c.is_class for c in classes)
+    several = base_model_prior_examples(instance, "a photo of sks dog", "a photo of a dog",
+                                        ["a photo of a dog", "a dog in the snow", "a dog on a sofa"])
+    assert [(c.path.name, c.caption) for c in several] == [
+        ("a.png", "a photo of a dog"), ("b.png", "a dog in the snow"), ("a.png", "a dog on a sofa")]

@@ -69,6 +69,21 @@ def test_per_image_captions_reach_the_text_encoders(tiny_sdxl_dir, subject, tmp_
     assert set(seen) == {"a photo of sks dog", "a photo of sks dog wearing a hat"}
 
 
+def test_caption_dropout_trains_on_the_empty_prompt_sometimes(tiny_sdxl_dir, subject, tmp_path, monkeypatch):
+    import dreambooth_moslora.train as training
+
+    seen = []
+    original = training.TrainingLoop._prompt_embeddings
+
+    def recording(self, captions):
+        seen.extend(captions)
+        return original(self, captions)
+
+    monkeypatch.setattr(training.TrainingLoop, "_prompt_embeddings", recording)
+    run(tiny_sdxl_dir, subject, tmp_path / "out", "--max_train_steps", "12", "--caption_dropout", "0.5")
+    assert set(seen) == {"", "a photo of sks dog"}
+
+
 def test_buckets_train_at_each_images_aspect_ratio(tiny_sdxl_dir, tmp_path, monkeypatch):
     write_images(tmp_path / "subject", sizes=((256, 128), (128, 256)))
     import dreambooth_moslora.train as training
@@ -92,7 +107,8 @@ def test_prior_preservation_generates_missing_class_images_and_trains(tiny_sdxl_
     result = run(tiny_sdxl_dir, subject, tmp_path / "out", "--with_prior_preservation", "--class_data_dir",
                  str(classes), "--class_prompt", "a photo of a dog", "--num_class_images", "3",
                  "--num_inference_steps", "2", "--sample_batch_size", "2", "--max_train_steps", "3")
-    assert sorted(p.name for p in classes.iterdir()) == ["00.png", "class-00000.png", "class-00001.png"]
+    assert sorted(p.name for p in classes.glob("*.png")) == ["00.png", "class-00000.png", "class-00001.png"]
+    assert (classes / "class-00001.txt").read_text().strip() == "a photo of a dog"
     assert result.steps == 3
 
 

@@ -1,0 +1,71 @@
+"""An exponential moving average of the adapter's weights, as SimpleTuner, OneTrainer and ai-toolkit keep it.
+
+The average is what gets exported and validated; the trained weights go on training. The decay warms up as in
+diffusers' EMAModel, min(decay, (1 + step) / (10 + step)), so early averages are not dominated by the zero B.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from .errors import UserInputError
+from .io import write_safetensors
+
+EMA_FILE = "ema.safetensors"
+
+
+def adapter_parameters(models: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
+    """Every trainable adapter parameter, named `<component>.<parameter name>`."""
+    return {f"{component}.{name}": p for component, model in models.items()
+            for name, p in model.named_parameters() if p.requires_grad and ".lora_" in name}
+
+
+class AdapterEMA:
+    def __init__(self, parameters: dict[str, nn.Parameter], decay: float, device="cpu"):
+        self.parameters, self.decay = parameters, decay
+        self.shadow = {name: p.detach().to(device=device, dtype=torch.float32, copy=True) for name, p in parameters.items()}
+
+    def decay_at(self, step: int) -> float:
+        return min(self.decay, (1 + step) / (10 + step))
+
+    @torch.no_grad()
+    def update(self, step: int):
+        """After optimizer step `step` (counted from 1)."""
+        keep = self.decay_at(step)
+        for name, p in self.parameters.items():
+            average = self.shadow[name]
+            average.mul_(keep).add_(p.detach().to(average.device, torch.float32), alpha=1 - keep)
+
+    @contextmanager
+    def applied(self):
+        """The averaged weights in the model inside the block, the trained ones again after it."""
+        trained = {name: p.detach().clone() for name, p in self.parameters.items()}
+        with torch.no_grad():
+            for name, p in self.parameters.items():
+                p.copy_(self.shadow[name])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, p in self.parameters.items():
+                    p.copy_(trained[name])
+
+    def save(self, path):
+        return write_safetensors({name: t.contiguous() for name, t in self.shadow.items()}, path,
+                                 {"decay": str(self.decay)})
+
+    def load(self, path):
+        stored = load_file(str(path))
+        if stored.keys() != self.shadow.keys():
+            raise UserInputError(f"{path} does not hold this run's adapter averages (another adapter configuration)")
+        for name, tensor in stored.items():
+            self.shadow[name].copy_(tensor)
+
+
+def averaged_weights(ema: AdapterEMA | None):
+    """The EMA weights inside the block when there is an EMA, the trained ones otherwise."""
+    return ema.applied() if ema is not None else nullcontext()
