@@ -4,7 +4,9 @@
     python benchmarks/personalization.py          # 3 subjects x 3 seeds x 5 methods at those rates, + LoRA without prior
     python benchmarks/personalization.py --quick  # one subject, one seed, LoRA and MoSLoRA: a CI-sized check
 
-Writes tuning.json/.md, or results.json, results.md (mean ± std over subjects and seeds, paired tests against
+Runs already measured (runs/<subject>/<run>/metrics.json) are not trained again, so an interrupted benchmark
+resumes, and several processes can share one: start one per subject (--subjects ...), then one with all subjects
+to write the report. Writes tuning.json/.md, or results.json, results.md (mean ± std over subjects and seeds, paired tests against
 LoRA), samples.png and fidelity-vs-steps.png to --output_dir (default benchmarks/personalization/), plus every
 run's adapter under runs/.
 """
@@ -47,6 +49,9 @@ def main(argv=None):
     parser.add_argument("--prior", choices=("on", "off"), default="on", help="the setting methods are compared in")
     parser.add_argument("--prior_mode", choices=PRIOR_MODES, default=defaults.prior_mode)
     parser.add_argument("--no_captions", action="store_true", help="train on the bare instance prompt")
+    parser.add_argument("--no_text_encoder", action="store_true", help="adapt the UNet only")
+    parser.add_argument("--masked", action="store_true", help="masked loss on the subjects' exact masks")
+    parser.add_argument("--extra_train_args", default="", help="more training options, e.g. --extra_train_args=--use_ema")
     for name in ("rank", "steps", "train_batch_size", "images_per_prompt", "inference_steps", "num_class_images"):
         parser.add_argument(f"--{name}", type=int, default=getattr(defaults, name))
     parser.add_argument("--curve_steps", nargs="*", type=int, default=list(defaults.curve_steps))
@@ -62,7 +67,8 @@ def main(argv=None):
         base_model=args.base_model, analyzer_file=args.analyzer_file, output_dir=args.output_dir,
         subjects=tuple(args.subjects), methods=tuple(args.methods), ablation_methods=tuple(args.ablation_methods),
         seeds=tuple(args.seeds), prior_preservation=args.prior == "on", prior_mode=args.prior_mode,
-        captions=not args.no_captions, rank=args.rank, steps=args.steps, train_batch_size=args.train_batch_size,
+        captions=not args.no_captions, train_text_encoder=not args.no_text_encoder, masked=args.masked,
+        extra_train_args=args.extra_train_args.split(), rank=args.rank, steps=args.steps, train_batch_size=args.train_batch_size,
         images_per_prompt=args.images_per_prompt, inference_steps=args.inference_steps,
         num_class_images=args.num_class_images, guidance_scale=args.guidance_scale, curve_steps=tuple(args.curve_steps),
     )

@@ -62,7 +62,9 @@ def test_the_benchmark_runs_end_to_end_and_the_control_keeps_its_mixer(untrained
         assert (tmp_path / name).stat().st_size > 0
     runs = tmp_path / "runs" / SUBJECTS[0].name
     assert (runs / "moslora-orthogonal-lr0.002-seed0-prior").is_dir()  # its own learning rate
-    assert "class-images" not in [p.name for p in tmp_path.iterdir()]  # the base-model prior needs none
+    classes = sorted((tmp_path / "class-images" / SUBJECTS[0].name).glob("*.txt"))
+    assert len(classes) == 2 and len({c.read_text() for c in classes}) == 2  # made from two coloured class prompts
+    assert all(" star on a " in c.read_text() and c.read_text().split()[4] != "star" for c in classes)
     captions = sorted((tmp_path / "instance-images" / SUBJECTS[0].name).glob("*.txt"))
     assert len(captions) == 5 and all(c.read_text().startswith("a photo of a sks star on a ") for c in captions)
     for method, frozen in (("fixed-orthogonal", True), ("moslora-orthogonal", False)):
@@ -73,9 +75,12 @@ def test_the_benchmark_runs_end_to_end_and_the_control_keeps_its_mixer(untrained
 
 
 def test_tuning_uses_the_tuning_subject_and_writes_the_grid(untrained_mini_dir, tmp_path, fresh_accelerate):
-    settings = _settings(untrained_mini_dir, tmp_path, methods=("lora",), prior_mode="class_images")
+    settings = _settings(untrained_mini_dir, tmp_path, methods=("lora",), prior_mode="base_model",
+                         train_text_encoder=False)
     tuning = tune_learning_rates(settings, (1e-4, 1e-3), log=lambda _: None)
     assert tuning["subject"] == TUNING_SUBJECT.name not in [s.name for s in SUBJECTS]
-    assert len(tuning["grid"]) == 4 and tuning["chosen"]["lora"] in (1e-4, 1e-3)
+    assert len(tuning["grid"]) == 2 and tuning["chosen"]["lora"] in (1e-4, 1e-3)
     assert "✓" in (tmp_path / "tuning.md").read_text()
-    assert len(list((tmp_path / "class-images" / TUNING_SUBJECT.name).glob("*.png"))) == 2
+    again = tune_learning_rates(settings, (1e-4, 1e-3), log=lambda _: None)  # measured runs are not trained again
+    assert again["grid"] == tuning["grid"]
+    assert not (tmp_path / "class-images").exists()  # the base-model prior needs no class images

@@ -45,3 +45,15 @@ def test_instance_images_show_both_colours_on_another_background_and_are_reprodu
 def test_a_named_background_is_used():
     image = render_subject(SUBJECTS[1], np.random.default_rng(0), background="red", texture="plain")
     assert np.abs(np.asarray(image)[0, 0].astype(int) - COLOURS["red"]).max() <= 1
+
+
+def test_instance_masks_cover_exactly_the_subjects_pixels(tmp_path):
+    subject = subject_by_name("striped-hexagram")
+    paths = write_instance_images(subject, tmp_path / "photos", count=3, mask_folder=tmp_path / "masks")
+    for path in paths:
+        photo = np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+        mask = np.asarray(Image.open(tmp_path / "masks" / path.name))
+        inside = photo[mask == 255]
+        colours = np.array([COLOURS[c] for c in subject.colours], dtype=np.int16)
+        nearest = np.abs(inside[:, None, :] - colours[None]).sum(-1).min(1)
+        assert 0.05 < (mask == 255).mean() < 0.8 and np.percentile(nearest, 95) < 40

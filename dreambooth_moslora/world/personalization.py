@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -57,7 +58,14 @@ class BenchmarkSettings:
     """The setting every method is compared in."""
     ablation_methods: tuple[str, ...] = ("lora",)
     """Methods also run with prior preservation the other way, to show what it does."""
-    prior_mode: str = "base_model"
+    prior_mode: str = "class_images"
+    masked: bool = False
+    """Masked loss on the subject's exact masks (the renderer knows them)."""
+    train_text_encoder: bool = True
+    """Text-encoder adapters too, at the method's learning rate."""
+    class_prompts: int = 20
+    """Class prompts per subject, each naming a colour and a background as the world's captions do (the mini model
+    draws poor shapes for a prompt without a colour, so class images of "a photo of a star" would not show stars)."""
     captions: bool = True
     """Each instance image captioned with its background (a same-named .txt), as users caption their photos."""
     token: str = "sks"
@@ -101,6 +109,14 @@ def evaluation_prompts(subject: Subject, settings: BenchmarkSettings, token: str
     return [pair for pair in prompts for _ in range(settings.images_per_prompt)]
 
 
+def class_prompts(subject: Subject, count: int) -> list[str]:
+    """`count` distinct prompts of the class in the world's words: "a photo of a blue star on a green background"."""
+    rng = np.random.default_rng([7, sum(map(ord, subject.name))])
+    pairs = [(c, bg) for c in COLOURS for bg in COLOURS if c != bg]
+    chosen = rng.choice(len(pairs), size=min(count, len(pairs)), replace=False)
+    return [f"a photo of a {pairs[i][0]} {subject.class_noun} on a {pairs[i][1]} background" for i in chosen]
+
+
 def measure(pipe, analyzer, subject: Subject, real: torch.Tensor, settings: BenchmarkSettings) -> tuple[dict, dict]:
     """The three DreamBooth measures for one pipeline; also returns the samples, for the figure."""
     sampling = dict(steps=settings.inference_steps, guidance_scale=settings.guidance_scale)
@@ -131,8 +147,8 @@ def oracle_fidelity(vae, analyzer, subject: Subject, real: torch.Tensor, setting
     return mean_cross_similarity(embed(analyzer, [Image.fromarray(p) for p in pixels]), real)
 
 
-def _train_adapter(settings: BenchmarkSettings, subject: Subject, instance_dir: Path, method: str, seed: int,
-                   prior: bool, learning_rate: float, checkpoint_every: int, output_dir: Path) -> Path:
+def _train_adapter(settings: BenchmarkSettings, subject: Subject, instance_dir: Path, mask_dir: Path | None, method: str,
+                   seed: int, prior: bool, learning_rate: float, checkpoint_every: int, output_dir: Path) -> Path:
     argv = [
         "--pretrained_model_name_or_path", settings.base_model,
         "--instance_data_dir", str(instance_dir),
@@ -147,11 +163,15 @@ def _train_adapter(settings: BenchmarkSettings, subject: Subject, instance_dir: 
         "--report_to", "none",
         "--seed", str(seed),
         *METHODS[method],
+        *(["--train_text_encoder", "--text_encoder_lr", str(learning_rate)] if settings.train_text_encoder else []),
+        *(["--mask_dir", str(mask_dir)] if mask_dir else []),
         *settings.extra_train_args,
     ]
     if prior:
+        prompts_file = Path(settings.output_dir) / "class-prompts" / f"{subject.name}.txt"
+        write_text_atomically(prompts_file, "\n".join(class_prompts(subject, settings.class_prompts)) + "\n")
         argv += ["--with_prior_preservation", "--class_prompt", subject.class_prompt,
-                 "--prior_preservation_mode", settings.prior_mode]
+                 "--class_prompts_file", str(prompts_file), "--prior_preservation_mode", settings.prior_mode]
         if settings.prior_mode == "class_images":
             argv += ["--class_data_dir", str(Path(settings.output_dir) / "class-images" / subject.name),
                      "--num_class_images", str(settings.num_class_images), "--sample_batch_size", "25"]
@@ -169,8 +189,10 @@ class SubjectBench:
         self.subject, self.settings, self.analyzer, self.generation = subject, settings, analyzer, generation
         output_dir = Path(settings.output_dir)
         self.instance_dir = output_dir / "instance-images" / subject.name
+        self.mask_dir = output_dir / "instance-masks" / subject.name if settings.masked else None
         paths = write_instance_images(subject, self.instance_dir, settings.instance_images,
-                                      caption_token=settings.token if settings.captions else None)
+                                      caption_token=settings.token if settings.captions else None,
+                                      mask_folder=self.mask_dir)
         self.real_images = [Image.open(p).convert("RGB") for p in paths]
         self.real = embed(analyzer, self.real_images)
         base = load_pipeline(settings.base_model, None, generation, device="cpu")
@@ -192,17 +214,30 @@ class SubjectBench:
         metrics, samples = measure(pipe, self.analyzer, self.subject, self.real, self.settings)
         return {**metrics, **self._normalized(metrics["subject_fidelity"])}, samples
 
-    def train_and_measure(self, method: str, seed: int, prior: bool, learning_rate: float, curve_steps=()) -> tuple:
-        """The final adapter's measures and samples, and the measures at each of curve_steps (from checkpoints)."""
+    def train_and_measure(self, method: str, seed: int, prior: bool, learning_rate: float, curve_steps=(),
+                          want_samples: bool = False) -> tuple:
+        """The final adapter's measures (and its samples when wanted), and the measures at each of curve_steps (from
+        checkpoints). A run measured before (its metrics.json) is not trained again: the benchmark resumes, and
+        several processes can share its runs (each taking some subjects), a last one writing the report."""
         tag = f"{method}-lr{learning_rate:g}-seed{seed}-{'prior' if prior else 'noprior'}"
         run_dir = Path(self.settings.output_dir) / "runs" / self.subject.name / tag
-        every = min(curve_steps) if curve_steps else self.settings.steps
-        adapter = _train_adapter(self.settings, self.subject, self.instance_dir, method, seed, prior, learning_rate,
-                                 every, run_dir)
+        record = run_dir / "metrics.json"
+        wanted_steps = [step for step in curve_steps if step <= self.settings.steps]
+        if record.is_file() and {p["step"] for p in json.loads(record.read_text())["curve"]} >= set(wanted_steps):
+            done = json.loads(record.read_text())
+            samples = self.measure_adapter(run_dir / "moslora.safetensors")[1] if want_samples else None
+            return done["metrics"], samples, [p for p in done["curve"] if p["step"] in wanted_steps]
+        every = min(wanted_steps) if wanted_steps else self.settings.steps
+        started = time.perf_counter()
+        adapter = _train_adapter(self.settings, self.subject, self.instance_dir, self.mask_dir, method, seed, prior,
+                                 learning_rate, every, run_dir)
+        seconds = time.perf_counter() - started  # with the subject's class images when this run made them
         metrics, samples = self.measure_adapter(adapter)
+        metrics["train_seconds"] = seconds
         curve = [{"step": step, **(metrics if step == self.settings.steps else
                                    self.measure_adapter(run_dir / f"checkpoint-{step}" / "moslora.safetensors")[0])}
-                 for step in curve_steps if step <= self.settings.steps]
+                 for step in wanted_steps]
+        write_text_atomically(record, json.dumps({"metrics": metrics, "curve": curve}, indent=2) + "\n")
         return metrics, samples, curve
 
 
@@ -223,12 +258,13 @@ def run_benchmark(settings: BenchmarkSettings, log=print) -> dict:
         for method, seed, prior in runs:
             compared = prior == settings.prior_preservation
             curve_steps = settings.curve_steps if compared and method in settings.curve_methods else ()
+            wanted = seed == settings.seeds[0] and compared
             metrics, samples, curve = bench.train_and_measure(method, seed, prior, settings.learning_rate_of(method),
-                                                              curve_steps)
+                                                              curve_steps, want_samples=wanted)
             keys = {"subject": name, "method": method, "seed": seed, "prior_preservation": prior}
             results["runs"].append({**keys, **metrics})
             results["curves"] += [{**keys, **point} for point in curve]
-            if seed == settings.seeds[0] and compared:
+            if wanted:
                 row[method] = samples["instance"][one_per_background]
             log(f"{name} {method} seed {seed} prior {prior}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
         figure_rows.append((name, row))
@@ -257,8 +293,7 @@ def tune_learning_rates(settings: BenchmarkSettings, learning_rates: tuple[float
     bench = SubjectBench(subject, settings, load_analyzer(settings.analyzer_file), GenerationSettings())
     grid = []
     for method, rate in itertools.product(settings.methods, learning_rates):
-        metrics, _, curve = bench.train_and_measure(method, seed, settings.prior_preservation, rate,
-                                                    settings.curve_steps)
+        metrics, _, curve = bench.train_and_measure(method, seed, settings.prior_preservation, rate, (settings.steps,))
         grid += [{"method": method, "learning_rate": rate, **point} for point in curve]
         log(f"tuning {method} lr {rate:g}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
     final = [row for row in grid if row["step"] == settings.steps]

@@ -151,9 +151,9 @@ def curve_plot(curves: dict[str, list[tuple[int, float, float]]], title: str, y_
     for step in steps:
         x, _ = xy(step, low)
         draw.text((x - 10, height - bottom + 6), str(step), fill="black")
-    draw.text((left, 8), title, fill="black")
+    draw.text((left, 4), title, fill="black")
     draw.text((width // 2 - 40, height - 16), "training steps", fill="black")
-    draw.text((4, top - 20), y_label, fill="black")
+    draw.text((4, top - 12), y_label, fill="black")
     for index, (method, points) in enumerate(curves.items()):
         colour = CURVE_COLOURS[index % len(CURVE_COLOURS)]
         draw.line([xy(s, m) for s, m, _ in points], fill=colour, width=3)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from ..files import save_png_atomically, write_text_atomically
 from .render import (COLOURS, IMAGE_SIZE, TEXTURE_WORDS, Scene, _ellipse, _star, background_pixels, compose,
@@ -84,9 +85,10 @@ def subject_caption(subject: Subject, scene: Scene, token: str) -> str:
 
 
 def write_instance_images(subject: Subject, folder, count: int = 5, seed: int = 0,
-                          caption_token: str | None = None) -> list[Path]:
+                          caption_token: str | None = None, mask_folder=None) -> list[Path]:
     """The DreamBooth training set: `count` photos of the subject on varied backgrounds, as PNG files; with
-    `caption_token`, each with a same-named .txt caption that names its background."""
+    `caption_token`, each with a same-named .txt caption that names its background; with `mask_folder`, each
+    with its exact subject mask there (white = subject), for masked loss."""
     rng = np.random.default_rng([seed, sum(map(ord, subject.name))])
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -96,4 +98,8 @@ def write_instance_images(subject: Subject, folder, count: int = 5, seed: int = 
         paths.append(save_png_atomically(draw_subject(subject, scene), folder / f"{i:02d}.png"))
         if caption_token:
             write_text_atomically(folder / f"{i:02d}.txt", subject_caption(subject, scene, caption_token) + "\n")
+        if mask_folder is not None:
+            coverage = shape_mask(scene.shape, scene, IMAGE_SIZE, outlines=subject.outline)
+            mask = Image.fromarray(np.clip(np.rint(coverage * 255), 0, 255).astype(np.uint8))
+            save_png_atomically(mask, Path(mask_folder) / f"{i:02d}.png")
     return paths
