@@ -13,15 +13,19 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .errors import UserInputError
+from .inject import moslora_parameters
 from .io import write_safetensors
 
 EMA_FILE = "ema.safetensors"
 
 
 def adapter_parameters(models: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
-    """Every trainable adapter parameter, named `<component>.<parameter name>`."""
-    return {f"{component}.{name}": p for component, model in models.items()
-            for name, p in model.named_parameters() if p.requires_grad and ".lora_" in name}
+    """moslora_parameters of each model, named `<component>.<parameter name>` for the checkpoint file."""
+    named = {}
+    for component, model in models.items():
+        trainable = {id(p) for p in moslora_parameters(model)}
+        named.update({f"{component}.{name}": p for name, p in model.named_parameters() if id(p) in trainable})
+    return named
 
 
 class AdapterEMA:

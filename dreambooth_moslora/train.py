@@ -220,10 +220,7 @@ class TrainingLoop:
                 [micro_conditioning(e.original_size, s.crop_top_left, e.target_size) for e, s in zip(examples, samples)],
                 device=device,
             )
-            prediction = unet(
-                noisy.to(self.weight_dtype), timesteps, prompt_embeds.to(self.weight_dtype),
-                added_cond_kwargs={"text_embeds": pooled.to(self.weight_dtype), "time_ids": time_ids.to(self.weight_dtype)},
-            ).sample
+            prediction = self._predict(unet, noisy, timesteps, prompt_embeds, pooled, time_ids)
             target = diffusion_target(self.models.noise_scheduler, latents, noise, timesteps)
             if self.args.with_prior_preservation and self.args.prior_preservation_mode == "base_model":
                 target = self._base_model_targets(examples, captions, target, noisy, timesteps, prompt_embeds, pooled,
@@ -261,11 +258,14 @@ class TrainingLoop:
                 prompt_embeds, pooled = self._prompt_embeddings(captions)
         unet = unwrap(self.trained["unet"])
         with moslora_disabled(unet):
-            base = unet(
-                noisy.to(self.weight_dtype), timesteps, prompt_embeds.to(self.weight_dtype),
-                added_cond_kwargs={"text_embeds": pooled.to(self.weight_dtype), "time_ids": time_ids.to(self.weight_dtype)},
-            ).sample
+            base = self._predict(unet, noisy, timesteps, prompt_embeds, pooled, time_ids)
         return torch.where(is_class[:, None, None, None], base.to(target.dtype), target)
+
+    def _predict(self, unet, noisy, timesteps, prompt_embeds, pooled, time_ids):
+        """The UNet's prediction with SDXL's conditioning, inputs in the frozen weights' dtype."""
+        dtype = self.weight_dtype
+        return unet(noisy.to(dtype), timesteps, prompt_embeds.to(dtype),
+                    added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)}).sample
 
     def _latent_distribution(self, examples, samples, pixels):
         if self.latent_cache is not None:

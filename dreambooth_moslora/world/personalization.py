@@ -32,8 +32,8 @@ from ..generate import GenerationSettings, load_pipeline
 from ..metrics import mean_cross_similarity, mean_self_similarity
 from ..train import train
 from .analyzer import analyze, embed, load_analyzer
-from .pretrain import sample_world
-from .render import COLOURS, IMAGE_SIZE, to_pixels
+from .pretrain import sample_world, vae_round_trip
+from .render import COLOURS, IMAGE_SIZE
 from .report import curve_plot, curve_summary, normalized, results_table, sample_figure, summarize
 from .subjects import SUBJECTS, TUNING_SUBJECT, Subject, render_subject, subject_by_name, write_instance_images
 
@@ -135,16 +135,13 @@ def measure(pipe, analyzer, subject: Subject, real: torch.Tensor, settings: Benc
     return metrics, {"instance": instance_images, "class": class_images}
 
 
-@torch.no_grad()
-def oracle_fidelity(vae, analyzer, subject: Subject, real: torch.Tensor, settings: BenchmarkSettings) -> float:
+def oracle_fidelity(pipe, analyzer, subject: Subject, real: torch.Tensor, settings: BenchmarkSettings) -> float:
     """What a perfect model would score: fresh renders of the subject on the prompts' backgrounds, through the VAE
     (encode, decode), against the instance images. The real-vs-real ceiling compares photos among themselves,
     backgrounds included, so it sits above anything a sample of another background can reach."""
     rng = np.random.default_rng([settings.sampling_seed, sum(map(ord, subject.name))])
     renders = [render_subject(subject, rng, background=bg) for _, bg in evaluation_prompts(subject, settings, settings.token)]
-    decoded = vae.decode(vae.encode(to_pixels(renders).to(vae.dtype)).latent_dist.mean).sample
-    pixels = ((decoded.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-    return mean_cross_similarity(embed(analyzer, [Image.fromarray(p) for p in pixels]), real)
+    return mean_cross_similarity(embed(analyzer, vae_round_trip(pipe, renders)), real)
 
 
 def _train_adapter(settings: BenchmarkSettings, subject: Subject, instance_dir: Path, mask_dir: Path | None, method: str,
@@ -198,7 +195,7 @@ class SubjectBench:
         base = load_pipeline(settings.base_model, None, generation, device="cpu")
         self.floor, self.untrained_samples = measure(base, analyzer, subject, self.real, settings)
         self.real_vs_real = mean_self_similarity(self.real)
-        self.oracle = oracle_fidelity(base.vae, analyzer, subject, self.real, settings)
+        self.oracle = oracle_fidelity(base, analyzer, subject, self.real, settings)
 
     def record(self) -> dict:
         return {"real_vs_real": self.real_vs_real, "oracle": self.oracle,
@@ -223,8 +220,8 @@ class SubjectBench:
         run_dir = Path(self.settings.output_dir) / "runs" / self.subject.name / tag
         record = run_dir / "metrics.json"
         wanted_steps = [step for step in curve_steps if step <= self.settings.steps]
-        if record.is_file() and {p["step"] for p in json.loads(record.read_text())["curve"]} >= set(wanted_steps):
-            done = json.loads(record.read_text())
+        done = json.loads(record.read_text()) if record.is_file() else None
+        if done and {p["step"] for p in done["curve"]} >= set(wanted_steps):
             samples = self.measure_adapter(run_dir / "moslora.safetensors")[1] if want_samples else None
             return done["metrics"], samples, [p for p in done["curve"] if p["step"] in wanted_steps]
         every = min(wanted_steps) if wanted_steps else self.settings.steps

@@ -171,16 +171,20 @@ def sample_world(pipe, prompts: list[str], seed: int, steps: int = 20, guidance_
     return images
 
 
+@torch.no_grad()
+def vae_round_trip(pipe, images) -> list:
+    """The images encoded (posterior mean) and decoded again: the best any sample of the pipeline can look."""
+    latents = pipe.vae.encode(to_pixels(images).to(pipe.vae.dtype)).latent_dist.mean
+    return pipe.image_processor.postprocess(pipe.vae.decode(latents).sample.float(), output_type="pil")
+
+
 def evaluate_world_model(pipe, analyzer: WorldAnalyzer, count: int = 256, seed: int = 1, steps: int = 20,
                          guidance_scale: float = 5.0) -> dict:
     """How often the analyzer reads the prompt's shape, colour and background off samples of held-out prompts,
     next to its accuracy on renders of the same scenes and on their VAE round trips (the ceilings)."""
     scenes = held_out_scenes(np.random.default_rng(seed), count)
     renders = [render(s) for s in scenes]
-    with torch.no_grad():
-        latents = pipe.vae.encode(to_pixels(renders).to(pipe.vae.dtype)).latent_dist.mean
-        decoded = pipe.vae.decode(latents).sample.float()
-    round_trips = pipe.image_processor.postprocess(decoded, output_type="pil")
+    round_trips = vae_round_trip(pipe, renders)
     sampling = {"steps": steps, "guidance_scale": guidance_scale}
     samples = sample_world(pipe, [s.caption for s in scenes], seed, **sampling)
     return {
