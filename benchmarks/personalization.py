@@ -1,6 +1,6 @@
 """The personalization benchmark on the mini world: DreamBooth with MoSLoRA, LoRA and fixed-mixer controls.
 
-    python benchmarks/personalization.py --tune   # each method's learning rate, on the tuning subject alone
+    python benchmarks/personalization.py --tune   # each method's learning rate and steps, on the tuning subject alone
     python benchmarks/personalization.py          # 3 subjects x 3 seeds x 5 methods at those rates, + LoRA without prior
     python benchmarks/personalization.py --quick  # one subject, one seed, LoRA and MoSLoRA: a CI-sized check
 
@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from dreambooth_moslora.arguments import PRIOR_MODES  # noqa: E402
 from dreambooth_moslora.world.personalization import (  # noqa: E402
-    METHODS, BenchmarkSettings, run_benchmark, tune_learning_rates,
+    METHODS, BenchmarkSettings, run_benchmark, tune,
 )
 from dreambooth_moslora.world.subjects import SUBJECTS  # noqa: E402
 
@@ -38,7 +38,7 @@ def main(argv=None):
     parser.add_argument("--base_model", default=str(ROOT / "assets" / "mini-sdxl"))
     parser.add_argument("--analyzer_file", default=str(ROOT / "assets" / "world-analyzer.safetensors"))
     parser.add_argument("--output_dir", default=str(ROOT / "benchmarks" / "personalization"))
-    parser.add_argument("--tune", action="store_true", help="choose each method's learning rate on the tuning subject")
+    parser.add_argument("--tune", action="store_true", help="choose each method's learning rate and steps on the tuning subject")
     parser.add_argument("--tune_learning_rates", nargs="+", type=float, default=[3e-4, 1e-3, 3e-3])
     parser.add_argument("--quick", action="store_true", help="one subject, one seed, LoRA and MoSLoRA, 200 steps")
     parser.add_argument("--subjects", nargs="+", default=list(defaults.subjects), choices=[s.name for s in SUBJECTS])
@@ -56,7 +56,7 @@ def main(argv=None):
         parser.add_argument(f"--{name}", type=int, default=getattr(defaults, name))
     parser.add_argument("--curve_steps", nargs="*", type=int, default=list(defaults.curve_steps))
     parser.add_argument("--learning_rate", type=float, default=None,
-                        help="one rate for every method (default: each method's from tuning.json)")
+                        help="one rate for every method, reported at --steps (default: each method's rate and steps from tuning.json)")
     parser.add_argument("--guidance_scale", type=float, default=defaults.guidance_scale)
     args = parser.parse_args(argv)
     if args.quick:
@@ -75,15 +75,15 @@ def main(argv=None):
     log = lambda message: print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)  # noqa: E731
     started = time.perf_counter()
     if args.tune:
-        tuning = tune_learning_rates(settings, tuple(args.tune_learning_rates), log=log)
-        print(f"chosen learning rates: {tuning['chosen']}; see {output_dir}/tuning.md")
+        tuning = tune(settings, tuple(args.tune_learning_rates), log=log)
+        print(f"chosen: {tuning['chosen']}; see {output_dir}/tuning.md")
     else:
         tuning_file = output_dir / "tuning.json"
         if args.learning_rate is not None:
             settings.learning_rate = args.learning_rate
         elif tuning_file.is_file():
-            settings.learning_rates = json.loads(tuning_file.read_text())["chosen"]
-            log(f"learning rates from {tuning_file}: {settings.learning_rates}")
+            settings.tuned = json.loads(tuning_file.read_text())["chosen"]
+            log(f"learning rates and steps from {tuning_file}: {settings.tuned}")
         run_benchmark(settings, log=log)
         print(f"see {output_dir}/results.md, samples.png and fidelity-vs-steps.png")
     print(f"done in {time.perf_counter() - started:.0f} s")

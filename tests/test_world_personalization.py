@@ -7,11 +7,11 @@ from safetensors.torch import load_file
 
 from dreambooth_moslora.world.personalization import (
     BenchmarkSettings,
-    choose_learning_rate,
+    choose_setting,
     evaluation_prompts,
     run_benchmark,
     subject_backgrounds,
-    tune_learning_rates,
+    tune,
 )
 from dreambooth_moslora.world.subjects import SUBJECTS, TUNING_SUBJECT
 
@@ -30,13 +30,13 @@ def test_prompts_name_backgrounds_the_subject_does_not_have():
     assert class_prompt.split()[4] not in (background, *subject.colours)
 
 
-def test_the_chosen_learning_rate_keeps_the_class_when_any_does():
-    rows = [{"learning_rate": 1e-4, "subject_fidelity": 0.5, "class_shape_accuracy": 1.0},
-            {"learning_rate": 1e-3, "subject_fidelity": 0.6, "class_shape_accuracy": 0.95},
-            {"learning_rate": 3e-3, "subject_fidelity": 0.7, "class_shape_accuracy": 0.2}]
-    assert choose_learning_rate(rows, 0.9) == 1e-3
-    assert choose_learning_rate(rows, 0.99) == 1e-4
-    assert choose_learning_rate(rows[2:], 0.9) == 3e-3  # none keeps it: the best fidelity
+def test_the_chosen_setting_keeps_the_class_when_any_does():
+    rows = [{"learning_rate": 1e-4, "step": 200, "subject_fidelity": 0.5, "class_shape_accuracy": 1.0},
+            {"learning_rate": 1e-3, "step": 100, "subject_fidelity": 0.6, "class_shape_accuracy": 0.95},
+            {"learning_rate": 1e-3, "step": 200, "subject_fidelity": 0.7, "class_shape_accuracy": 0.2}]
+    assert choose_setting(rows, 0.9) == {"learning_rate": 1e-3, "steps": 100}
+    assert choose_setting(rows, 0.99) == {"learning_rate": 1e-4, "steps": 200}
+    assert choose_setting(rows[2:], 0.9) == {"learning_rate": 1e-3, "steps": 200}  # none keeps it: the best fidelity
 
 
 def _settings(base, tmp_path, **changes):
@@ -48,7 +48,7 @@ def _settings(base, tmp_path, **changes):
 
 def test_the_benchmark_runs_end_to_end_and_the_control_keeps_its_mixer(untrained_mini_dir, tmp_path, fresh_accelerate):
     settings = _settings(untrained_mini_dir, tmp_path, methods=("lora", "moslora-orthogonal", "fixed-orthogonal"),
-                         ablation_methods=("lora",), learning_rates={"moslora-orthogonal": 2e-3})
+                         ablation_methods=("lora",), tuned={"moslora-orthogonal": {"learning_rate": 2e-3, "steps": 2}})
     results = run_benchmark(settings, log=lambda _: None)
     assert [(r["method"], r["prior_preservation"]) for r in results["runs"]] == [
         ("lora", True), ("moslora-orthogonal", True), ("fixed-orthogonal", True), ("lora", False)]
@@ -60,6 +60,9 @@ def test_the_benchmark_runs_end_to_end_and_the_control_keeps_its_mixer(untrained
                                                                    for s in (2, 4)}
     for name in ("results.md", "samples.png", "fidelity-vs-steps.png"):
         assert (tmp_path / name).stat().st_size > 0
+    reported = next(r for r in saved["runs"] if r["method"] == "moslora-orthogonal")
+    at_two = next(c for c in saved["curves"] if c["method"] == "moslora-orthogonal" and c["step"] == 2)
+    assert reported["subject_fidelity"] == at_two["subject_fidelity"]  # reported at its tuned step, a checkpoint
     runs = tmp_path / "runs" / SUBJECTS[0].name
     assert (runs / "moslora-orthogonal-lr0.002-seed0-prior").is_dir()  # its own learning rate
     classes = sorted((tmp_path / "class-images" / SUBJECTS[0].name).glob("*.txt"))
@@ -77,10 +80,12 @@ def test_the_benchmark_runs_end_to_end_and_the_control_keeps_its_mixer(untrained
 def test_tuning_uses_the_tuning_subject_and_writes_the_grid(untrained_mini_dir, tmp_path, fresh_accelerate):
     settings = _settings(untrained_mini_dir, tmp_path, methods=("lora",), prior_mode="base_model",
                          train_text_encoder=False)
-    tuning = tune_learning_rates(settings, (1e-4, 1e-3), log=lambda _: None)
+    tuning = tune(settings, (1e-4, 1e-3), log=lambda _: None)
     assert tuning["subject"] == TUNING_SUBJECT.name not in [s.name for s in SUBJECTS]
-    assert len(tuning["grid"]) == 2 and tuning["chosen"]["lora"] in (1e-4, 1e-3)
-    assert "✓" in (tmp_path / "tuning.md").read_text()
-    again = tune_learning_rates(settings, (1e-4, 1e-3), log=lambda _: None)  # measured runs are not trained again
+    assert {(r["learning_rate"], r["step"]) for r in tuning["grid"]} == {(1e-4, 2), (1e-4, 4), (1e-3, 2), (1e-3, 4)}
+    chosen = tuning["chosen"]["lora"]
+    assert chosen in [{"learning_rate": r["learning_rate"], "steps": r["step"]} for r in tuning["grid"]]
+    assert (tmp_path / "tuning.md").read_text().count("✓") == 1
+    again = tune(settings, (1e-4, 1e-3), log=lambda _: None)  # measured runs are not trained again
     assert again["grid"] == tuning["grid"]
     assert not (tmp_path / "class-images").exists()  # the base-model prior needs no class images

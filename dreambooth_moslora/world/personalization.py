@@ -9,14 +9,15 @@ read the samples with the world analyzer:
 - prompt fidelity: how often the analyzer finds the background the prompt names;
 - class drift: for the class prompt without the trigger, how often the analyzer still finds the class shape,
   and how much those samples look like the subject (leakage).
-Sampling noise is the same for every adapter, so methods are compared on paired samples. Learning rates are
-chosen per method on a tuning subject that is not reported (`tune_learning_rates`).
+Sampling noise is the same for every adapter, so methods are compared on paired samples. Each method's learning
+rate and number of steps are chosen on a tuning subject that is not reported (`tune`).
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -72,11 +73,13 @@ class BenchmarkSettings:
     instance_images: int = 5
     rank: int = 4
     steps: int = 400
+    """How long every run trains; a method is reported at its tuned step, from that checkpoint."""
     learning_rate: float = 1e-3
-    learning_rates: dict[str, float] = field(default_factory=dict)
-    """Per-method learning rates (from tune_learning_rates); methods not named use learning_rate."""
+    tuned: dict[str, dict] = field(default_factory=dict)
+    """Per method, {"learning_rate", "steps"} from `tune`; methods not named use learning_rate and steps. With a
+    constant learning rate, the checkpoint at step n is the adapter a run of n steps would give."""
     curve_steps: tuple[int, ...] = (100, 200, 400)
-    """Checkpoints measured too, for fidelity against steps (steps must be among them to be the final point)."""
+    """Checkpoints measured too, for fidelity against steps."""
     curve_methods: tuple[str, ...] = ("lora", "moslora-orthogonal")
     train_batch_size: int = 1
     num_class_images: int = 50
@@ -88,7 +91,11 @@ class BenchmarkSettings:
     extra_train_args: list[str] = field(default_factory=list)
 
     def learning_rate_of(self, method: str) -> float:
-        return self.learning_rates.get(method, self.learning_rate)
+        return self.tuned.get(method, {}).get("learning_rate", self.learning_rate)
+
+    def steps_of(self, method: str) -> int:
+        """The tuned step, never past the runs' end (a --quick benchmark trains less than tuning did)."""
+        return min(self.tuned.get(method, {}).get("steps", self.steps), self.steps)
 
 
 def subject_backgrounds(subject: Subject, count: int) -> list[str]:
@@ -212,30 +219,33 @@ class SubjectBench:
         return {**metrics, **self._normalized(metrics["subject_fidelity"])}, samples
 
     def train_and_measure(self, method: str, seed: int, prior: bool, learning_rate: float, curve_steps=(),
-                          want_samples: bool = False) -> tuple:
-        """The final adapter's measures (and its samples when wanted), and the measures at each of curve_steps (from
-        checkpoints). A run measured before (its metrics.json) is not trained again: the benchmark resumes, and
-        several processes can share its runs (each taking some subjects), a last one writing the report."""
+                          reported_step: int | None = None, want_samples: bool = False) -> tuple:
+        """The adapter's measures at reported_step (default: the run's end; with its samples when wanted), and at each
+        of curve_steps, from checkpoints. A run measured before (its metrics.json) is not trained again: the
+        benchmark resumes, and several processes can share its runs (each taking some subjects), a last one writing
+        the report. train_seconds is the whole run's, with the subject's class images when this run made them."""
+        reported_step = reported_step or self.settings.steps
         tag = f"{method}-lr{learning_rate:g}-seed{seed}-{'prior' if prior else 'noprior'}"
         run_dir = Path(self.settings.output_dir) / "runs" / self.subject.name / tag
         record = run_dir / "metrics.json"
-        wanted_steps = [step for step in curve_steps if step <= self.settings.steps]
+        measured = sorted({step for step in (*curve_steps, reported_step) if step <= self.settings.steps})
         done = json.loads(record.read_text()) if record.is_file() else None
-        if done and {p["step"] for p in done["curve"]} >= set(wanted_steps):
-            samples = self.measure_adapter(run_dir / "moslora.safetensors")[1] if want_samples else None
-            return done["metrics"], samples, [p for p in done["curve"] if p["step"] in wanted_steps]
-        every = min(wanted_steps) if wanted_steps else self.settings.steps
-        started = time.perf_counter()
-        adapter = _train_adapter(self.settings, self.subject, self.instance_dir, self.mask_dir, method, seed, prior,
-                                 learning_rate, every, run_dir)
-        seconds = time.perf_counter() - started  # with the subject's class images when this run made them
-        metrics, samples = self.measure_adapter(adapter)
-        metrics["train_seconds"] = seconds
-        curve = [{"step": step, **(metrics if step == self.settings.steps else
-                                   self.measure_adapter(run_dir / f"checkpoint-{step}" / "moslora.safetensors")[0])}
-                 for step in wanted_steps]
-        write_text_atomically(record, json.dumps({"metrics": metrics, "curve": curve}, indent=2) + "\n")
-        return metrics, samples, curve
+        if not done or not {p["step"] for p in done["curve"]} >= set(measured):
+            started = time.perf_counter()
+            _train_adapter(self.settings, self.subject, self.instance_dir, self.mask_dir, method, seed, prior,
+                           learning_rate, math.gcd(*measured), run_dir)
+            seconds = time.perf_counter() - started
+            curve = [{"step": step, **self.measure_adapter(self._adapter_at(run_dir, step))[0]} for step in measured]
+            done = {"train_seconds": seconds, "curve": curve}
+            write_text_atomically(record, json.dumps(done, indent=2) + "\n")
+        points = {p["step"]: p for p in done["curve"]}
+        metrics = {**points[reported_step], "train_seconds": done["train_seconds"]}
+        samples = self.measure_adapter(self._adapter_at(run_dir, reported_step))[1] if want_samples else None
+        return metrics, samples, [points[step] for step in measured if step in curve_steps]
+
+    def _adapter_at(self, run_dir: Path, step: int) -> Path:
+        final = step == self.settings.steps
+        return run_dir / ("moslora.safetensors" if final else f"checkpoint-{step}/moslora.safetensors")
 
 
 def run_benchmark(settings: BenchmarkSettings, log=print) -> dict:
@@ -257,7 +267,7 @@ def run_benchmark(settings: BenchmarkSettings, log=print) -> dict:
             curve_steps = settings.curve_steps if compared and method in settings.curve_methods else ()
             wanted = seed == settings.seeds[0] and compared
             metrics, samples, curve = bench.train_and_measure(method, seed, prior, settings.learning_rate_of(method),
-                                                              curve_steps, want_samples=wanted)
+                                                              curve_steps, settings.steps_of(method), wanted)
             keys = {"subject": name, "method": method, "seed": seed, "prior_preservation": prior}
             results["runs"].append({**keys, **metrics})
             results["curves"] += [{**keys, **point} for point in curve]
@@ -276,27 +286,31 @@ def run_benchmark(settings: BenchmarkSettings, log=print) -> dict:
     return results
 
 
-def choose_learning_rate(rows: list[dict], min_class_shape_accuracy: float) -> float:
-    """The learning rate with the best subject fidelity among those that keep the class; the best fidelity
-    overall when none does."""
+def choose_setting(rows: list[dict], min_class_shape_accuracy: float) -> dict:
+    """The (learning rate, steps) with the best subject fidelity among those that keep the class; the best
+    fidelity overall when none does."""
     keeping = [r for r in rows if r["class_shape_accuracy"] >= min_class_shape_accuracy] or rows
-    return max(keeping, key=lambda r: r["subject_fidelity"])["learning_rate"]
+    best = max(keeping, key=lambda r: r["subject_fidelity"])
+    return {"learning_rate": best["learning_rate"], "steps": best["step"]}
 
 
-def tune_learning_rates(settings: BenchmarkSettings, learning_rates: tuple[float, ...], seed: int = 0,
-                        subject: Subject = TUNING_SUBJECT, min_class_shape_accuracy: float = 0.9, log=print) -> dict:
-    """Each method's learning rate from one grid, on the tuning subject alone, in the compared prior setting."""
+def tune(settings: BenchmarkSettings, learning_rates: tuple[float, ...], seed: int = 0, subject: Subject = TUNING_SUBJECT,
+         min_class_shape_accuracy: float = 0.9, log=print) -> dict:
+    """Each method's learning rate and steps from one grid (one run per rate, measured at each of curve_steps), on
+    the tuning subject alone, in the compared prior setting."""
     output_dir = Path(settings.output_dir)
     bench = SubjectBench(subject, settings, load_analyzer(settings.analyzer_file), GenerationSettings())
+    steps = tuple(sorted({*settings.curve_steps, settings.steps}))
     grid = []
     for method, rate in itertools.product(settings.methods, learning_rates):
-        metrics, _, curve = bench.train_and_measure(method, seed, settings.prior_preservation, rate, (settings.steps,))
+        _, _, curve = bench.train_and_measure(method, seed, settings.prior_preservation, rate, steps)
         grid += [{"method": method, "learning_rate": rate, **point} for point in curve]
-        log(f"tuning {method} lr {rate:g}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-    final = [row for row in grid if row["step"] == settings.steps]
-    chosen = {m: choose_learning_rate([r for r in final if r["method"] == m], min_class_shape_accuracy)
+        log(f"tuning {method} lr {rate:g}: " + "; ".join(
+            f"step {p['step']} fidelity {p['subject_fidelity']:.3f} class shape {p['class_shape_accuracy']:.3f}"
+            for p in curve))
+    chosen = {m: choose_setting([r for r in grid if r["method"] == m], min_class_shape_accuracy)
               for m in settings.methods}
-    tuning = {"subject": subject.name, "seed": seed, "steps": settings.steps, "subject_record": bench.record(),
+    tuning = {"subject": subject.name, "seed": seed, "steps": list(steps), "subject_record": bench.record(),
               "min_class_shape_accuracy": min_class_shape_accuracy, "grid": grid, "chosen": chosen}
     write_text_atomically(output_dir / "tuning.json", json.dumps(tuning, indent=2) + "\n")
     write_text_atomically(output_dir / "tuning.md", tuning_table(tuning))
@@ -304,12 +318,13 @@ def tune_learning_rates(settings: BenchmarkSettings, learning_rates: tuple[float
 
 
 def tuning_table(tuning: dict) -> str:
-    lines = [f"Tuning subject {tuning['subject']} (seed {tuning['seed']}), {tuning['steps']} steps; chosen: the best "
-             f"subject fidelity with class shape accuracy ≥ {tuning['min_class_shape_accuracy']}.", "",
+    lines = [f"Tuning subject {tuning['subject']} (seed {tuning['seed']}), measured at steps "
+             f"{', '.join(map(str, tuning['steps']))}; chosen: the best subject fidelity with class shape accuracy "
+             f"≥ {tuning['min_class_shape_accuracy']}.", "",
              "| method | learning rate | step | subject fidelity | normalised (real) | normalised (oracle) | "
              "class shape accuracy | class-subject similarity | chosen |", "| --- " * 9 + "|"]
     for row in tuning["grid"]:
-        chosen = "✓" if row["step"] == tuning["steps"] and tuning["chosen"][row["method"]] == row["learning_rate"] else ""
+        chosen = "✓" if tuning["chosen"][row["method"]] == {"learning_rate": row["learning_rate"], "steps": row["step"]} else ""
         lines.append(f"| {row['method']} | {row['learning_rate']:g} | {row['step']} | {row['subject_fidelity']:.3f} | "
                      f"{row['normalized_fidelity']:.3f} | {row['oracle_normalized_fidelity']:.3f} | "
                      f"{row['class_shape_accuracy']:.3f} | {row['class_subject_similarity']:.3f} | {chosen} |")
