@@ -11,6 +11,7 @@ from .config import MIXER_INITS, UNET_TARGETS
 from .errors import UserInputError
 from .parser import CommandParser
 from .prompt_words import has_trigger_word, read_prompts
+from .single_file import check_single_file, is_single_file
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +25,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     model = parser.add_argument_group("base model")
     model.add_argument("--pretrained_model_name_or_path", required=True,
-                       help="hub id or local folder of a diffusers SDXL pipeline")
+                       help="hub id or local folder of a diffusers SDXL pipeline, or one .safetensors file in the "
+                            "original layout (A1111/ComfyUI checkpoints; needs --model_config)")
+    model.add_argument("--model_config", default=None,
+                       help="for a single-file model: a diffusers SDXL folder of the same architecture, whose "
+                            "configs and tokenizers are used (not its weights)")
     model.add_argument("--pretrained_vae_model_name_or_path", default=None,
                        help="a VAE that is safe in fp16 (e.g. madebyollin/sdxl-vae-fp16-fix); without one the VAE runs in fp32")
     model.add_argument("--revision", default=None)
@@ -140,6 +145,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     """Refuse combinations that cannot work, before any model is loaded."""
+    if is_single_file(args.pretrained_model_name_or_path):
+        check_single_file(args.pretrained_model_name_or_path, args.model_config)
     if args.resolution <= 0 or args.resolution % 8:
         raise UserInputError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
     args.class_prompts = read_prompts(prompts_file=args.class_prompts_file) if args.class_prompts_file else None

@@ -31,7 +31,8 @@ def checkpoints(output_dir) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
-def save_checkpoint(output_dir, step: int, models: dict, optimizer, lr_scheduler, base_model: str, ema=None) -> Path:
+def save_checkpoint(output_dir, step: int, models: dict, optimizer, lr_scheduler, base_model: str, ema=None,
+                    base_model_sha256: str | None = None) -> Path:
     """Written into a temporary folder and renamed, so a crash never leaves a half checkpoint (nor the folder)."""
     final = Path(output_dir) / f"{PREFIX}{step}"
     staging = Path(output_dir) / f".{PREFIX}{step}.tmp"
@@ -39,7 +40,7 @@ def save_checkpoint(output_dir, step: int, models: dict, optimizer, lr_scheduler
     staging.mkdir(parents=True)
     try:
         save_moslora(staging / NATIVE_FILE, models["unet"], models.get("text_encoder"), models.get("text_encoder_2"),
-                     base_model=base_model)
+                     base_model=base_model, base_model_sha256=base_model_sha256)
         tensors, metadata = _flatten_optimizer(optimizer.state_dict())
         write_safetensors(tensors, staging / OPTIMIZER_FILE, metadata)
         if ema is not None:

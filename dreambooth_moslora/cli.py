@@ -45,7 +45,8 @@ def _generate(args):
     prompts = read_prompts(args.prompt, args.prompts_file)
     check_writable_folder(args.output_dir, "--output_dir")
     settings = _settings(args)
-    pipe = load_pipeline(args.pretrained_model_name_or_path, args.adapter, settings, args.device, args.dtype)
+    pipe = load_pipeline(args.pretrained_model_name_or_path, args.adapter, settings, args.device, args.dtype,
+                         args.model_config)
     paths = generate_images(pipe, prompts, settings, args.output_dir, adapter_name=str(args.adapter or ""))
     print(f"wrote {len(paths)} images and grid.png to {args.output_dir}")
 
@@ -57,7 +58,7 @@ def _evaluate(args):
     results = evaluate_adapters(
         args.pretrained_model_name_or_path, parse_adapter_specs(args.adapter), args.subject_dir, args.token,
         args.class_noun, args.output_dir, args.prompt_list, args.prompts_file, _settings(args),
-        args.dino_model, args.clip_model, args.device, args.dtype,
+        args.dino_model, args.clip_model, args.device, args.dtype, args.model_config,
     )
     print(metrics_table(results), end="")
     print(f"wrote {args.output_dir}/metrics.json and metrics.md")
@@ -84,7 +85,10 @@ def _export(args):
 
 
 def _add_sampling_options(parser):
-    parser.add_argument("--pretrained_model_name_or_path", required=True, help="hub id or folder of an SDXL pipeline")
+    parser.add_argument("--pretrained_model_name_or_path", required=True,
+                        help="hub id or folder of an SDXL pipeline, or one original-layout .safetensors file")
+    parser.add_argument("--model_config", default=None,
+                        help="for a single-file model: a diffusers SDXL folder whose configs and tokenizers to use")
     parser.add_argument("--negative_prompt", default=None)
     parser.add_argument("--num_images_per_prompt", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0, help="image j of each prompt uses seed + j")

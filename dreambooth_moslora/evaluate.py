@@ -43,7 +43,7 @@ def evaluate_adapters(base_model: str, adapters: dict[str, str | None], subject_
                       output_dir, prompt_kind: str = "object", prompts_file=None,
                       settings: GenerationSettings = GenerationSettings(num_images_per_prompt=4),
                       dino_model: str = DEFAULT_DINO, clip_model: str = DEFAULT_CLIP,
-                      device: str | None = None, dtype: str | None = None) -> dict:
+                      device: str | None = None, dtype: str | None = None, model_config=None) -> dict:
     """Generate with each adapter (None: the base model alone), measure, write metrics.json and metrics.md."""
     if not adapters:
         raise UserInputError("give at least one adapter to evaluate")
@@ -59,7 +59,7 @@ def evaluate_adapters(base_model: str, adapters: dict[str, str | None], subject_
         "adapters": {},
     }
     for name, adapter in adapters.items():
-        pipe = load_pipeline(base_model, adapter, settings, device=device, dtype=dtype)
+        pipe = load_pipeline(base_model, adapter, settings, device=device, dtype=dtype, model_config=model_config)
         paths = generate_images(pipe, [p for p, _ in prompts], settings, output_dir / "images" / name,
                                 adapter_name=str(adapter or "none"))
         del pipe

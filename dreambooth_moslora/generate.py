@@ -21,11 +21,12 @@ from diffusers import (
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from .adapters import load_adapter
+from .adapters import load_adapter, recorded_base_sha256
 from .errors import UserInputError
 from .feedback import progress_bar
 from .files import write_atomically
 from .models import dtype_option, model_load_error, require_model_folder
+from .single_file import check_same_base, check_single_file, is_single_file, load_single_file_components
 
 SCHEDULERS = {
     "euler": (EulerDiscreteScheduler, {}),
@@ -57,13 +58,23 @@ class GenerationSettings:
 
 
 def load_pipeline(base_model: str, adapter=None, settings: GenerationSettings = GenerationSettings(),
-                  device: str | None = None, dtype: str | None = None) -> StableDiffusionXLPipeline:
-    """The base pipeline on the device, with the adapter attached and the scheduler chosen."""
+                  device: str | None = None, dtype: str | None = None, model_config=None) -> StableDiffusionXLPipeline:
+    """The base pipeline on the device, with the adapter attached and the scheduler chosen. base_model is a hub id,
+    a diffusers folder, or one original-layout .safetensors file whose configs are in the folder model_config."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = DTYPES[dtype or ("fp16" if device.startswith("cuda") else "fp32")]
-    require_model_folder(base_model)
+    if is_single_file(base_model):
+        check_single_file(base_model, model_config)
+        if adapter is not None:
+            check_same_base(recorded_base_sha256(adapter), base_model, adapter)
+    else:
+        require_model_folder(base_model)
     try:
-        pipe = StableDiffusionXLPipeline.from_pretrained(base_model, **dtype_option(torch_dtype))
+        if is_single_file(base_model):
+            components = load_single_file_components(base_model, model_config, torch_dtype)
+            pipe = StableDiffusionXLPipeline.from_pretrained(model_config, **components, **dtype_option(torch_dtype))
+        else:
+            pipe = StableDiffusionXLPipeline.from_pretrained(base_model, **dtype_option(torch_dtype))
     except (OSError, ValueError) as error:
         raise model_load_error(base_model, error) from None
     if settings.scheduler:

@@ -60,6 +60,8 @@ class NativeAdapter:
     modules: dict[str, dict[str, ModuleAdapter]]
     base_model: str | None
     unet_layers_per_block: list[int] | None
+    base_model_sha256: str | None = None
+    """The content hash of the single file it was trained on (None for a diffusers folder or hub id)."""
 
     def folded(self, component: str, rank: int | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """module → (down, up): the exact plain LoRA of each MoSLoRA module, or its best rank-`rank` one."""
@@ -88,7 +90,8 @@ def write_safetensors(tensors: dict, path, metadata: dict[str, str]) -> Path:
     return write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-def save_moslora(path, unet, text_encoder=None, text_encoder_2=None, base_model: str | None = None) -> Path:
+def save_moslora(path, unet, text_encoder=None, text_encoder_2=None, base_model: str | None = None,
+                 base_model_sha256: str | None = None) -> Path:
     """Write the native file of whichever models carry MoSLoRA layers (the mixer kept, for resuming)."""
     models = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
     tensors, configs = {}, {}
@@ -109,6 +112,7 @@ def save_moslora(path, unet, text_encoder=None, text_encoder_2=None, base_model:
         "format_version": FORMAT_VERSION,
         "configs": json.dumps(configs),
         "base_model": base_model or "",
+        "base_model_sha256": base_model_sha256 or "",
         "unet_layers_per_block": json.dumps(unet_layers_per_block(unet.config)) if hasattr(unet, "config") else "",
     }
     return write_safetensors(tensors, path, metadata)
@@ -144,6 +148,7 @@ def read_moslora(path) -> NativeAdapter:
         modules=modules,
         base_model=metadata.get("base_model") or None,
         unet_layers_per_block=json.loads(layers_per_block) if layers_per_block else None,
+        base_model_sha256=metadata.get("base_model_sha256") or None,
     )
 
 

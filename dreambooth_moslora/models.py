@@ -7,11 +7,12 @@ from pathlib import Path
 
 import diffusers
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .errors import UserInputError
 from .loss import PREDICTION_TYPES
+from .single_file import check_single_file, is_single_file, load_single_file_components
 
 # diffusers 0.42 renamed from_pretrained's torch_dtype to dtype and warns on the old name
 _DTYPE_KEYWORD = "dtype" if tuple(int(p) for p in diffusers.__version__.split(".")[:2]) >= (0, 42) else "torch_dtype"
@@ -36,9 +37,10 @@ def dtype_option(dtype: torch.dtype) -> dict:
 
 
 def model_reference(name_or_path: str) -> str:
-    """What to record of a base model: an absolute path for a local folder (valid from anywhere), else the hub id."""
+    """What to record of a base model: an absolute path for a local folder or file (valid from anywhere), else the
+    hub id."""
     path = Path(name_or_path).expanduser()
-    return str(path.resolve()) if path.is_dir() else name_or_path
+    return str(path.resolve()) if path.exists() else name_or_path
 
 
 def native_resolution(unet_config, vae_config) -> int:
@@ -56,28 +58,25 @@ def model_load_error(name_or_path: str, error: Exception) -> UserInputError:
     return UserInputError(f"could not load the SDXL model {name_or_path}: {str(error).splitlines()[0]}")
 
 
-def load_base_models(name_or_path: str, revision=None, variant=None, vae_name_or_path=None) -> BaseModels:
-    """From a hub id or a local diffusers folder; a path that is not there is one clear error."""
-    for source in filter(None, (name_or_path, vae_name_or_path)):
+def load_base_models(name_or_path: str, revision=None, variant=None, vae_name_or_path=None,
+                     model_config=None) -> BaseModels:
+    """From a hub id, a local diffusers folder, or one original-layout .safetensors file with its configs in
+    model_config; a path that is not there is one clear error."""
+    single_file = is_single_file(name_or_path)
+    if single_file:
+        check_single_file(name_or_path, model_config)
+    for source in filter(None, (None if single_file else name_or_path, vae_name_or_path)):
         require_model_folder(source)
-    common = {"revision": revision}
     try:
-        tokenizers = tuple(
-            CLIPTokenizer.from_pretrained(name_or_path, subfolder=sub, **common)
-            for sub in ("tokenizer", "tokenizer_2")
-        )
-        text_encoders = (
-            CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder", variant=variant, **common),
-            CLIPTextModelWithProjection.from_pretrained(name_or_path, subfolder="text_encoder_2", variant=variant, **common),
-        )
+        parts = (load_single_file_components(name_or_path, model_config) if single_file
+                 else _folder_components(name_or_path, revision, variant))
         if vae_name_or_path:
-            vae = AutoencoderKL.from_pretrained(vae_name_or_path)
-        else:
-            vae = AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", variant=variant, **common)
-        unet = UNet2DConditionModel.from_pretrained(name_or_path, subfolder="unet", variant=variant, **common)
-        noise_scheduler = DDPMScheduler.from_pretrained(name_or_path, subfolder="scheduler", **common)
+            parts["vae"] = AutoencoderKL.from_pretrained(vae_name_or_path)
+        noise_scheduler = DDPMScheduler.from_pretrained(model_config if single_file else name_or_path,
+                                                        subfolder="scheduler", revision=revision)
     except (OSError, ValueError) as error:
         raise model_load_error(name_or_path, error) from None
+    unet, vae = parts["unet"], parts["vae"]
     if getattr(unet.config, "addition_embed_type", None) != "text_time":
         raise UserInputError(f"{name_or_path} is not an SDXL model (its UNet has no text_time conditioning)")
     if noise_scheduler.config.prediction_type not in PREDICTION_TYPES:
@@ -85,9 +84,34 @@ def load_base_models(name_or_path: str, revision=None, variant=None, vae_name_or
             f"{name_or_path} predicts {noise_scheduler.config.prediction_type!r}; training supports "
             f"{' and '.join(PREDICTION_TYPES)}"
         )
+    text_encoders = (parts["text_encoder"], parts["text_encoder_2"])
     for model in (*text_encoders, vae, unet):
         model.requires_grad_(False)
-    return BaseModels(tokenizers, text_encoders, vae, unet, noise_scheduler)
+    return BaseModels((parts["tokenizer"], parts["tokenizer_2"]), text_encoders, vae, unet, noise_scheduler)
+
+
+def _folder_components(name_or_path: str, revision, variant) -> dict:
+    common = {"revision": revision}
+    weights = {"variant": variant, **common}
+    return {
+        "tokenizer": CLIPTokenizer.from_pretrained(name_or_path, subfolder="tokenizer", **common),
+        "tokenizer_2": CLIPTokenizer.from_pretrained(name_or_path, subfolder="tokenizer_2", **common),
+        "text_encoder": CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder", **weights),
+        "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(name_or_path, subfolder="text_encoder_2", **weights),
+        "vae": AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", **weights),
+        "unet": UNet2DConditionModel.from_pretrained(name_or_path, subfolder="unet", **weights),
+    }
+
+
+def sdxl_pipeline(models: BaseModels, unet=None, text_encoders=None) -> StableDiffusionXLPipeline:
+    """A sampling pipeline around the models already loaded (for class images and validation), with the trained
+    UNet and text encoders in place of the frozen ones when given."""
+    text_encoders = text_encoders or models.text_encoders
+    return StableDiffusionXLPipeline(
+        vae=models.vae, text_encoder=text_encoders[0], text_encoder_2=text_encoders[1], tokenizer=models.tokenizers[0],
+        tokenizer_2=models.tokenizers[1], unet=unet or models.unet,
+        scheduler=EulerDiscreteScheduler.from_config(models.noise_scheduler.config),
+    )
 
 
 def place_models(models: BaseModels, device, weight_dtype: torch.dtype, vae_is_fp16_safe: bool):

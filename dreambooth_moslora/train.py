@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import ProjectConfiguration, set_seed
-from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 from diffusers.optimization import get_scheduler
 from torch.utils.data import DataLoader
 
@@ -38,11 +37,12 @@ from .generate import GenerationSettings, generate_images
 from .inject import inject_moslora, moslora_config, moslora_disabled, moslora_parameters
 from .loss import diffusion_target, min_snr_weights
 from .masks import loss_weights, mask_finder, render_mask
-from .io import DIFFUSERS_FILE, KOHYA_FILE, NATIVE_FILE, export_diffusers, export_kohya, save_moslora
+from .io import DIFFUSERS_FILE, KOHYA_FILE, NATIVE_FILE, export_diffusers, export_kohya, read_moslora, save_moslora
 from .model_card import model_card
-from .models import dtype_option, load_base_models, model_reference, native_resolution, place_models
+from .models import load_base_models, model_reference, native_resolution, place_models, sdxl_pipeline
 from .output_lock import output_folder_lock
 from .prior import base_model_prior_examples, generate_class_images, missing_class_indices
+from .single_file import base_model_sha256, check_same_base
 
 logger = logging.getLogger(__name__)
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
@@ -87,12 +87,13 @@ def train(args) -> TrainingResult:
 
 
 def _train(args, accelerator, output_dir: Path, instance) -> TrainingResult:
+    _check_resume_base(args, output_dir)
     models = load_base_models(args.pretrained_model_name_or_path, args.revision, args.variant,
-                              args.pretrained_vae_model_name_or_path)
+                              args.pretrained_vae_model_name_or_path, args.model_config)
     _warn_about_resolution(args.resolution, models, args.pretrained_model_name_or_path)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    classes = _class_examples(args, accelerator, weight_dtype, instance) if args.with_prior_preservation else []
     place_models(models, accelerator.device, weight_dtype, vae_is_fp16_safe=bool(args.pretrained_vae_model_name_or_path))
+    classes = _class_examples(args, accelerator, models, instance) if args.with_prior_preservation else []
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
 
@@ -292,11 +293,7 @@ class TrainingLoop:
         args, accelerator = self.args, self.accelerator
         unwrap = accelerator.unwrap_model
         text_encoders = [unwrap(self.trained.get(n, e)) for n, e in zip(TEXT_ENCODERS, self.models.text_encoders)]
-        pipe = StableDiffusionXLPipeline(
-            vae=self.models.vae, text_encoder=text_encoders[0], text_encoder_2=text_encoders[1],
-            tokenizer=self.models.tokenizers[0], tokenizer_2=self.models.tokenizers[1], unet=unwrap(self.trained["unet"]),
-            scheduler=EulerDiscreteScheduler.from_config(self.models.noise_scheduler.config),
-        )
+        pipe = sdxl_pipeline(self.models, unwrap(self.trained["unet"]), text_encoders)
         for model in self.trained.values():
             model.eval()
         folder = Path(args.output_dir) / "validation" / (f"final-step-{step}" if final else f"step-{step}")
@@ -328,7 +325,7 @@ def _warn_about_resolution(resolution: int, models, name: str):
                        "above it, much slower steps", resolution, native, name)
 
 
-def _class_examples(args, accelerator, weight_dtype, instance):
+def _class_examples(args, accelerator, models, instance):
     """The class images, generating the missing ones with the base pipeline first (processes share the work).
 
     With the base-model prior there are no class images: see base_model_prior_examples.
@@ -338,16 +335,10 @@ def _class_examples(args, accelerator, weight_dtype, instance):
     missing = missing_class_indices(args.class_data_dir, args.num_class_images)
     if missing:
         logger.info("generating %d class images for %r", len(missing), args.class_prompt)
-        pipe = StableDiffusionXLPipeline.from_pretrained(
-            args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
-            **dtype_option(weight_dtype),
-        ).to(accelerator.device)
-        with accelerator.split_between_processes(missing) as mine:
-            generate_class_images(pipe, args.class_data_dir, args.class_prompts or [args.class_prompt], mine,
-                                  args.sample_batch_size,
-                                  args.resolution, args.num_inference_steps, args.seed,
+        with accelerator.split_between_processes(missing) as mine, accelerator.autocast():
+            generate_class_images(sdxl_pipeline(models), args.class_data_dir, args.class_prompts or [args.class_prompt],
+                                  mine, args.sample_batch_size, args.resolution, args.num_inference_steps, args.seed,
                                   show_progress=accelerator.is_local_main_process)
-        del pipe
         accelerator.wait_for_everyone()
     return read_examples(args.class_data_dir, args.class_prompt, args.resolution, args.bucketing, is_class=True)
 
@@ -426,6 +417,14 @@ def _build_caches(args, accelerator, models, examples, samples: int):
     return latents, prompts
 
 
+def _check_resume_base(args, output_dir):
+    """Resuming on another single-file base is caught before any model is loaded."""
+    path = resolve_checkpoint(output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
+    if path is not None:
+        recorded = read_moslora(path / NATIVE_FILE).base_model_sha256
+        check_same_base(recorded, args.pretrained_model_name_or_path, path)
+
+
 def _resume(args, output_dir, adapted, optimizer, lr_scheduler, ema) -> int:
     if not args.resume_from_checkpoint:
         return 0
@@ -442,7 +441,8 @@ def _checkpoint(args, output_dir, step, accelerator, adapted, optimizer, lr_sche
     path = output_dir / f"checkpoint-{step}"
     if accelerator.is_main_process:
         path = save_checkpoint(output_dir, step, adapted, optimizer, lr_scheduler,
-                               model_reference(args.pretrained_model_name_or_path), ema)
+                               model_reference(args.pretrained_model_name_or_path), ema,
+                               base_model_sha256(args.pretrained_model_name_or_path))
         prune_checkpoints(output_dir, args.checkpoints_total_limit)
     accelerator.wait_for_everyone()
     return path
@@ -472,7 +472,8 @@ def _write_outputs(args, output_dir, adapted, steps, images) -> list[Path]:
     """The native file, then both exports of it, then the model card."""
     base_model = model_reference(args.pretrained_model_name_or_path)
     native = save_moslora(output_dir / NATIVE_FILE, adapted["unet"], adapted.get("text_encoder"),
-                          adapted.get("text_encoder_2"), base_model=base_model)
+                          adapted.get("text_encoder_2"), base_model=base_model,
+                          base_model_sha256=base_model_sha256(args.pretrained_model_name_or_path))
     files = [native, export_diffusers(native, output_dir / DIFFUSERS_FILE), export_kohya(native, output_dir / KOHYA_FILE)]
     card = model_card(base_model, args.instance_prompt, moslora_config(adapted["unet"]), steps,
                       args.train_text_encoder, args.validation_prompt, images, output_dir,
