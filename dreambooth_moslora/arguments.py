@@ -11,7 +11,7 @@ from .config import MIXER_INITS, UNET_TARGETS
 from .errors import UserInputError
 from .parser import CommandParser
 from .prompt_words import has_trigger_word, read_prompts
-from .single_file import check_single_file, is_single_file
+from .models import check_base_model
 
 logger = logging.getLogger(__name__)
 
@@ -19,7 +19,8 @@ DEFAULT_MAX_TRAIN_STEPS = 500
 PRIOR_MODES = ("class_images", "base_model")
 
 
-def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+def build_parser(prog: str | None = None, needs_data: bool = True) -> argparse.ArgumentParser:
+    """train's options; `plan` takes the same ones without needing the photos (needs_data=False)."""
     parser = CommandParser(
         prog=prog, description="DreamBooth fine-tuning of Stable Diffusion XL with a MoSLoRA adapter."
     )
@@ -36,8 +37,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     model.add_argument("--variant", default=None, help="weights variant to load, e.g. fp16")
 
     data = parser.add_argument_group("data")
-    data.add_argument("--instance_data_dir", required=True, help="folder with 3-20 photos of the subject")
-    data.add_argument("--instance_prompt", required=True,
+    data.add_argument("--instance_data_dir", required=needs_data, help="folder with 3-20 photos of the subject")
+    data.add_argument("--instance_prompt", required=needs_data,
                       help="prompt with the trigger token, e.g. 'a photo of sks dog'; a same-named .txt beside an image overrides it")
     data.add_argument("--resolution", type=int, default=1024, help="training side length in pixels (default 1024)")
     data.add_argument("--center_crop", action="store_true",
@@ -118,6 +119,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     memory.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
                         help="frozen weights in fp16/bf16, adapter in fp32 (default: accelerate's config, else no)")
     memory.add_argument("--gradient_checkpointing", action="store_true")
+    memory.add_argument("--low_memory", action="store_true",
+                        help="what fits 1024 px into the least memory: gradient checkpointing, bf16 (unless "
+                             "--mixed_precision says otherwise), 8-bit AdamW when bitsandbytes is installed")
     memory.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
                         help="xformers attention (optional extra); PyTorch's SDPA is the default")
     memory.add_argument("--allow_tf32", action="store_true")
@@ -143,10 +147,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def validate_args(args: argparse.Namespace) -> argparse.Namespace:
+def validate_args(args: argparse.Namespace, needs_data: bool = True) -> argparse.Namespace:
     """Refuse combinations that cannot work, before any model is loaded."""
-    if is_single_file(args.pretrained_model_name_or_path):
-        check_single_file(args.pretrained_model_name_or_path, args.model_config)
+    check_base_model(args.pretrained_model_name_or_path, args.model_config)
+    if args.low_memory:
+        apply_low_memory(args)
     if args.resolution <= 0 or args.resolution % 8:
         raise UserInputError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
     args.class_prompts = read_prompts(prompts_file=args.class_prompts_file) if args.class_prompts_file else None
@@ -179,12 +184,19 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.report_to != "none" and importlib.util.find_spec(args.report_to) is None:
         raise UserInputError(f"--report_to {args.report_to} needs the {args.report_to} package: "
                              f"pip install {args.report_to} (or --report_to none)")
-    if not has_trigger_word(args.instance_prompt, args.class_prompt):
+    if needs_data and not has_trigger_word(args.instance_prompt, args.class_prompt):
         logger.warning("every word of --instance_prompt %r is an ordinary word: the subject gets no name of its own "
                        "and those words will draw it; add a rare trigger word, e.g. 'a photo of sks dog'",
                        args.instance_prompt)
     args.target_modules = tuple(t.strip() for t in args.target_modules.split(",") if t.strip())
     return args
+
+
+def apply_low_memory(args: argparse.Namespace):
+    args.gradient_checkpointing = True
+    args.mixed_precision = args.mixed_precision or "bf16"
+    if args.optimizer == "adamw" and importlib.util.find_spec("bitsandbytes") is not None:
+        args.optimizer = "adamw8bit"
 
 
 def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:

@@ -28,6 +28,19 @@ def _train(argv: list[str]):
     train(parse_args(argv, prog="dreambooth-moslora train"))
 
 
+def _plan(argv: list[str]):
+    from .arguments import build_parser, validate_args
+    from .data import image_files
+    from .memory_plan import CACHED_IMAGES, model_configs, plan_report, plan_settings
+
+    args = validate_args(build_parser("dreambooth-moslora plan", needs_data=False).parse_args(argv), needs_data=False)
+    images = len(image_files(args.instance_data_dir)) if args.instance_data_dir else CACHED_IMAGES
+    if args.with_prior_preservation and args.prior_preservation_mode == "class_images":
+        images += args.num_class_images
+    configs = model_configs(args.pretrained_model_name_or_path, args.model_config)
+    print(plan_report(configs, plan_settings(args, images)), end="")
+
+
 def _settings(args):
     from .generate import GenerationSettings
 
@@ -111,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     # `train` has its own parser (arguments.py); main() hands it the rest of the command line.
     verbs.add_parser("train", add_help=False, help="DreamBooth-train a MoSLoRA adapter (train --help)")
+    verbs.add_parser("plan", add_help=False,
+                     help="will it fit? peak GPU memory of training with train's options, before any download")
 
     generate = verbs.add_parser("generate", help="make images with a base model and an adapter")
     generate.add_argument("--adapter", default=None, help="an output folder or any of its three adapter files")
@@ -174,6 +189,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["train"]:
         return run_reporting_errors(_train, argv[1:])
+    if argv[:1] == ["plan"]:
+        return run_reporting_errors(_plan, argv[1:])
     args = build_parser().parse_args(argv)
     return run_reporting_errors(args.run, args)
 

@@ -16,6 +16,7 @@ from .dreambooth_prompts import LIVE_SUBJECT_PROMPTS, OBJECT_PROMPTS
 from .errors import UserInputError
 from .files import write_text_atomically
 from .generate import GenerationSettings, generate_images, load_pipeline
+from .models import check_base_model
 from .prompt_words import read_prompts
 from .metrics import (
     DEFAULT_CLIP,
@@ -47,6 +48,7 @@ def evaluate_adapters(base_model: str, adapters: dict[str, str | None], subject_
     """Generate with each adapter (None: the base model alone), measure, write metrics.json and metrics.md."""
     if not adapters:
         raise UserInputError("give at least one adapter to evaluate")
+    check_base_model(base_model, model_config)
     output_dir = Path(output_dir)
     prompts = benchmark_prompts(prompt_kind, token, noun, prompts_file)
     real = [load_rgb(p) for p in image_files(subject_dir)]

@@ -25,8 +25,8 @@ from .adapters import load_adapter, recorded_base_sha256
 from .errors import UserInputError
 from .feedback import progress_bar
 from .files import write_atomically
-from .models import dtype_option, model_load_error, require_model_folder
-from .single_file import check_same_base, check_single_file, is_single_file, load_single_file_components
+from .models import check_base_model, dtype_option, model_load_error
+from .single_file import check_same_base, is_single_file, load_single_file_components
 
 SCHEDULERS = {
     "euler": (EulerDiscreteScheduler, {}),
@@ -63,12 +63,9 @@ def load_pipeline(base_model: str, adapter=None, settings: GenerationSettings = 
     a diffusers folder, or one original-layout .safetensors file whose configs are in the folder model_config."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = DTYPES[dtype or ("fp16" if device.startswith("cuda") else "fp32")]
-    if is_single_file(base_model):
-        check_single_file(base_model, model_config)
-        if adapter is not None:
-            check_same_base(recorded_base_sha256(adapter), base_model, adapter)
-    else:
-        require_model_folder(base_model)
+    check_base_model(base_model, model_config)
+    if adapter is not None:
+        check_same_base(recorded_base_sha256(adapter), base_model, adapter)
     try:
         if is_single_file(base_model):
             components = load_single_file_components(base_model, model_config, torch_dtype)

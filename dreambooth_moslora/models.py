@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +55,15 @@ def require_model_folder(name_or_path: str):
         raise UserInputError(f"model folder not found: {name_or_path}")
 
 
+def check_base_model(name_or_path: str, model_config=None):
+    """What can be known of a base model before loading it: a folder that is there, or a single .safetensors file
+    with its configs; hub ids are left to from_pretrained."""
+    if is_single_file(name_or_path):
+        check_single_file(name_or_path, model_config)
+    else:
+        require_model_folder(name_or_path)
+
+
 def model_load_error(name_or_path: str, error: Exception) -> UserInputError:
     return UserInputError(f"could not load the SDXL model {name_or_path}: {str(error).splitlines()[0]}")
 
@@ -63,10 +73,9 @@ def load_base_models(name_or_path: str, revision=None, variant=None, vae_name_or
     """From a hub id, a local diffusers folder, or one original-layout .safetensors file with its configs in
     model_config; a path that is not there is one clear error."""
     single_file = is_single_file(name_or_path)
-    if single_file:
-        check_single_file(name_or_path, model_config)
-    for source in filter(None, (None if single_file else name_or_path, vae_name_or_path)):
-        require_model_folder(source)
+    check_base_model(name_or_path, model_config)
+    if vae_name_or_path:
+        require_model_folder(vae_name_or_path)
     try:
         parts = (load_single_file_components(name_or_path, model_config) if single_file
                  else _folder_components(name_or_path, revision, variant))
@@ -112,6 +121,40 @@ def sdxl_pipeline(models: BaseModels, unet=None, text_encoders=None) -> StableDi
         tokenizer_2=models.tokenizers[1], unet=unet or models.unet,
         scheduler=EulerDiscreteScheduler.from_config(models.noise_scheduler.config),
     )
+
+
+def enable_text_encoder_checkpointing(encoder):
+    """transformers 5 renamed gradient_checkpointing_enable (and warns on the old name)."""
+    (getattr(encoder, "activation_checkpointing_enable", None) or encoder.gradient_checkpointing_enable)()
+
+
+def models_to_offload(models: BaseModels, prompts_cached: bool, latents_cached: bool) -> list:
+    return [*(models.text_encoders if prompts_cached else ()), *((models.vae,) if latents_cached else ())]
+
+
+def offload_cached_models(models: BaseModels, device, prompts_cached: bool, latents_cached: bool) -> list:
+    """The frozen models no step needs once their outputs are cached go to the CPU (kohya does the same with cached
+    text-encoder outputs): 1.5 GB of text encoders and the VAE off an SDXL card. Returns them, for validation."""
+    if torch.device(device).type == "cpu":
+        return []
+    offloaded = models_to_offload(models, prompts_cached, latents_cached)
+    for model in offloaded:
+        model.to("cpu")
+    if offloaded and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return offloaded
+
+
+@contextlib.contextmanager
+def back_on(models: list, device):
+    """Offloaded models on the accelerator for the block (validation samples with them), off again after it."""
+    for model in models:
+        model.to(device)
+    try:
+        yield
+    finally:
+        for model in models:
+            model.to("cpu")
 
 
 def place_models(models: BaseModels, device, weight_dtype: torch.dtype, vae_is_fp16_safe: bool):

@@ -1,8 +1,9 @@
-"""The Stable Diffusion XL base 1.0 UNet's configuration, so the real architecture can be built with random
-weights (for benchmarks and key checks) where its weights cannot be downloaded.
+"""The Stable Diffusion XL base 1.0 configurations, so the real architecture can be built with random weights (for
+benchmarks, key checks and memory plans) where its weights cannot be downloaded.
 
-Values as in stabilityai/stable-diffusion-xl-base-1.0/unet/config.json: 2.567 B parameters, 70 transformer
-blocks, 560 attention projections.
+Values as in stabilityai/stable-diffusion-xl-base-1.0's config files: the UNet has 2.567 B parameters, 70
+transformer blocks and 560 attention projections; the text encoders 123 M (CLIP ViT-L) and 695 M (OpenCLIP
+ViT-bigG); the VAE 84 M.
 """
 
 from __future__ import annotations
@@ -28,6 +29,24 @@ SDXL_UNET_CONFIG = {
     "projection_class_embeddings_input_dim": 2816,
 }
 SDXL_TEXT_EMBED_DIM = 1280  # the pooled embedding of the second text encoder
+SDXL_TEXT_ENCODER_CONFIGS = (
+    {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+     "num_attention_heads": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu", "projection_dim": 768},
+    {"vocab_size": 49408, "hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
+     "num_attention_heads": 20, "max_position_embeddings": 77, "hidden_act": "gelu", "projection_dim": 1280},
+)
+SDXL_VAE_CONFIG = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "block_out_channels": (128, 256, 512, 512),
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 1024,
+    "scaling_factor": 0.13025,
+}
 
 
 def build_sdxl_unet(device="cpu", dtype=torch.bfloat16, seed: int = 0) -> UNet2DConditionModel:

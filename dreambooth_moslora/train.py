@@ -39,7 +39,9 @@ from .loss import diffusion_target, min_snr_weights
 from .masks import loss_weights, mask_finder, render_mask
 from .io import DIFFUSERS_FILE, KOHYA_FILE, NATIVE_FILE, export_diffusers, export_kohya, read_moslora, save_moslora
 from .model_card import model_card
-from .models import load_base_models, model_reference, native_resolution, place_models, sdxl_pipeline
+from .memory_plan import CUDA_RESERVE, GIB, configs_of, plan_memory, plan_settings
+from .models import (back_on, enable_text_encoder_checkpointing, load_base_models, model_reference, native_resolution, offload_cached_models, place_models,
+                     sdxl_pipeline)
 from .output_lock import output_folder_lock
 from .prior import base_model_prior_examples, generate_class_images, missing_class_indices
 from .single_file import base_model_sha256, check_same_base
@@ -94,6 +96,7 @@ def _train(args, accelerator, output_dir: Path, instance) -> TrainingResult:
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     place_models(models, accelerator.device, weight_dtype, vae_is_fp16_safe=bool(args.pretrained_vae_model_name_or_path))
     classes = _class_examples(args, accelerator, models, instance) if args.with_prior_preservation else []
+    _report_memory_plan(args, accelerator, models, instance + classes)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
 
@@ -115,10 +118,13 @@ def _train(args, accelerator, output_dir: Path, instance) -> TrainingResult:
     global_step = _resume(args, output_dir, adapted, optimizer, lr_scheduler, ema)
     caches = _build_caches(args, accelerator, models, instance + classes, samples=(max_steps - global_step)
                            * args.train_batch_size * args.gradient_accumulation_steps)
+    offloaded = offload_cached_models(models, accelerator.device, prompts_cached=caches[1] is not None,
+                                      latents_cached=caches[0] is not None)
     if accelerator.is_main_process:
         accelerator.init_trackers("dreambooth-moslora", config=_tracker_config(args))
 
-    loop = TrainingLoop(args, accelerator, models, trained, optimizer, lr_scheduler, caches, weight_dtype, ema)
+    loop = TrainingLoop(args, accelerator, models, trained, optimizer, lr_scheduler, caches, weight_dtype, ema,
+                        offloaded)
     start = time.perf_counter()
     first_step = global_step
     with _StopOnInterrupt() as stop:
@@ -144,8 +150,10 @@ def _train(args, accelerator, output_dir: Path, instance) -> TrainingResult:
 class TrainingLoop:
     """One optimizer step after another, with checkpoints, validation and logging in between."""
 
-    def __init__(self, args, accelerator, models, trained, optimizer, lr_scheduler, caches, weight_dtype, ema=None):
+    def __init__(self, args, accelerator, models, trained, optimizer, lr_scheduler, caches, weight_dtype, ema=None,
+                 offloaded=()):
         self.args, self.accelerator, self.models, self.ema = args, accelerator, models, ema
+        self.offloaded = list(offloaded)
         self.trained, self.optimizer, self.lr_scheduler = trained, optimizer, lr_scheduler
         self.latent_cache, self.prompt_cache = caches
         self.weight_dtype = weight_dtype
@@ -300,7 +308,7 @@ class TrainingLoop:
         settings = GenerationSettings(num_images_per_prompt=args.num_validation_images, seed=args.seed,
                                       num_inference_steps=args.num_inference_steps, height=args.resolution,
                                       width=args.resolution)
-        with accelerator.autocast():
+        with accelerator.autocast(), back_on(self.offloaded, accelerator.device):
             paths = generate_images(pipe, [args.validation_prompt], settings, folder, adapter_name="training",
                                     show_progress=False)
         for model in self.trained.values():
@@ -316,6 +324,22 @@ def _log_images(accelerator, paths, step):
 
         images = np.stack([np.asarray(Image.open(p)) for p in paths])
         accelerator.get_tracker("tensorboard").writer.add_images("validation", images, step, dataformats="NHWC")
+
+
+def _report_memory_plan(args, accelerator, models, examples):
+    """The plan's one line at start, and a warning when it exceeds the card this runs on."""
+    if not accelerator.is_main_process:
+        return
+    cached = latents_are_cacheable(args.cache_latents, args.center_crop, examples)
+    settings = replace(plan_settings(args, len(examples), cached), mixed_precision=accelerator.mixed_precision)
+    plan = plan_memory(configs_of(models), settings)
+    logger.info(plan.line())
+    if accelerator.device.type == "cuda":
+        card = torch.cuda.get_device_properties(accelerator.device)
+        if plan.total + CUDA_RESERVE > card.total_memory:
+            logger.warning("that is more than the %.1f GiB of this %s: expect out-of-memory errors or a crawl "
+                           "through shared memory; --low_memory, --gradient_checkpointing or a lower --resolution "
+                           "fit less (dreambooth-moslora plan shows what each saves)", card.total_memory / GIB, card.name)
 
 
 def _warn_about_resolution(resolution: int, models, name: str):
@@ -359,7 +383,7 @@ def _inject_adapters(args, models) -> dict:
         models.unet.enable_gradient_checkpointing()
         for name in TEXT_ENCODERS:
             if name in adapted:
-                adapted[name].gradient_checkpointing_enable()
+                enable_text_encoder_checkpointing(adapted[name])
     if args.enable_xformers_memory_efficient_attention:
         try:
             models.unet.enable_xformers_memory_efficient_attention()

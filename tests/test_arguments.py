@@ -5,7 +5,7 @@ import pytest
 from dreambooth_moslora.arguments import parse_args
 from dreambooth_moslora.errors import UserInputError
 
-REQUIRED = ["--pretrained_model_name_or_path", "m", "--instance_data_dir", "d", "--instance_prompt", "a photo of sks dog"]
+REQUIRED = ["--pretrained_model_name_or_path", "stabilityai/stable-diffusion-xl-base-1.0", "--instance_data_dir", "d", "--instance_prompt", "a photo of sks dog"]
 
 
 def test_defaults_and_diffusers_compatible_names():

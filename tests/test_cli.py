@@ -198,9 +198,14 @@ def test_evaluate_verb(trained, tiny_sdxl_dir, feature_models, tmp_path, capsys)
       "--output_dir", "{tmp}/o"], "has no prompts"),
     (["generate", "--pretrained_model_name_or_path", "{tiny}", "--adapter", "{tmp}/other-base.safetensors",
       "--prompt", "x", "--output_dir", "{tmp}/o"], "the adapter was trained on another base model"),
+    (["generate", "--pretrained_model_name_or_path", "{tmp}/merge.safetensors", "--prompt", "x",
+      "--output_dir", "{tmp}/o"], "is a single-file model: name a diffusers folder of the same architecture"),
+    (["evaluate", "--pretrained_model_name_or_path", "{tmp}/merge.ckpt", "--adapter", "a={trained}",
+      "--subject_dir", "{tmp}", "--class_noun", "dog", "--output_dir", "{tmp}/o"], "only .safetensors model files"),
 ])
 def test_verb_errors_are_one_line_and_exit_2(trained, tiny_sdxl_dir, tmp_path, capsys, argv, message):
     save_file({"weight": torch.zeros(2)}, tmp_path / "foreign.safetensors")
+    save_file({"model.diffusion_model.out.2.bias": torch.zeros(2)}, tmp_path / "merge.safetensors")
     (tmp_path / "empty.txt").write_text("\n")
     native = trained["dir"] / "moslora.safetensors"
     with safe_open(str(native), framework="pt") as handle:

@@ -1,0 +1,123 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import training_argv
+from dreambooth_moslora import train as train_module
+from dreambooth_moslora.arguments import parse_args
+from dreambooth_moslora.memory_plan import LiveTensorBytes, PlanSettings, model_configs, plan_memory
+from helpers import write_images
+
+MINI_SDXL = Path(__file__).resolve().parents[1] / "assets" / "mini-sdxl"
+
+
+def _bytes(tensors) -> int:
+    unique = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in tensors}
+    return sum(unique.values())
+
+
+def measured_training_step(monkeypatch, argv) -> dict:
+    """Run the real trainer and count its second step as the plan counts: the tensors alive before it (weights,
+    adapter, optimizer state, caches) plus the most bytes its own ops keep alive at once."""
+    measured = {}
+    original = train_module.TrainingLoop.micro_step
+
+    def counted(self, number, *rest):
+        if number != 1:
+            return original(self, number, *rest)
+        models = [*self.trained.values(), self.models.vae, *self.models.text_encoders]
+        resident = [t for m in models for t in (*m.parameters(), *m.buffers())]
+        resident += [t for state in self.optimizer.optimizer.state.values() for t in state.values()
+                     if isinstance(t, torch.Tensor) and t.dim() > 0]
+        for cache in (self.latent_cache, self.prompt_cache):
+            resident += [t for entry in (cache or {}).values() for t in entry]
+        counter = LiveTensorBytes()
+        with counter:
+            loss = original(self, number, *rest)
+        measured.update(resident=_bytes(resident), step=counter.peak)
+        return loss
+
+    monkeypatch.setattr(train_module.TrainingLoop, "micro_step", counted)
+    train_module.train(parse_args(argv))
+    return measured
+
+
+@pytest.mark.parametrize("base, resolution, extra, settings", [
+    ("tiny", 64, (), {}),
+    ("tiny", 64, ("--gradient_checkpointing", "--train_batch_size", "2"), {"gradient_checkpointing": True, "batch_size": 2}),
+    ("tiny", 64, ("--train_text_encoder", "--rank", "8"), {"train_text_encoder": True, "rank": 8}),
+    ("mini", 32, ("--rank", "16"), {"rank": 16}),
+])
+def test_the_plan_is_within_ten_percent_of_a_real_step(tiny_sdxl_dir, tmp_path, monkeypatch, fresh_accelerate,
+                                                       base, resolution, extra, settings):
+    folder = tiny_sdxl_dir if base == "tiny" else MINI_SDXL
+    instance = tmp_path / "instance"
+    write_images(instance, sizes=((resolution, resolution),) * 4)
+    argv = training_argv(folder, instance, tmp_path / "out", "--resolution", str(resolution), *extra, steps=2)
+    measured = measured_training_step(monkeypatch, argv)
+    plan = plan_memory(model_configs(str(folder)), PlanSettings(resolution=resolution, mixed_precision="no",
+                                                                cached_images=4, offload_frozen=False, **settings))
+    total = measured["resident"] + measured["step"]
+    assert abs(plan.total - total) / total < 0.10, (plan.total, total)
+    assert abs(plan.step_peak - measured["step"]) / measured["step"] < 0.15, (plan.step_peak, measured["step"])
+
+
+def test_the_plan_verb_breaks_the_peak_down_and_marks_the_presets(tiny_sdxl_dir, capsys):
+    from dreambooth_moslora.cli import main
+
+    assert main(["plan", "--pretrained_model_name_or_path", str(tiny_sdxl_dir), "--resolution", "64"]) == 0
+    out = capsys.readouterr().out
+    for line in ("UNet weights", "optimizer state (adamw)", "activations and gradients", "total",
+                 "text encoders kept off the accelerator once cached", "| bf16 + gradient checkpointing |"):
+        assert line in out, line
+    assert out.count("| ✓ | ✓ | ✓ | ✓ |") == 4  # the tiny model fits everywhere
+
+
+def test_checkpointing_and_caching_change_the_plan_as_they_change_a_step(tiny_sdxl_dir):
+    configs = model_configs(str(tiny_sdxl_dir))
+    plain = plan_memory(configs, PlanSettings(resolution=64, mixed_precision="no"))
+    assert plan_memory(configs, PlanSettings(resolution=64, mixed_precision="no",
+                                             gradient_checkpointing=True)).step_peak < plain.step_peak
+    uncached = plan_memory(configs, PlanSettings(resolution=64, mixed_precision="no", cache_latents=False))
+    assert "VAE" in uncached.weights and "VAE" in plain.offloaded
+    half = plan_memory(configs, PlanSettings(resolution=64, mixed_precision="bf16"))
+    assert half.weights["UNet"] * 2 == plain.weights["UNet"]
+
+
+def test_sdxl_configs_are_used_for_a_hub_id_and_count_sdxl_parameters():
+    configs = model_configs("stabilityai/stable-diffusion-xl-base-1.0")
+    plan = plan_memory(configs, PlanSettings(resolution=256, mixed_precision="bf16", gradient_checkpointing=True))
+    assert round(plan.weights["UNet"] / 2 / 1e9, 3) == 2.567  # SDXL's UNet, 2.567 B parameters in bf16
+    assert round(plan.offloaded["text encoders"] / 2 / 1e6) == 123 + 695
+
+
+def test_low_memory_turns_on_what_fits_the_least_memory():
+    import importlib.util
+
+    from dreambooth_moslora.arguments import parse_args
+
+    required = ["--pretrained_model_name_or_path", "stabilityai/stable-diffusion-xl-base-1.0",
+                "--instance_data_dir", "d", "--instance_prompt", "a photo of sks dog"]
+    args = parse_args(required + ["--low_memory"])
+    assert args.gradient_checkpointing and args.mixed_precision == "bf16"
+    assert args.optimizer == ("adamw8bit" if importlib.util.find_spec("bitsandbytes") else "adamw")
+    assert parse_args(required + ["--low_memory", "--mixed_precision", "fp16"]).mixed_precision == "fp16"
+
+
+def test_cached_outputs_let_their_models_leave_the_accelerator(tiny_sdxl_dir):
+    from dreambooth_moslora.models import load_base_models, models_to_offload, offload_cached_models
+
+    models = load_base_models(str(tiny_sdxl_dir))
+    assert models_to_offload(models, prompts_cached=True, latents_cached=True) == [*models.text_encoders, models.vae]
+    assert models_to_offload(models, prompts_cached=False, latents_cached=True) == [models.vae]
+    assert offload_cached_models(models, "cpu", True, True) == []  # on the CPU there is nothing to free
+
+
+def test_training_logs_the_plan_first(tiny_sdxl_dir, tmp_path, caplog, fresh_accelerate):
+    import logging
+
+    write_images(tmp_path / "instance")
+    with caplog.at_level(logging.INFO, logger="dreambooth_moslora"):
+        train_module.train(parse_args(training_argv(tiny_sdxl_dir, tmp_path / "instance", tmp_path / "out")))
+    assert any(r.getMessage().startswith("predicted peak training memory") for r in caplog.records)
