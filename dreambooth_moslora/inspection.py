@@ -38,6 +38,7 @@ def inspect_adapter(path) -> dict:
         "file": str(path),
         "format": kind,
         "base_model": metadata.get("base_model") or metadata.get("moslora_base_model") or None,
+        "base_model_sha256": metadata.get("base_model_sha256") or None,
         "components": components,
         "configs": configs,
         "parameters": sum(d.numel() + u.numel() for d, u in factors.values())
@@ -56,7 +57,8 @@ def format_report(report: dict) -> str:
     """The human-readable form of `inspect_adapter`'s report."""
     lines = [f"file        {report['file']} ({report['file_bytes'] / 2**20:.2f} MiB)",
              f"format      {report['format']}",
-             f"base model  {report['base_model'] or 'unknown'}",
+             f"base model  {report['base_model'] or 'unknown'}"
+             + (f" (sha256 {report['base_model_sha256']})" if report["base_model_sha256"] else ""),
              f"components  {', '.join(report['components'])}",
              f"parameters  {report['parameters']:,}"]
     for component, config in report["configs"].items():

@@ -15,6 +15,7 @@ from conftest import sample, training_argv
 from dreambooth_moslora.arguments import parse_args
 from dreambooth_moslora.errors import UserInputError
 from dreambooth_moslora.generate import GenerationSettings, load_pipeline
+from dreambooth_moslora.inspection import format_report, inspect_adapter
 from dreambooth_moslora.io import NATIVE_FILE, read_moslora
 from dreambooth_moslora.single_file import (base_model_sha256, check_single_file, load_single_file_components,
                                             open_clip_to_transformers)
@@ -111,6 +112,7 @@ def test_training_on_the_file_gives_the_folders_adapter_and_records_the_file(
     adapter = read_moslora(runs["file"] / NATIVE_FILE)
     assert adapter.base_model == str(path.resolve()) and adapter.base_model_sha256 == base_model_sha256(path)
     assert read_moslora(runs["folder"] / NATIVE_FILE).base_model_sha256 is None
+    assert f"(sha256 {adapter.base_model_sha256})" in format_report(inspect_adapter(runs["file"]))
 
 
 def fresh_accelerate_state():
