@@ -119,9 +119,13 @@ def build_parser(prog: str | None = None, needs_data: bool = True) -> argparse.A
     memory.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
                         help="frozen weights in fp16/bf16, adapter in fp32 (default: accelerate's config, else no)")
     memory.add_argument("--gradient_checkpointing", action="store_true")
+    memory.add_argument("--base_weights_dtype", choices=["default", "fp8"], default="default",
+                        help="fp8: the frozen UNet's linear and conv weights stored in float8_e4m3fn, computed in "
+                             "the training dtype (half the memory of bf16)")
     memory.add_argument("--low_memory", action="store_true",
                         help="what fits 1024 px into the least memory: gradient checkpointing, bf16 (unless "
-                             "--mixed_precision says otherwise), 8-bit AdamW when bitsandbytes is installed")
+                             "--mixed_precision says otherwise), fp8 base weights, 8-bit AdamW when bitsandbytes "
+                             "is installed")
     memory.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
                         help="xformers attention (optional extra); PyTorch's SDPA is the default")
     memory.add_argument("--allow_tf32", action="store_true")
@@ -195,6 +199,7 @@ def validate_args(args: argparse.Namespace, needs_data: bool = True) -> argparse
 def apply_low_memory(args: argparse.Namespace):
     args.gradient_checkpointing = True
     args.mixed_precision = args.mixed_precision or "bf16"
+    args.base_weights_dtype = "fp8"
     if args.optimizer == "adamw" and importlib.util.find_spec("bitsandbytes") is not None:
         args.optimizer = "adamw8bit"
 

@@ -26,6 +26,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from .conditioning import encode_latent_distribution, encode_prompts
 from .config import TEXT_ENCODER_TARGETS, MoSLoRAConfig
+from .fp8 import store_frozen_weights_in_fp8
 from .inject import inject_moslora, moslora_parameters
 from .models import enable_text_encoder_checkpointing
 from .sdxl import SDXL_TEXT_ENCODER_CONFIGS, SDXL_UNET_CONFIG, SDXL_VAE_CONFIG
@@ -114,6 +115,7 @@ class PlanSettings:
     train_text_encoder: bool = False
     cache_latents: bool = True
     vae_fp16_safe: bool = False
+    base_weights_fp8: bool = False
     offload_frozen: bool = True
     """Text encoders and VAE off the accelerator once prompts and latents are cached (as train does on a GPU; on
     the CPU everything stays where it is)."""
@@ -205,6 +207,8 @@ def _meta_models(configs: ModelConfigs, settings: PlanSettings, dtype: torch.dty
     for model in (unet, vae, *text_encoders):
         model.requires_grad_(False)
     inject_moslora(unet, MoSLoRAConfig(rank=settings.rank, target_modules=settings.target_modules))
+    if settings.base_weights_fp8:
+        store_frozen_weights_in_fp8(unet)
     if settings.train_text_encoder:
         for encoder in text_encoders:
             inject_moslora(encoder, MoSLoRAConfig(rank=settings.rank, target_modules=TEXT_ENCODER_TARGETS))
@@ -285,7 +289,8 @@ def plan_settings(args, cached_images: int = CACHED_IMAGES, cache_latents: bool 
         gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer, rank=args.rank,
         target_modules=tuple(args.target_modules), train_text_encoder=args.train_text_encoder,
         cache_latents=args.cache_latents is not False if cache_latents is None else cache_latents,
-        vae_fp16_safe=bool(args.pretrained_vae_model_name_or_path), cached_images=cached_images)
+        vae_fp16_safe=bool(args.pretrained_vae_model_name_or_path), base_weights_fp8=args.base_weights_dtype == "fp8",
+        cached_images=cached_images)
 
 
 def presets(settings: PlanSettings) -> dict[str, PlanSettings]:
@@ -295,8 +300,9 @@ def presets(settings: PlanSettings) -> dict[str, PlanSettings]:
     return {
         "bf16": bf16,
         "bf16 + gradient checkpointing": replace(bf16, gradient_checkpointing=True),
-        "bf16 + checkpointing + 8-bit AdamW (--low_memory)": replace(bf16, gradient_checkpointing=True,
-                                                                     optimizer="adamw8bit"),
+        "bf16 + checkpointing + 8-bit AdamW": replace(bf16, gradient_checkpointing=True, optimizer="adamw8bit"),
+        "--low_memory (+ fp8 base weights)": replace(bf16, gradient_checkpointing=True, optimizer="adamw8bit",
+                                                     base_weights_fp8=True),
         "bf16 + checkpointing + text encoders trained": replace(bf16, gradient_checkpointing=True,
                                                                 train_text_encoder=True),
     }

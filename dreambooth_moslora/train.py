@@ -32,6 +32,7 @@ from .data import MicroBatches, Sample, epoch_batches, epoch_examples, keep_as_i
 from .ema import AdapterEMA, adapter_parameters, averaged_weights
 from .errors import UserInputError
 from .feedback import progress_bar
+from .fp8 import store_frozen_weights_in_fp8
 from .files import check_writable_folder, write_text_atomically
 from .generate import GenerationSettings, generate_images
 from .inject import inject_moslora, moslora_config, moslora_disabled, moslora_parameters
@@ -379,6 +380,8 @@ def _inject_adapters(args, models) -> dict:
         for name, encoder in zip(TEXT_ENCODERS, models.text_encoders):
             inject_moslora(encoder, text_config)
             adapted[name] = encoder
+    if args.base_weights_dtype == "fp8":
+        store_frozen_weights_in_fp8(models.unet)
     if args.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
         for name in TEXT_ENCODERS:
