@@ -71,7 +71,7 @@ def test_the_plan_verb_breaks_the_peak_down_and_marks_the_presets(tiny_sdxl_dir,
     for line in ("UNet weights", "optimizer state (adamw)", "activations and gradients", "total",
                  "text encoders kept off the accelerator once cached", "| bf16 + gradient checkpointing |"):
         assert line in out, line
-    assert out.count("| ✓ | ✓ | ✓ | ✓ |") == 4  # the tiny model fits everywhere
+    assert out.count("| ✓ | ✓ | ✓ | ✓ |") == 5  # the tiny model fits everywhere
 
 
 def test_checkpointing_and_caching_change_the_plan_as_they_change_a_step(tiny_sdxl_dir):
@@ -100,7 +100,7 @@ def test_low_memory_turns_on_what_fits_the_least_memory():
     required = ["--pretrained_model_name_or_path", "stabilityai/stable-diffusion-xl-base-1.0",
                 "--instance_data_dir", "d", "--instance_prompt", "a photo of sks dog"]
     args = parse_args(required + ["--low_memory"])
-    assert args.gradient_checkpointing and args.mixed_precision == "bf16"
+    assert args.gradient_checkpointing and args.mixed_precision == "bf16" and args.base_weights_dtype == "fp8"
     assert args.optimizer == ("adamw8bit" if importlib.util.find_spec("bitsandbytes") else "adamw")
     assert parse_args(required + ["--low_memory", "--mixed_precision", "fp16"]).mixed_precision == "fp16"
 
