@@ -5,6 +5,7 @@
 2. one adapted linear layer at SDXL shapes: forward+backward of both MoSLoRA orders and PEFT's LoRA layer.
 3. end to end: our trainer with latent and prompt caching against the same trainer with both off.
 4. sampling: UNet denoising step with the adapter fused, unfused, and the base model.
+5. fp8 base weights: the MoSLoRA training step with the frozen weights stored in fp8 against the base's dtype.
 
 Memory: bytes saved for backward (unique storages other than parameters, any device) and, on CUDA, peak
 allocated memory.
@@ -36,12 +37,13 @@ from torch import nn
 from dreambooth_moslora import MoSLoRAConfig, MoSLoRALinear, fuse_moslora, inject_moslora
 from dreambooth_moslora.arguments import parse_args
 from dreambooth_moslora.config import UNET_TARGETS
+from dreambooth_moslora.fp8 import store_frozen_weights_in_fp8
 from dreambooth_moslora.sdxl import SDXL_TEXT_EMBED_DIM, SDXL_UNET_CONFIG
 from dreambooth_moslora.tiny import save_tiny_sdxl_pipeline
 from dreambooth_moslora.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
-PARTS = ("overhead", "sampling", "layer", "end_to_end")  # the adapter overhead always runs: the others use it
+PARTS = ("overhead", "sampling", "layer", "end_to_end", "fp8")  # the adapter overhead always runs: the others use it
 PRESETS = {
     "tiny": dict(unet=None, resolution=128, batch=2, rank=4, steps=3, rounds=25,
                  layer_features=(640, 1280), layer_tokens=(1024,), layer_ranks=(4, 16), e2e_steps=100),
@@ -175,6 +177,30 @@ def adapter_overhead(base, inputs, preset, device, autocast_dtype):
         if peft["peak_bytes"]:
             results[name]["peak_memory_ratio_vs_peft"] = results[name]["peak_bytes"] / peft["peak_bytes"]
     return results, variants
+
+
+def fp8_base_weights(base, inputs, preset, device, autocast_dtype):
+    """The MoSLoRA training step with frozen weights stored in fp8 (upcast per layer) against the same step with
+    them in the base's dtype; runs alternate, the ratio is the median of per-round ratios."""
+    steps, peaks, times = {}, {}, {"base_dtype": [], "fp8": []}
+    for name in times:
+        with torch.device("meta"):
+            unet = UNet2DConditionModel(**base.config)
+        unet.load_state_dict(base.state_dict(), assign=True)
+        unet.requires_grad_(False)
+        inject_moslora(unet, MoSLoRAConfig(rank=preset["rank"]))
+        if name == "fp8":
+            store_frozen_weights_in_fp8(unet)
+        params = [p for p in unet.parameters() if p.requires_grad]
+        steps[name] = training_step(unet, inputs, torch.optim.AdamW(params, lr=1e-4), autocast_dtype, device)
+    for _ in range(preset["rounds"]):
+        for name, step in steps.items():
+            times[name].append(timed(step, device, preset["steps"]))
+    for name, step in steps.items():
+        peaks[name] = peak_memory(step, device)
+    return {"step_s": {n: statistics.median(t) for n, t in times.items()},
+            "fp8_step_time_ratio": statistics.median(f / b for f, b in zip(times["fp8"], times["base_dtype"])),
+            "peak_bytes": peaks}
 
 
 def mix_after_down(x, lora_A, lora_mixer, lora_B, scaling):
@@ -335,6 +361,12 @@ def markdown(results) -> str:
         lines.append(f"One layer ({len(layer)} SDXL shapes): MoSLoRA/PEFT time median "
                      f"{statistics.median(r['moslora_vs_peft'] for r in layer):.3f}; mix-first/mix-after-down median "
                      f"{statistics.median(r['mix_first_vs_mix_after_down'] for r in layer):.3f}.")
+    if "fp8" in results:
+        fp8 = results["fp8"]
+        lines.append(f"fp8 base weights: training step {fp8['step_s']['fp8']:.4f} s against "
+                     f"{fp8['step_s']['base_dtype']:.4f} s, {fp8['fp8_step_time_ratio']:.3f}x"
+                     + (f"; peak {fp8['peak_bytes']['fp8'] / 2**30:.2f} GiB against "
+                        f"{fp8['peak_bytes']['base_dtype'] / 2**30:.2f} GiB" if fp8["peak_bytes"]["fp8"] else "") + ".")
     if "mfu" in results:
         mfu = results["mfu"]
         lines.append(f"MFU: {mfu['mfu']:.1%} ({mfu['achieved_tflops']:.0f} of a measured "
@@ -384,6 +416,9 @@ def main():
         print(json.dumps(results["sampling"]), flush=True)
     if "layer" in parts:
         results["layer"] = layer_benchmark(preset, device, dtype)
+    if "fp8" in parts:
+        results["fp8"] = fp8_base_weights(base, inputs, preset, device, autocast_dtype)
+        print(json.dumps(results["fp8"]), flush=True)
     if "end_to_end" in parts:
         results["end_to_end"] = end_to_end(preset, device)
         print(json.dumps(results["end_to_end"]), flush=True)
