@@ -9,7 +9,6 @@ tokenizes, byte by byte.
 from __future__ import annotations
 
 import math
-import re
 
 from transformers import CLIPTokenizer
 
