@@ -316,7 +316,8 @@ def plan_report(configs: ModelConfigs, settings: PlanSettings) -> str:
             (f"cached latents and prompts ({settings.cached_images} images)", plan.caches),
             ("activations and gradients (peak of the step)", plan.step_peak)]
     lines = [f"memory plan: {configs.source}, {settings.resolution} px, batch {settings.batch_size}, "
-             f"{settings.mixed_precision}, rank {settings.rank} on {','.join(settings.target_modules)}"
+             f"{'fp32' if settings.mixed_precision == 'no' else settings.mixed_precision}, rank {settings.rank} on "
+             f"{','.join(settings.target_modules)}{', fp8 base weights' if settings.base_weights_fp8 else ''}"
              f"{', gradient checkpointing' if settings.gradient_checkpointing else ''}"
              f"{', text encoders trained' if settings.train_text_encoder else ''}", ""]
     lines += [f"  {label:<52} {size / GIB:7.2f} GiB" for label, size in rows]

@@ -248,7 +248,7 @@ def test_an_output_folder_that_is_a_file_is_refused_before_any_model_is_loaded(t
                                                                              verb, fresh_accelerate):
     taken = tmp_path / "taken"
     taken.write_text("a file")
-    no_model = str(tmp_path / "no-model")  # a model error would come first if the model were loaded first
+    no_model = "nobody/no-such-model"  # a hub id (not checked as a folder): loading it offline would fail first
     argv = {
         "train": ["train", *training_argv(no_model, subject, taken)],
         "generate": ["generate", "--pretrained_model_name_or_path", no_model, "--prompt", "x", "--output_dir", str(taken)],
