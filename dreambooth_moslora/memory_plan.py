@@ -255,22 +255,22 @@ def _step_peak(unet, vae, text_encoders, configs, settings, dtype, parameters) -
     optimizer's moments are counted from their size; its step's temporaries are one parameter's at a time.)"""
     batch, pixels = settings.batch_size, settings.resolution
     side = pixels // 2 ** (len(configs.vae["block_out_channels"]) - 1)
-    counter = LiveTensorBytes()
-    with fused_attention(), counter, torch.device("meta"):
+    counter, meta = LiveTensorBytes(), torch.device("meta")
+    with fused_attention(), counter:
         if not settings.cache_latents:
-            encode_latent_distribution(vae, torch.empty(batch, 3, pixels, pixels))
-        latents = torch.empty(batch, unet.config.in_channels, side, side, dtype=dtype)
+            encode_latent_distribution(vae, torch.empty(batch, 3, pixels, pixels, device=meta))
+        latents = torch.empty(batch, unet.config.in_channels, side, side, dtype=dtype, device=meta)
         if settings.prompts_cached:
             width = sum(c.hidden_size for c in configs.text_encoders)
-            prompt_embeds = torch.empty(batch, 77, width, dtype=dtype)
-            pooled = torch.empty(batch, configs.text_encoders[1].projection_dim, dtype=dtype)
+            prompt_embeds = torch.empty(batch, 77, width, dtype=dtype, device=meta)
+            pooled = torch.empty(batch, configs.text_encoders[1].projection_dim, dtype=dtype, device=meta)
         else:
             tokenizers = [_MetaTokenizer(c.max_position_embeddings) for c in configs.text_encoders]
-            prompt_embeds, pooled = encode_prompts(text_encoders, tokenizers, [""] * batch, "meta")
-        time_ids = torch.empty(batch, 6, dtype=dtype)
-        prediction = unet(latents, torch.zeros(batch, dtype=torch.long), prompt_embeds,
+            prompt_embeds, pooled = encode_prompts(text_encoders, tokenizers, [""] * batch, meta)
+        time_ids = torch.empty(batch, 6, dtype=dtype, device=meta)
+        prediction = unet(latents, torch.zeros(batch, dtype=torch.long, device=meta), prompt_embeds,
                           added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
-        F.mse_loss(prediction.float(), torch.empty(prediction.shape)).backward()
+        F.mse_loss(prediction.float(), torch.empty(prediction.shape, device=meta)).backward()
     for parameter in parameters:
         parameter.grad = None
     return counter.peak

@@ -328,8 +328,9 @@ def _log_images(accelerator, paths, step):
 
 
 def _report_memory_plan(args, accelerator, models, examples):
-    """The plan's one line at start, and a warning when it exceeds the card this runs on."""
-    if not accelerator.is_main_process:
+    """The plan's one line at start on an accelerator, and a warning when it exceeds the card (on the CPU there
+    is no card to fit, and planning costs seconds)."""
+    if not accelerator.is_main_process or accelerator.device.type == "cpu":
         return
     cached = latents_are_cacheable(args.cache_latents, args.center_crop, examples)
     settings = replace(plan_settings(args, len(examples), cached), mixed_precision=accelerator.mixed_precision)

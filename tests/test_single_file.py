@@ -85,7 +85,7 @@ def test_images_from_the_file_equal_the_folders(tiny_sdxl_dir, single_file, trai
         assert torch.equal(image, sample(from_folder))
 
 
-def test_training_on_the_file_gives_the_folders_adapter_and_records_the_file(
+def test_training_on_the_file_gives_the_folders_adapter_records_the_file_and_refuses_another(
         tiny_sdxl_dir, single_file, tmp_path, fresh_accelerate):
     path, configs = single_file
     instance = tmp_path / "instance"
@@ -114,6 +114,15 @@ def test_training_on_the_file_gives_the_folders_adapter_and_records_the_file(
     assert read_moslora(runs["folder"] / NATIVE_FILE).base_model_sha256 is None
     assert f"(sha256 {adapter.base_model_sha256})" in format_report(inspect_adapter(runs["file"]))
 
+    other = tmp_path / "other.safetensors"  # another model: resuming on it is refused before it is loaded
+    weights = load_file(str(path))
+    weights["model.diffusion_model.out.2.bias"] = weights["model.diffusion_model.out.2.bias"] + 1
+    save_file(weights, str(other))
+    argv = training_argv(other, instance, runs["file"], "--model_config", str(configs), "--resume_from_checkpoint",
+                         "latest", steps=4)
+    with pytest.raises(UserInputError, match=r"checkpoint-3 was trained on a base model file with sha256"):
+        train(parse_args(argv))
+
 
 def fresh_accelerate_state():
     from accelerate.state import AcceleratorState
@@ -134,24 +143,6 @@ def test_an_adapter_is_refused_on_another_single_file_base(single_file, trained,
     save_file(weights, str(adapter), metadata=metadata)
     with pytest.raises(UserInputError, match="trained on a base model file with sha256 000000000000"):
         load_pipeline(str(path), adapter, device="cpu", model_config=str(configs))
-
-
-def test_resuming_on_another_single_file_base_is_refused_before_loading(tiny_sdxl_dir, single_file, tmp_path,
-                                                                        fresh_accelerate):
-    path, configs = single_file
-    instance = tmp_path / "instance"
-    write_images(instance)
-    out = tmp_path / "out"
-    train(parse_args(training_argv(path, instance, out, "--model_config", str(configs), "--checkpointing_steps", "1")))
-    fresh_accelerate_state()
-    other = tmp_path / "other.safetensors"
-    weights = load_file(str(path))
-    weights["model.diffusion_model.out.2.bias"] = weights["model.diffusion_model.out.2.bias"] + 1
-    save_file(weights, str(other))
-    argv = training_argv(other, instance, out, "--model_config", str(configs), "--resume_from_checkpoint", "latest",
-                         steps=3)
-    with pytest.raises(UserInputError, match=r"checkpoint-2 was trained on a base model file with sha256"):
-        train(parse_args(argv))
 
 
 @pytest.mark.parametrize("problem, message", [
