@@ -1,7 +1,7 @@
 """Will it fit? The peak accelerator memory of a training step, predicted before anything is downloaded or loaded.
 
 The real architecture is built from its configs on the meta device (no weights, no memory), adapted as training
-would adapt it, and one step is run there: forward, backward and the optimizer. Every tensor the step creates is
+would adapt it, and one step's forward and backward are run there. Every tensor the step creates is
 counted while it lives (`LiveTensorBytes`, a dispatch mode), so the peak of activations and gradients is what the
 step really keeps, with gradient checkpointing and the caching of prompts and latents as chosen. On the meta device
 attention would take the math path and keep the L×L attention matrix, which the fused kernels a GPU runs (flash,
@@ -36,7 +36,6 @@ GIB = 2**30
 CARD_SIZES_GB = (8, 12, 16, 24)
 CUDA_RESERVE = 0.8 * GIB
 """What a card holds besides tensors: the CUDA context and the allocator's slack (not in max_memory_allocated)."""
-DTYPE_BYTES = {"no": 4, "fp16": 2, "bf16": 2}
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "prodigy": 16}
 """Per trainable parameter: AdamW keeps two fp32 moments, bitsandbytes' 8-bit AdamW two bytes, Prodigy four fp32."""
 CACHED_IMAGES = 20
@@ -124,10 +123,6 @@ class PlanSettings:
     @property
     def prompts_cached(self) -> bool:
         return not self.train_text_encoder
-
-    @property
-    def weight_bytes(self) -> int:
-        return DTYPE_BYTES[self.mixed_precision]
 
 
 @dataclass
