@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from .io import DIFFUSERS_FILE, KOHYA_FILE, NATIVE_FILE
+from .single_file import is_single_file
 
 
 def model_card(base_model: str, instance_prompt: str, config, steps: int, text_encoders_trained: bool,
                validation_prompt: str | None, validation_images: list[Path], output_dir: Path,
-               ema_decay: float | None = None) -> str:
+               ema_decay: float | None = None, model_config: str | None = None) -> str:
     images = "\n".join(f"![{validation_prompt}]({p.relative_to(output_dir).as_posix()})" for p in validation_images)
     return f"""---
 base_model: {base_model}
@@ -43,8 +44,7 @@ prompt **{instance_prompt}**.
 ```python
 import torch
 from diffusers import StableDiffusionXLPipeline
-
-pipe = StableDiffusionXLPipeline.from_pretrained("{base_model}", torch_dtype=torch.float16).to("cuda")
+{_base_pipeline(base_model, model_config)}
 pipe.load_lora_weights("path/to/this/folder")   # reads {DIFFUSERS_FILE}
 image = pipe("{validation_prompt or instance_prompt}").images[0]
 ```
@@ -52,3 +52,16 @@ image = pipe("{validation_prompt or instance_prompt}").images[0]
 ## Validation images
 {images or "(none: train with --validation_prompt to get some)"}
 """
+
+
+def _base_pipeline(base_model: str, model_config: str | None) -> str:
+    """The base as stock diffusers loads it; a single file through our reader, since diffusers' from_single_file
+    leaves its text_projection unloaded (NaN images)."""
+    if not is_single_file(base_model):
+        return f'''
+pipe = StableDiffusionXLPipeline.from_pretrained("{base_model}", torch_dtype=torch.float16).to("cuda")'''
+    return f'''from dreambooth_moslora.single_file import load_single_file_components
+
+# a single-file base: diffusers' from_single_file would leave its text_projection unloaded (NaN images)
+parts = load_single_file_components("{base_model}", "{model_config}", torch.float16)
+pipe = StableDiffusionXLPipeline.from_pretrained("{model_config}", **parts, torch_dtype=torch.float16).to("cuda")'''

@@ -505,7 +505,8 @@ def _write_outputs(args, output_dir, adapted, steps, images) -> list[Path]:
     files = [native, export_diffusers(native, output_dir / DIFFUSERS_FILE), export_kohya(native, output_dir / KOHYA_FILE)]
     card = model_card(base_model, args.instance_prompt, moslora_config(adapted["unet"]), steps,
                       args.train_text_encoder, args.validation_prompt, images, output_dir,
-                      ema_decay=args.ema_decay if args.use_ema else None)
+                      ema_decay=args.ema_decay if args.use_ema else None,
+                      model_config=args.model_config and str(Path(args.model_config).expanduser().resolve()))
     return files + [write_text_atomically(output_dir / "README.md", card)]
 
 

@@ -113,6 +113,8 @@ def test_training_on_the_file_gives_the_folders_adapter_records_the_file_and_ref
     assert adapter.base_model == str(path.resolve()) and adapter.base_model_sha256 == base_model_sha256(path)
     assert read_moslora(runs["folder"] / NATIVE_FILE).base_model_sha256 is None
     assert f"(sha256 {adapter.base_model_sha256})" in format_report(inspect_adapter(runs["file"]))
+    card = (runs["file"] / "README.md").read_text()  # its snippet must not use diffusers' broken single-file path
+    assert f'load_single_file_components("{path.resolve()}", "{configs.resolve()}"' in card
 
     other = tmp_path / "other.safetensors"  # another model: resuming on it is refused before it is loaded
     weights = load_file(str(path))
