@@ -69,9 +69,11 @@ def load_adapter(pipe, path, scale: float = 1.0, fuse: bool = False) -> str:
 
 
 def recorded_base_sha256(path) -> str | None:
-    """The single-file base a native adapter was trained on (its content hash); None when not recorded."""
+    """The single-file base a native adapter was trained on (its content hash, from the header alone); None when
+    not recorded."""
     path = resolve_adapter_file(path)
-    return read_moslora(path).base_model_sha256 if detect_format(path) == "native" else None
+    metadata, keys = _header(path)
+    return (metadata.get("base_model_sha256") or None) if _format(path, metadata, keys) == "native" else None
 
 
 def read_update_factors(path) -> tuple[str, dict[str, tuple], dict[str, str]]:

@@ -234,9 +234,13 @@ def plan_memory(configs: ModelConfigs, settings: PlanSettings) -> MemoryPlan:
     return plan
 
 
+def _latent_side(configs: ModelConfigs, resolution: int) -> int:
+    return resolution // 2 ** (len(configs.vae["block_out_channels"]) - 1)
+
+
 def _cache_bytes(configs: ModelConfigs, settings: PlanSettings, dtype: torch.dtype) -> int:
     """Cached latent distributions (mean and std, fp32, each image and its flip) and prompt embeddings."""
-    side = settings.resolution // 2 ** (len(configs.vae["block_out_channels"]) - 1)
+    side = _latent_side(configs, settings.resolution)
     latents = 2 * 2 * configs.vae["latent_channels"] * side * side * 4 if settings.cache_latents else 0
     prompts = 0
     if settings.prompts_cached:
@@ -249,7 +253,7 @@ def _step_peak(unet, vae, text_encoders, configs, settings, dtype, parameters) -
     """Forward and backward on the meta device: the most bytes of activations and gradients alive at once. (The
     optimizer's moments are counted from their size; its step's temporaries are one parameter's at a time.)"""
     batch, pixels = settings.batch_size, settings.resolution
-    side = pixels // 2 ** (len(configs.vae["block_out_channels"]) - 1)
+    side = _latent_side(configs, pixels)
     counter, meta = LiveTensorBytes(), torch.device("meta")
     with fused_attention(), counter:
         if not settings.cache_latents:

@@ -77,10 +77,9 @@ def load_base_models(name_or_path: str, revision=None, variant=None, vae_name_or
     if vae_name_or_path:
         require_model_folder(vae_name_or_path)
     try:
-        parts = (load_single_file_components(name_or_path, model_config) if single_file
-                 else _folder_components(name_or_path, revision, variant))
-        if vae_name_or_path:
-            parts["vae"] = AutoencoderKL.from_pretrained(vae_name_or_path)
+        vae = AutoencoderKL.from_pretrained(vae_name_or_path) if vae_name_or_path else None
+        parts = (load_single_file_components(name_or_path, model_config, vae=vae) if single_file
+                 else _folder_components(name_or_path, revision, variant, vae))
         noise_scheduler = DDPMScheduler.from_pretrained(model_config if single_file else name_or_path,
                                                         subfolder="scheduler", revision=revision)
     except (OSError, ValueError) as error:
@@ -99,7 +98,7 @@ def load_base_models(name_or_path: str, revision=None, variant=None, vae_name_or
     return BaseModels((parts["tokenizer"], parts["tokenizer_2"]), text_encoders, vae, unet, noise_scheduler)
 
 
-def _folder_components(name_or_path: str, revision, variant) -> dict:
+def _folder_components(name_or_path: str, revision, variant, vae=None) -> dict:
     common = {"revision": revision}
     weights = {"variant": variant, **common}
     return {
@@ -107,7 +106,7 @@ def _folder_components(name_or_path: str, revision, variant) -> dict:
         "tokenizer_2": CLIPTokenizer.from_pretrained(name_or_path, subfolder="tokenizer_2", **common),
         "text_encoder": CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder", **weights),
         "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(name_or_path, subfolder="text_encoder_2", **weights),
-        "vae": AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", **weights),
+        "vae": vae or AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", **weights),
         "unet": UNet2DConditionModel.from_pretrained(name_or_path, subfolder="unet", **weights),
     }
 

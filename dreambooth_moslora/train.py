@@ -38,11 +38,12 @@ from .generate import GenerationSettings, generate_images
 from .inject import inject_moslora, moslora_config, moslora_disabled, moslora_parameters
 from .loss import diffusion_target, min_snr_weights
 from .masks import loss_weights, mask_finder, render_mask
-from .io import DIFFUSERS_FILE, KOHYA_FILE, NATIVE_FILE, export_diffusers, export_kohya, read_moslora, save_moslora
+from .adapters import recorded_base_sha256
+from .io import DIFFUSERS_FILE, KOHYA_FILE, NATIVE_FILE, export_diffusers, export_kohya, save_moslora
 from .model_card import model_card
 from .memory_plan import CUDA_RESERVE, GIB, configs_of, plan_memory, plan_settings
-from .models import (back_on, enable_text_encoder_checkpointing, load_base_models, model_reference, native_resolution, offload_cached_models, place_models,
-                     sdxl_pipeline)
+from .models import (back_on, enable_text_encoder_checkpointing, load_base_models, model_reference, native_resolution,
+                     offload_cached_models, place_models, sdxl_pipeline)
 from .output_lock import output_folder_lock
 from .prior import base_model_prior_examples, generate_class_images, missing_class_indices
 from .single_file import base_model_sha256, check_same_base
@@ -449,8 +450,7 @@ def _check_resume_base(args, output_dir):
     """Resuming on another single-file base is caught before any model is loaded."""
     path = resolve_checkpoint(output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
     if path is not None:
-        recorded = read_moslora(path / NATIVE_FILE).base_model_sha256
-        check_same_base(recorded, args.pretrained_model_name_or_path, path)
+        check_same_base(recorded_base_sha256(path / NATIVE_FILE), args.pretrained_model_name_or_path, path)
 
 
 def _resume(args, output_dir, adapted, optimizer, lr_scheduler, ema) -> int:

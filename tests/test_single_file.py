@@ -65,6 +65,11 @@ def test_every_component_from_the_file_equals_the_folder(tiny_sdxl_dir, base, tm
     assert torch.equal(pooled, pipe.text_encoder_2(tokens).text_embeds)
 
 
+def test_a_given_vae_replaces_the_files_own(tiny_sdxl_dir, single_file):
+    vae = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir).vae
+    assert load_single_file_components(*single_file, vae=vae)["vae"] is vae
+
+
 def test_a_clip_l_without_the_text_model_level_still_loads_every_weight(tiny_sdxl_dir, tmp_path):
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
     path = save_original_sdxl(pipe, tmp_path / "model.safetensors", clip_l_text_model_level=False)
