@@ -53,18 +53,17 @@ class Fp8Linear(nn.Linear):
 
 class Fp8Conv2d(nn.Conv2d):
     def forward(self, x):
-        if self.padding_mode != "zeros":
-            raise ValueError("fp8 storage supports zero-padded convolutions only")
         return _Fp8Conv2d.apply(x, self.weight, self.bias, (self.stride, self.padding, self.dilation, self.groups))
 
 
 def store_frozen_weights_in_fp8(model: nn.Module) -> int:
     """Every frozen nn.Linear and nn.Conv2d weight of the model in fp8 (biases and norms keep their dtype).
-    Call after the adapter is injected: its own layers are left alone. Returns how many layers changed."""
+    Call after the adapter is injected: its own layers are left alone, as are convolutions padded otherwise than
+    with zeros (SDXL has none). Returns how many layers changed."""
     changed = 0
     for module in model.modules():
         swapped = {nn.Linear: Fp8Linear, nn.Conv2d: Fp8Conv2d}.get(type(module))
-        if swapped is None or module.weight.requires_grad:
+        if swapped is None or module.weight.requires_grad or getattr(module, "padding_mode", "zeros") != "zeros":
             continue
         module.__class__ = swapped
         module.weight.data = module.weight.data.to(FP8)

@@ -38,6 +38,8 @@ def test_only_frozen_weights_go_to_fp8_and_the_adapter_stays_fp32(tiny_pipe):
     frozen = [m for m in unet.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     assert changed == len(frozen) and all(m.weight.dtype == FP8 for m in frozen)
     assert {p.dtype for p in unet.parameters() if p.requires_grad} == {torch.float32}
+    reflected = nn.Conv2d(3, 3, 3, padding=1, padding_mode="reflect").requires_grad_(False)
+    assert store_frozen_weights_in_fp8(reflected) == 0 and reflected.weight.dtype == torch.float32
 
 
 def test_training_on_fp8_base_weights_learns_and_the_plan_halves_the_unet(tiny_sdxl_dir, tmp_path, fresh_accelerate):
