@@ -405,7 +405,7 @@ def _build_optimizer(args, adapted, num_processes):
         groups.append({"params": text_params, "lr": args.text_encoder_lr * scale})
     common = dict(betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
     if args.optimizer == "adamw":
-        return torch.optim.AdamW(groups, **common)
+        return torch.optim.AdamW(groups, **common, fused=_fused_kernel_available(groups))
     if args.optimizer == "adamw8bit":
         try:
             import bitsandbytes
@@ -417,6 +417,12 @@ def _build_optimizer(args, adapted, num_processes):
     except ImportError:
         raise UserInputError("--optimizer prodigy needs prodigyopt: pip install prodigyopt") from None
     return Prodigy(groups, **common)
+
+
+def _fused_kernel_available(groups) -> bool:
+    """PyTorch's one-kernel AdamW where it has one: hundreds of small adapter tensors make the per-tensor loop a
+    tenth of a small model's step on a CPU (the fused kernel takes a fifth of that)."""
+    return all(p.device.type in ("cpu", "cuda") for group in groups for p in group["params"])
 
 
 def _micro_batches_per_epoch(args, instance, classes, num_processes) -> int:

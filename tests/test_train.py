@@ -205,3 +205,15 @@ def test_bf16_mixed_precision_keeps_an_fp32_adapter(tiny_sdxl_dir, subject, tmp_
     assert all(math.isfinite(l) for l in result.losses)
     native = load_file(tmp_path / "out" / "moslora.safetensors")
     assert {v.dtype for v in native.values()} == {torch.float32}
+
+
+
+def test_adamw_takes_the_fused_kernel_for_the_adapter_and_text_encoders(tiny_sdxl_dir, subject, tmp_path, monkeypatch):
+    import dreambooth_moslora.train as training
+
+    build, built = training._build_optimizer, []
+    monkeypatch.setattr(training, "_build_optimizer", lambda *a: built.append(build(*a)) or built[-1])
+    result = run(tiny_sdxl_dir, subject, tmp_path / "out", "--train_text_encoder", "--max_train_steps", "2")
+    (optimizer,) = built
+    assert optimizer.defaults["fused"] and len(optimizer.param_groups) == 2
+    assert all(math.isfinite(l) for l in result.losses)
