@@ -3,6 +3,8 @@
     python benchmarks/personalization.py --tune   # each method's learning rate and steps, on the tuning subject alone
     python benchmarks/personalization.py          # 3 subjects x 3 seeds x 5 methods at those rates, + LoRA without prior
     python benchmarks/personalization.py --quick  # one subject, one seed, LoRA and MoSLoRA: a CI-sized check
+    python benchmarks/personalization.py --select_checkpoint --steps 1600 --curve_steps 100 200 400 800 1600
+                                                  # each run at the checkpoint a validation measure prefers
 
 Runs already measured (runs/<subject>/<run>/metrics.json) are not trained again, so an interrupted benchmark
 resumes, and several processes can share one: start one per subject (--subjects ...), then one with all subjects
@@ -58,6 +60,9 @@ def main(argv=None):
     parser.add_argument("--learning_rate", type=float, default=None,
                         help="one rate for every method, reported at --steps (default: each method's rate and steps from tuning.json)")
     parser.add_argument("--guidance_scale", type=float, default=defaults.guidance_scale)
+    parser.add_argument("--select_checkpoint", action="store_true",
+                        help="report each run at the checkpoint among --curve_steps and --steps that a validation "
+                             "measure (other backgrounds, other sampling seed) prefers")
     args = parser.parse_args(argv)
     if args.quick:
         args.subjects, args.seeds, args.methods, args.ablation_methods = args.subjects[:1], [0], ["lora", "moslora-orthogonal"], []
@@ -71,6 +76,7 @@ def main(argv=None):
         extra_train_args=args.extra_train_args.split(), rank=args.rank, steps=args.steps, train_batch_size=args.train_batch_size,
         images_per_prompt=args.images_per_prompt, inference_steps=args.inference_steps,
         num_class_images=args.num_class_images, guidance_scale=args.guidance_scale, curve_steps=tuple(args.curve_steps),
+        select_checkpoint=args.select_checkpoint,
     )
     log = lambda message: print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)  # noqa: E731
     started = time.perf_counter()

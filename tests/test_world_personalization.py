@@ -7,11 +7,13 @@ from safetensors.torch import load_file
 
 from dreambooth_moslora.world.personalization import (
     BenchmarkSettings,
+    choose_checkpoint,
     choose_setting,
     evaluation_prompts,
     run_benchmark,
     subject_backgrounds,
     tune,
+    validation_backgrounds,
 )
 from dreambooth_moslora.world.subjects import SUBJECTS, TUNING_SUBJECT
 
@@ -39,10 +41,21 @@ def test_the_chosen_setting_keeps_the_class_when_any_does():
     assert choose_setting(rows[2:], 0.9) == {"learning_rate": 1e-3, "steps": 200}  # none keeps it: the best fidelity
 
 
+def test_a_checkpoint_is_chosen_by_its_validation_measures_not_the_reported_ones():
+    points = [{"step": 100, "subject_fidelity": 0.9, "validation_subject_fidelity": 0.5, "validation_class_shape_accuracy": 1.0},
+              {"step": 200, "subject_fidelity": 0.1, "validation_subject_fidelity": 0.6, "validation_class_shape_accuracy": 0.95},
+              {"step": 400, "subject_fidelity": 0.2, "validation_subject_fidelity": 0.7, "validation_class_shape_accuracy": 0.5}]
+    assert choose_checkpoint(points) == 200
+    settings = BenchmarkSettings("m", "a", "o", backgrounds_per_subject=4, validation_backgrounds=2)
+    held_out = validation_backgrounds(SUBJECTS[0], settings)
+    assert len(held_out) == 2 and not set(held_out) & {bg for _, bg in evaluation_prompts(SUBJECTS[0], settings, "sks")}
+    assert not set(held_out) & set(SUBJECTS[0].colours)
+
+
 def _settings(base, tmp_path, **changes):
     common = dict(base_model=str(base), analyzer_file=str(ANALYZER_FILE), output_dir=str(tmp_path),
                   subjects=(SUBJECTS[0].name,), seeds=(0,), steps=4, curve_steps=(2, 4), num_class_images=2,
-                  backgrounds_per_subject=2, images_per_prompt=1, inference_steps=2)
+                  backgrounds_per_subject=2, images_per_prompt=1, validation_images_per_prompt=1, inference_steps=2)
     return BenchmarkSettings(**{**common, **changes})
 
 
@@ -89,3 +102,15 @@ def test_tuning_uses_the_tuning_subject_and_writes_the_grid(untrained_mini_dir, 
     again = tune(settings, (1e-4, 1e-3), log=lambda _: None)  # measured runs are not trained again
     assert again["grid"] == tuning["grid"]
     assert not (tmp_path / "class-images").exists()  # the base-model prior needs no class images
+
+
+def test_selecting_checkpoints_reports_each_run_at_its_validation_choice(untrained_mini_dir, tmp_path, fresh_accelerate):
+    settings = _settings(untrained_mini_dir, tmp_path, methods=("lora",), ablation_methods=(), prior_mode="base_model",
+                         train_text_encoder=False, select_checkpoint=True, curve_methods=())
+    results = run_benchmark(settings, log=lambda _: None)
+    (run,) = results["runs"]
+    record = json.loads((tmp_path / "runs" / SUBJECTS[0].name / "lora-lr0.001-seed0-prior" / "metrics.json").read_text())
+    assert [p["step"] for p in record["curve"]] == [2, 4] and all("validation_subject_fidelity" in p for p in record["curve"])
+    assert run["step"] == choose_checkpoint(record["curve"])
+    assert run["subject_fidelity"] == next(p for p in record["curve"] if p["step"] == run["step"])["subject_fidelity"]
+    assert f"| {SUBJECTS[0].name} |" in (tmp_path / "results.md").read_text()

@@ -11,7 +11,8 @@ def test_sign_flip_test_is_exact_for_small_samples():
 
 
 def _run(subject, method, seed, fidelity):
-    return {"subject": subject, "method": method, "seed": seed, "prior_preservation": False, "subject_fidelity": fidelity,
+    return {"subject": subject, "method": method, "seed": seed, "prior_preservation": False, "step": 100 * (seed + 1),
+            "subject_fidelity": fidelity,
             "normalized_fidelity": fidelity, "oracle_normalized_fidelity": fidelity, "prompt_fidelity": 0.5,
             "class_shape_accuracy": 1.0, "class_subject_similarity": 0.2}
 
@@ -33,6 +34,7 @@ def test_summary_pairs_each_method_with_lora_on_the_same_subject_and_seed():
     table = results_table(results)
     assert "| moslora-orthogonal | no prior | 0.650 ± 0.058" in table
     assert "real vs real (ceiling) | | 0.850 ± 0.071" in table and "through the VAE | | 0.750 ± 0.071" in table
+    assert "| moslora-orthogonal | no prior | b | 0.650 | 0.650 | 1.000 | 100, 200 |" in table  # per subject, each seed's step
 
 
 def test_curves_average_over_subjects_and_seeds_and_plot():

@@ -81,6 +81,13 @@ class BenchmarkSettings:
     curve_steps: tuple[int, ...] = (100, 200, 400)
     """Checkpoints measured too, for fidelity against steps."""
     curve_methods: tuple[str, ...] = ("lora", "moslora-orthogonal")
+    select_checkpoint: bool = False
+    """Report each run at the checkpoint (among curve_steps and steps) a validation measure prefers, as a user picks
+    one by comparing checkpoints' samples with their photos; otherwise every run at the method's step."""
+    validation_backgrounds: int = 2
+    """Backgrounds for that choice: colours the subject lacks and the reported prompts do not name."""
+    validation_images_per_prompt: int = 8
+    """As many samples as the reported measures take, so the class is judged on as many (one miss in 16 keeps it)."""
     train_batch_size: int = 1
     num_class_images: int = 50
     backgrounds_per_subject: int = 4
@@ -88,6 +95,7 @@ class BenchmarkSettings:
     inference_steps: int = 20
     guidance_scale: float = 5.0
     sampling_seed: int = 1234
+    validation_seed: int = 4321
     extra_train_args: list[str] = field(default_factory=list)
 
     def learning_rate_of(self, method: str) -> float:
@@ -98,22 +106,32 @@ class BenchmarkSettings:
         return min(self.tuned.get(method, {}).get("steps", self.steps), self.steps)
 
 
-def subject_backgrounds(subject: Subject, count: int) -> list[str]:
+def subject_backgrounds(subject: Subject, count: int, skip: int = 0) -> list[str]:
     """Named backgrounds for the prompt-fidelity prompts: colours the subject itself does not have."""
-    return [c for c in COLOURS if c not in subject.colours][:count]
+    return [c for c in COLOURS if c not in subject.colours][skip : skip + count]
 
 
-def evaluation_prompts(subject: Subject, settings: BenchmarkSettings, token: str | None) -> list[tuple[str, str]]:
-    """(prompt, named background) pairs, each repeated images_per_prompt times. With the token: the subject on
-    each background; without: an ordinary member of the class, in one of the world's colours, as pretraining
-    captions always name one ("a photo of a blue star on a green background")."""
-    backgrounds = subject_backgrounds(subject, settings.backgrounds_per_subject)
+def validation_backgrounds(subject: Subject, settings: BenchmarkSettings) -> list[str]:
+    """The backgrounds a checkpoint is chosen on: none of those the reported measures use."""
+    return subject_backgrounds(subject, settings.validation_backgrounds, skip=settings.backgrounds_per_subject)
+
+
+def evaluation_prompts(subject: Subject, settings: BenchmarkSettings, token: str | None,
+                       validation: bool = False) -> list[tuple[str, str]]:
+    """(prompt, named background) pairs, each repeated images_per_prompt times (validation: on the validation
+    backgrounds). With the token: the subject on each background; without: an ordinary member of the class, in
+    one of the world's colours, as pretraining captions always name one ("a photo of a blue star on a green
+    background")."""
+    if validation:
+        backgrounds, repeats = validation_backgrounds(subject, settings), settings.validation_images_per_prompt
+    else:
+        backgrounds, repeats = subject_backgrounds(subject, settings.backgrounds_per_subject), settings.images_per_prompt
     if token:
         prompts = [(f"a photo of a {token} {subject.class_noun} on a {bg} background", bg) for bg in backgrounds]
     else:
         colours = backgrounds[1:] + backgrounds[:1]
         prompts = [(f"a photo of a {c} {subject.class_noun} on a {bg} background", bg) for c, bg in zip(colours, backgrounds)]
-    return [pair for pair in prompts for _ in range(settings.images_per_prompt)]
+    return [pair for pair in prompts for _ in range(repeats)]
 
 
 def class_prompts(subject: Subject, count: int) -> list[str]:
@@ -124,13 +142,16 @@ def class_prompts(subject: Subject, count: int) -> list[str]:
     return [f"a photo of a {pairs[i][0]} {subject.class_noun} on a {pairs[i][1]} background" for i in chosen]
 
 
-def measure(pipe, analyzer, subject: Subject, real: torch.Tensor, settings: BenchmarkSettings) -> tuple[dict, dict]:
-    """The three DreamBooth measures for one pipeline; also returns the samples, for the figure."""
+def measure(pipe, analyzer, subject: Subject, real: torch.Tensor, settings: BenchmarkSettings,
+            validation: bool = False) -> tuple[dict, dict]:
+    """The three DreamBooth measures for one pipeline; also returns the samples, for the figure. With validation,
+    on the validation backgrounds and seed, which the reported measures never see."""
     sampling = dict(steps=settings.inference_steps, guidance_scale=settings.guidance_scale)
-    instance = evaluation_prompts(subject, settings, settings.token)
-    classes = evaluation_prompts(subject, settings, None)
-    instance_images = sample_world(pipe, [p for p, _ in instance], settings.sampling_seed, **sampling)
-    class_images = sample_world(pipe, [p for p, _ in classes], settings.sampling_seed, **sampling)
+    seed = settings.validation_seed if validation else settings.sampling_seed
+    instance = evaluation_prompts(subject, settings, settings.token, validation)
+    classes = evaluation_prompts(subject, settings, None, validation)
+    instance_images = sample_world(pipe, [p for p, _ in instance], seed, **sampling)
+    class_images = sample_world(pipe, [p for p, _ in classes], seed, **sampling)
     found = analyze(analyzer, instance_images)
     found_class = analyze(analyzer, class_images)
     metrics = {
@@ -213,32 +234,45 @@ class SubjectBench:
         return {"normalized_fidelity": normalized(fidelity, floor, self.real_vs_real),
                 "oracle_normalized_fidelity": normalized(fidelity, floor, self.oracle)}
 
-    def measure_adapter(self, adapter) -> tuple[dict, dict]:
+    def measure_adapter(self, adapter, validation: bool = False) -> tuple[dict, dict]:
+        """The reported measures, and with validation also those a checkpoint is chosen by (`validation_*`)."""
         pipe = load_pipeline(self.settings.base_model, adapter, self.generation, device="cpu")
         metrics, samples = measure(pipe, self.analyzer, self.subject, self.real, self.settings)
-        return {**metrics, **self._normalized(metrics["subject_fidelity"])}, samples
+        metrics = {**metrics, **self._normalized(metrics["subject_fidelity"])}
+        if validation:
+            held_out, _ = measure(pipe, self.analyzer, self.subject, self.real, self.settings, validation=True)
+            metrics.update({f"validation_{k}": v for k, v in held_out.items()})
+        return metrics, samples
 
     def train_and_measure(self, method: str, seed: int, prior: bool, learning_rate: float, curve_steps=(),
                           reported_step: int | None = None, want_samples: bool = False) -> tuple:
-        """The adapter's measures at reported_step (default: the run's end; with its samples when wanted), and at each
-        of curve_steps, from checkpoints. A run measured before (its metrics.json) is not trained again: the
-        benchmark resumes, and several processes can share its runs (each taking some subjects), a last one writing
-        the report. train_seconds is the whole run's, with the subject's class images when this run made them."""
+        """The adapter's measures at reported_step (default: the run's end; with select_checkpoint, the checkpoint
+        validation prefers; with its samples when wanted), and at each of curve_steps, from checkpoints. A run
+        measured before (its metrics.json) is not trained again: the benchmark resumes, and several processes can
+        share its runs (each taking some subjects), a last one writing the report. train_seconds is the whole
+        run's, with the subject's class images when this run made them."""
+        select = self.settings.select_checkpoint
         reported_step = reported_step or self.settings.steps
+        candidates = (*curve_steps, *(self.settings.curve_steps if select else ()), reported_step)
+        measured = sorted({step for step in candidates if step <= self.settings.steps})
         tag = f"{method}-lr{learning_rate:g}-seed{seed}-{'prior' if prior else 'noprior'}"
         run_dir = Path(self.settings.output_dir) / "runs" / self.subject.name / tag
         record = run_dir / "metrics.json"
-        measured = sorted({step for step in (*curve_steps, reported_step) if step <= self.settings.steps})
         done = json.loads(record.read_text()) if record.is_file() else None
         if not done or not {p["step"] for p in done["curve"]} >= set(measured):
             started = time.perf_counter()
             _train_adapter(self.settings, self.subject, self.instance_dir, self.mask_dir, method, seed, prior,
                            learning_rate, math.gcd(*measured), run_dir)
-            seconds = time.perf_counter() - started
-            curve = [{"step": step, **self.measure_adapter(self._adapter_at(run_dir, step))[0]} for step in measured]
-            done = {"train_seconds": seconds, "curve": curve}
-            write_text_atomically(record, json.dumps(done, indent=2) + "\n")
+            done = {"train_seconds": time.perf_counter() - started, "curve": []}
         points = {p["step"]: p for p in done["curve"]}
+        missing = [s for s in measured if s not in points or (select and "validation_subject_fidelity" not in points[s])]
+        for step in missing:
+            points[step] = {"step": step, **self.measure_adapter(self._adapter_at(run_dir, step), select)[0]}
+        if missing:
+            done["curve"] = [points[step] for step in sorted(points)]
+            write_text_atomically(record, json.dumps(done, indent=2) + "\n")
+        if select:
+            reported_step = choose_checkpoint([points[step] for step in measured])
         metrics = {**points[reported_step], "train_seconds": done["train_seconds"]}
         samples = self.measure_adapter(self._adapter_at(run_dir, reported_step))[1] if want_samples else None
         return metrics, samples, [points[step] for step in measured if step in curve_steps]
@@ -292,6 +326,14 @@ def choose_setting(rows: list[dict], min_class_shape_accuracy: float) -> dict:
     keeping = [r for r in rows if r["class_shape_accuracy"] >= min_class_shape_accuracy] or rows
     best = max(keeping, key=lambda r: r["subject_fidelity"])
     return {"learning_rate": best["learning_rate"], "steps": best["step"]}
+
+
+def choose_checkpoint(points: list[dict], min_class_shape_accuracy: float = 0.9) -> int:
+    """The step whose validation measures choose_setting prefers: the best fidelity among checkpoints that keep the
+    class."""
+    rows = [{"learning_rate": None, "step": p["step"], "subject_fidelity": p["validation_subject_fidelity"],
+             "class_shape_accuracy": p["validation_class_shape_accuracy"]} for p in points]
+    return choose_setting(rows, min_class_shape_accuracy)["steps"]
 
 
 def tune(settings: BenchmarkSettings, learning_rates: tuple[float, ...], seed: int = 0, subject: Subject = TUNING_SUBJECT,

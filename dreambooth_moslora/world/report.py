@@ -98,7 +98,23 @@ def results_table(results: dict) -> str:
         method, prior = key.split("|")
         cells = " | ".join(f"{row[m]['mean_difference']:+.4f} | {row[m]['p_value']:.3f}" for m in PAIRED)
         lines.append(f"| {method} | {prior} | {cells} |")
+    lines += ["", "Per subject (mean over seeds) and the step each seed was reported at:", "",
+              "| method | prior preservation | subject | normalised (real ceiling) | normalised (oracle ceiling) | "
+              "class shape accuracy | steps |", "| --- " * 7 + "|"]
+    for (method, prior, subject), runs in _by_subject(results["runs"]).items():
+        means = [statistics.fmean(r[m] for r in runs) for m in
+                 ("normalized_fidelity", "oracle_normalized_fidelity", "class_shape_accuracy")]
+        steps = ", ".join(str(r["step"]) for r in runs)
+        lines.append(f"| {method} | {_prior_label(prior)} | {subject} | " + " | ".join(f"{v:.3f}" for v in means)
+                     + f" | {steps} |")
     return "\n".join(lines) + "\n"
+
+
+def _by_subject(runs: list[dict]) -> dict[tuple, list[dict]]:
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        groups.setdefault((run["method"], run["prior_preservation"], run["subject"]), []).append(run)
+    return groups
 
 
 def sample_figure(rows: list[tuple[str, dict]], per_column: int = 3, zoom: int = 3) -> Image.Image:
