@@ -57,8 +57,12 @@ def test_quickstart_and_the_verbs_after_it_run_offline(tmp_path, feature_models,
     out = tmp_path / "outputs" / "quickstart"
     for name in ("moslora.safetensors", "pytorch_lora_weights.safetensors", "lora_kohya.safetensors", "README.md"):
         assert (out / name).is_file()
-    steps = re.search(r"--max_train_steps (\d+)", readme_block("example: quickstart")).group(1)
+    block = readme_block("example: quickstart")
+    steps = re.search(r"--max_train_steps (\d+)", block).group(1)
+    every = re.search(r"--validation_steps (\d+)", block).group(1)
     assert len(list((out / "validation" / f"final-step-{steps}").glob("000-*.png"))) == 4
+    assert len(list((out / "validation" / f"step-{every}").glob("000-*.png"))) == 4  # a checkpoint to compare
+    assert (out / f"checkpoint-{every}" / "moslora.safetensors").is_file()
 
     run_commands(shell_commands("example: cli-verbs"), tmp_path)
     assert len(list((tmp_path / "outputs" / "samples").glob("*.png"))) == 5  # 2 prompts x 2 images + grid
@@ -68,7 +72,8 @@ def test_quickstart_and_the_verbs_after_it_run_offline(tmp_path, feature_models,
     evaluate = [c.replace("models/dino-vits16", str(dino)).replace("models/clip-vit-base-patch32", str(clip))
                 for c in shell_commands("example: evaluate")]
     run_commands(evaluate, tmp_path)
-    assert "| moslora |" in (tmp_path / "outputs" / "eval" / "metrics.md").read_text()
+    table = (tmp_path / "outputs" / "eval" / "metrics.md").read_text()
+    assert "| moslora |" in table and "| step-100 |" in table  # a checkpoint compared with the final adapter
 
     # the diffusers snippet, on the CPU line it offers, with the mini model for SDXL and the quick start's output
     snippet = (readme_block("example: load-diffusers")
