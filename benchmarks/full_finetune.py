@@ -20,7 +20,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from diffusers import DDPMScheduler  # noqa: E402
@@ -29,9 +28,8 @@ from PIL import Image  # noqa: E402
 from dreambooth_moslora.conditioning import micro_conditioning  # noqa: E402
 from dreambooth_moslora.generate import GenerationSettings, load_pipeline  # noqa: E402
 from dreambooth_moslora.world.analyzer import load_analyzer  # noqa: E402
-from dreambooth_moslora.world.personalization import BenchmarkSettings, SubjectBench, measure  # noqa: E402
-from dreambooth_moslora.world.render import IMAGE_SIZE  # noqa: E402
-from dreambooth_moslora.world.report import normalized  # noqa: E402
+from dreambooth_moslora.world.personalization import BenchmarkSettings, SubjectBench  # noqa: E402
+from dreambooth_moslora.world.render import IMAGE_SIZE, to_pixels  # noqa: E402
 from dreambooth_moslora.world.subjects import SUBJECTS, TUNING_SUBJECT, subject_by_name  # noqa: E402
 
 PARTS = {"all": lambda name: True, "transformer_blocks": lambda name: ".attentions." in name,
@@ -56,8 +54,7 @@ def main(argv=None):
     pipe = load_pipeline(settings.base_model, None, GenerationSettings(), device="cpu")
     photos = sorted(bench.instance_dir.glob("*.png"))
     captions = [p.with_suffix(".txt").read_text().strip() for p in photos]
-    pixels = torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1).float() / 127.5 - 1
-                          for p in photos])
+    pixels = to_pixels([Image.open(p) for p in photos])
     with torch.no_grad():
         latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
         prompt_embeds, _, pooled, _ = pipe.encode_prompt(captions, do_classifier_free_guidance=False)
@@ -79,11 +76,7 @@ def main(argv=None):
         if step in args.steps:
             unet.eval()
             with torch.no_grad():
-                metrics, _ = measure(pipe, analyzer, bench.subject, bench.real, settings)
-            floor = bench.floor["subject_fidelity"]
-            points.append({"step": step, **metrics,
-                           "normalized_fidelity": normalized(metrics["subject_fidelity"], floor, bench.real_vs_real),
-                           "oracle_normalized_fidelity": normalized(metrics["subject_fidelity"], floor, bench.oracle)})
+                points.append({"step": step, **bench.measure_pipeline(pipe)[0]})
             print(json.dumps(points[-1]), flush=True)
     record = {"subject": args.subject, "part": args.part, "learning_rate": args.learning_rate, "seed": args.seed,
               "trained_parameters": sum(p.numel() for p in trained), "subject_record": bench.record(), "curve": points}

@@ -235,8 +235,12 @@ class SubjectBench:
                 "oracle_normalized_fidelity": normalized(fidelity, floor, self.oracle)}
 
     def measure_adapter(self, adapter, validation: bool = False) -> tuple[dict, dict]:
-        """The reported measures, and with validation also those a checkpoint is chosen by (`validation_*`)."""
-        pipe = load_pipeline(self.settings.base_model, adapter, self.generation, device="cpu")
+        return self.measure_pipeline(load_pipeline(self.settings.base_model, adapter, self.generation, device="cpu"),
+                                     validation)
+
+    def measure_pipeline(self, pipe, validation: bool = False) -> tuple[dict, dict]:
+        """The reported measures, normalised, and with validation also those a checkpoint is chosen by
+        (`validation_*`); also the samples, for the figure."""
         metrics, samples = measure(pipe, self.analyzer, self.subject, self.real, self.settings)
         metrics = {**metrics, **self._normalized(metrics["subject_fidelity"])}
         if validation:
