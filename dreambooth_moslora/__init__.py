@@ -1,54 +1,35 @@
-"""DreamBooth for SDXL with MoSLoRA adapters, exported as plain LoRAs that every SDXL tool loads."""
+"""DreamBooth for SDXL with MoSLoRA adapters, exported as plain LoRAs that every SDXL tool loads.
+
+The public names are imported on first use, so `inspect` and `export` start without loading diffusers."""
+
+import importlib
 
 from .feedback import silence_harmless_dependency_warnings
 
 silence_harmless_dependency_warnings()  # before diffusers and transformers are imported
 
-from .config import MoSLoRAConfig  # noqa: E402
-from .inject import (
-    fuse_moslora,
-    inject_moslora,
-    merge_moslora,
-    moslora_disabled,
-    moslora_parameters,
-    remove_moslora,
-    set_moslora_scale,
-    unmerge_moslora,
-)
-from .adapters import load_adapter
-from .errors import AdapterFileError, ConfigError, UserInputError
-from .evaluate import evaluate_adapters
-from .generate import GenerationSettings, generate_images, load_pipeline
-from .io import export_diffusers, export_kohya, load_moslora, read_moslora, save_moslora
-from .inspection import format_report, inspect_adapter
-from .layer import MoSLoRALinear
-from .tiny import save_tiny_sdxl_pipeline
+_MODULE_OF = {
+    "MoSLoRAConfig": "config",
+    "MoSLoRALinear": "layer",
+    "AdapterFileError": "errors", "ConfigError": "errors", "UserInputError": "errors",
+    "fuse_moslora": "inject", "inject_moslora": "inject", "merge_moslora": "inject", "moslora_disabled": "inject",
+    "moslora_parameters": "inject", "remove_moslora": "inject", "set_moslora_scale": "inject",
+    "unmerge_moslora": "inject",
+    "load_adapter": "adapters",
+    "evaluate_adapters": "evaluate",
+    "GenerationSettings": "generate", "generate_images": "generate", "load_pipeline": "generate",
+    "export_diffusers": "io", "export_kohya": "io", "load_moslora": "io", "read_moslora": "io", "save_moslora": "io",
+    "format_report": "inspection", "inspect_adapter": "inspection",
+    "save_tiny_sdxl_pipeline": "tiny",
+}
+__all__ = sorted(_MODULE_OF)
 
-__all__ = [
-    "GenerationSettings",
-    "evaluate_adapters",
-    "format_report",
-    "generate_images",
-    "inspect_adapter",
-    "load_adapter",
-    "load_pipeline",
-    "AdapterFileError",
-    "ConfigError",
-    "UserInputError",
-    "export_diffusers",
-    "export_kohya",
-    "load_moslora",
-    "read_moslora",
-    "save_moslora",
-    "save_tiny_sdxl_pipeline",
-    "MoSLoRAConfig",
-    "MoSLoRALinear",
-    "inject_moslora",
-    "fuse_moslora",
-    "merge_moslora",
-    "moslora_disabled",
-    "moslora_parameters",
-    "remove_moslora",
-    "set_moslora_scale",
-    "unmerge_moslora",
-]
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -44,10 +44,14 @@ def _plan(argv: list[str]):
 def _settings(args):
     from .generate import GenerationSettings
 
+    for name in ("num_images_per_prompt", "batch_size", "num_inference_steps"):
+        if getattr(args, name) < 1:
+            raise UserInputError(f"--{name} must be at least 1, got {getattr(args, name)}")
     return GenerationSettings(
         negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images_per_prompt, seed=args.seed,
         num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, height=args.height,
         width=args.width, adapter_scale=args.adapter_scale, fuse=args.fuse, scheduler=args.scheduler,
+        batch_size=args.batch_size,
     )
 
 
@@ -104,6 +108,8 @@ def _add_sampling_options(parser):
                         help="for a single-file model: a diffusers SDXL folder whose configs and tokenizers to use")
     parser.add_argument("--negative_prompt", default=None)
     parser.add_argument("--num_images_per_prompt", type=int, default=4)
+    parser.add_argument("--batch_size", type=int, default=1,
+                        help="images per pipeline call: faster when memory allows, same images (each has its seed)")
     parser.add_argument("--seed", type=int, default=0, help="image j of each prompt uses seed + j")
     parser.add_argument("--num_inference_steps", type=int, default=30)
     parser.add_argument("--guidance_scale", type=float, default=5.0)
@@ -170,10 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_reporting_errors(run, args) -> int:
+def run_reporting_errors(run, args, loads_models: bool = True) -> int:
     """Bad input becomes one line on stderr and exit code 2, never a traceback; Ctrl-C exits 130."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    quiet_dependency_progress_bars()
+    if loads_models:  # the file-only verbs skip importing diffusers and transformers: seconds saved
+        quiet_dependency_progress_bars()
     try:
         run(args)
     except UserInputError as error:
@@ -192,7 +199,7 @@ def main(argv=None) -> int:
     if argv[:1] == ["plan"]:
         return run_reporting_errors(_plan, argv[1:])
     args = build_parser().parse_args(argv)
-    return run_reporting_errors(args.run, args)
+    return run_reporting_errors(args.run, args, loads_models=args.run not in (_inspect, _export))
 
 
 if __name__ == "__main__":

@@ -55,6 +55,8 @@ class GenerationSettings:
     adapter_scale: float = 1.0
     fuse: bool = False
     scheduler: str | None = None
+    batch_size: int = 1
+    """Images per pipeline call: faster when memory allows; each image still comes from its own seed."""
 
 
 def load_pipeline(base_model: str, adapter=None, settings: GenerationSettings = GenerationSettings(),
@@ -86,22 +88,27 @@ def load_pipeline(base_model: str, adapter=None, settings: GenerationSettings = 
 
 def generate_images(pipe, prompts: list[str], settings: GenerationSettings, output_dir,
                     adapter_name: str = "", show_progress: bool = True) -> list[Path]:
-    """Image j of prompt i has seed (seed + j) and is named `{i:03d}-{seed + j}.png`: same seed, same image."""
+    """Image j of prompt i has seed (seed + j) and is named `{i:03d}-{seed + j}.png`: same seed, same image (in any
+    batch, up to float rounding)."""
     output_dir = Path(output_dir)
     pipe.set_progress_bar_config(disable=True)
     paths, images = [], []
     jobs = [(i, prompt, settings.seed + j) for i, prompt in enumerate(prompts)
             for j in range(settings.num_images_per_prompt)]
-    for index, prompt, seed in progress_bar(jobs, desc="images", show=show_progress):
-        image = pipe(
-            prompt, negative_prompt=settings.negative_prompt, num_inference_steps=settings.num_inference_steps,
-            guidance_scale=settings.guidance_scale, height=settings.height, width=settings.width,
-            generator=torch.Generator().manual_seed(seed),
-        ).images[0]
-        info = _png_info(prompt, seed, settings, image.size, adapter_name)
-        paths.append(write_atomically(output_dir / f"{index:03d}-{seed}.png",
-                                      lambda tmp, image=image, info=info: image.save(tmp, format="PNG", pnginfo=info)))
-        images.append(image)
+    batches = [jobs[start:start + settings.batch_size] for start in range(0, len(jobs), settings.batch_size)]
+    for batch in progress_bar(batches, desc="images", show=show_progress):
+        generated = pipe(
+            [prompt for _, prompt, _ in batch],
+            negative_prompt=None if settings.negative_prompt is None else [settings.negative_prompt] * len(batch),
+            num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale,
+            height=settings.height, width=settings.width,
+            generator=[torch.Generator().manual_seed(seed) for _, _, seed in batch],
+        ).images
+        for (index, prompt, seed), image in zip(batch, generated):
+            info = _png_info(prompt, seed, settings, image.size, adapter_name)
+            paths.append(write_atomically(output_dir / f"{index:03d}-{seed}.png", lambda tmp, image=image, info=info:
+                                          image.save(tmp, format="PNG", pnginfo=info)))
+            images.append(image)
     write_atomically(output_dir / "grid.png",
                      lambda tmp: contact_sheet(images, columns=settings.num_images_per_prompt).save(tmp, format="PNG"))
     return paths

@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from transformers import PreTrainedModel
 
 from .config import MoSLoRAConfig
 from .errors import AdapterFileError
@@ -241,6 +240,8 @@ def copy_adapter_weights(model, modules: dict[str, ModuleAdapter]):
 def _file_module_name(model, name: str) -> str:
     """Files name CLIP layers `text_model.encoder…` as every LoRA tool expects; transformers 5's CLIPTextModel
     dropped that level, so it is put back here (and diffusers strips it again when loading)."""
+    from transformers import PreTrainedModel  # here: `inspect` and `export` need no transformers
+
     if isinstance(model, PreTrainedModel) and not hasattr(model, "text_model") and not name.startswith("text_model."):
         return "text_model." + name
     return name

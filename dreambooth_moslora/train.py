@@ -308,6 +308,7 @@ class TrainingLoop:
             model.eval()
         folder = Path(args.output_dir) / "validation" / (f"final-step-{step}" if final else f"step-{step}")
         settings = GenerationSettings(num_images_per_prompt=args.num_validation_images, seed=args.seed,
+                                      batch_size=args.sample_batch_size,
                                       num_inference_steps=args.num_inference_steps, height=args.resolution,
                                       width=args.resolution)
         with accelerator.autocast(), back_on(self.offloaded, accelerator.device):

@@ -158,10 +158,14 @@ def _notes(path):
 def test_generate_verb(trained, tiny_sdxl_dir, tmp_path, capsys):
     code = main(["generate", "--pretrained_model_name_or_path", str(tiny_sdxl_dir), "--adapter",
                  str(trained["dir"] / "lora_kohya.safetensors"), "--prompt", "a photo of sks dog", "--prompt",
-                 "a sks dog", "--num_images_per_prompt", "1", "--num_inference_steps", "2", "--scheduler",
-                 "dpm++_2m_karras", "--fuse", "--output_dir", str(tmp_path / "images")])
+                 "a sks dog", "--num_images_per_prompt", "1", "--batch_size", "2", "--num_inference_steps", "2",
+                 "--scheduler", "dpm++_2m_karras", "--fuse", "--output_dir", str(tmp_path / "images")])
     assert code == 0, capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["000-0.png", "001-0.png", "grid.png"]
+    code = main(["generate", "--pretrained_model_name_or_path", str(tiny_sdxl_dir), "--prompt", "a dog",
+                 "--batch_size", "0", "--output_dir", str(tmp_path / "none")])
+    assert code != 0 and "--batch_size must be at least 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
 
 
 def test_inspect_and_export_verbs(trained, tmp_path, capsys):
@@ -174,6 +178,17 @@ def test_inspect_and_export_verbs(trained, tmp_path, capsys):
                  "--output", str(tmp_path / "small.safetensors")]) == 0
     assert "rank 2 keeps ΔW to a relative error of 0." in capsys.readouterr().out
     assert (tmp_path / "small.safetensors").is_file()
+
+
+def test_the_file_verbs_start_without_diffusers_or_transformers(trained, tmp_path):
+    script = ("import sys\nfrom dreambooth_moslora.cli import main\n"
+              f"assert main(['inspect', {str(trained['dir'])!r}]) == 0\n"
+              f"assert main(['export', {str(trained['dir'] / 'moslora.safetensors')!r}, '--format', 'kohya', '--output', "
+              f"{str(tmp_path / 'out.safetensors')!r}]) == 0\n"
+              "print(sorted(m for m in ('diffusers', 'transformers') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines()[-1] == "[]" and (tmp_path / "out.safetensors").is_file()
 
 
 def test_evaluate_verb(trained, tiny_sdxl_dir, feature_models, tmp_path, capsys):

@@ -25,6 +25,32 @@ def test_images_are_named_by_prompt_and_seed_carry_their_settings_and_repeat(tra
     assert Image.open(again[0]).tobytes() != Image.open(paths[3]).tobytes()
 
 
+def test_batched_images_are_each_seeds_own_image(trained, tiny_sdxl_dir, tmp_path):
+    import dataclasses
+
+    import numpy as np
+
+    pipe = load_pipeline(str(tiny_sdxl_dir), trained["dir"], SETTINGS, device="cpu")
+    calls = []
+    original_call = type(pipe).__call__
+
+    def counting_call(self, prompt, **kwargs):
+        calls.append(list(prompt))
+        return original_call(self, prompt, **kwargs)
+
+    prompts = ["a photo of sks dog", "a sks dog in the snow"]
+    one = generate_images(pipe, prompts, SETTINGS, tmp_path / "one", show_progress=False)
+    type(pipe).__call__ = counting_call
+    try:
+        batched = generate_images(pipe, prompts, dataclasses.replace(SETTINGS, batch_size=3), tmp_path / "three",
+                                  show_progress=False)
+    finally:
+        type(pipe).__call__ = original_call
+    assert calls == [[prompts[0], prompts[0], prompts[1]], [prompts[1]]]
+    assert [p.name for p in batched] == [p.name for p in one]
+    for a, b in zip(one, batched):  # euler_a draws noise every step: each image keeps its own generator
+        assert np.abs(np.asarray(Image.open(a), np.int16) - np.asarray(Image.open(b), np.int16)).max() <= 1
+
 def test_fused_sampling_matches_unfused(trained, tiny_sdxl_dir, tmp_path):
     import numpy as np
 
