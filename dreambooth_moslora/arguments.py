@@ -71,7 +71,8 @@ def build_parser(prog: str | None = None, needs_data: bool = True) -> argparse.A
                             "(each keeps its prompt as caption), and the base-model prior uses them as class captions")
     prior.add_argument("--num_class_images", type=int, default=100)
     prior.add_argument("--prior_loss_weight", type=float, default=1.0)
-    prior.add_argument("--sample_batch_size", type=int, default=4, help="batch size when generating class and validation images")
+    prior.add_argument("--sample_batch_size", type=int, default=4,
+                       help="batch size when generating class and validation images")
 
     adapter = parser.add_argument_group("adapter")
     adapter.add_argument("--rank", type=int, default=4)
