@@ -199,6 +199,7 @@ def validate_args(args: argparse.Namespace, needs_data: bool = True) -> argparse
 
 def apply_low_memory(args: argparse.Namespace):
     args.gradient_checkpointing = True
+    args.sample_batch_size = 1  # validation images are sampled mid-training, beside the optimizer state
     args.mixed_precision = args.mixed_precision or "bf16"
     args.base_weights_dtype = "fp8"
     if args.optimizer == "adamw" and importlib.util.find_spec("bitsandbytes") is not None:

@@ -103,6 +103,7 @@ def test_low_memory_turns_on_what_fits_the_least_memory():
                 "--instance_data_dir", "d", "--instance_prompt", "a photo of sks dog"]
     args = parse_args(required + ["--low_memory"])
     assert args.gradient_checkpointing and args.mixed_precision == "bf16" and args.base_weights_dtype == "fp8"
+    assert args.sample_batch_size == 1  # validation images one at a time
     assert args.optimizer == ("adamw8bit" if importlib.util.find_spec("bitsandbytes") else "adamw")
     assert parse_args(required + ["--low_memory", "--mixed_precision", "fp16"]).mixed_precision == "fp16"
 
