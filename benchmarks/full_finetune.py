@@ -26,6 +26,7 @@ from diffusers import DDPMScheduler  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from dreambooth_moslora.conditioning import micro_conditioning  # noqa: E402
+from dreambooth_moslora.data import read_examples  # noqa: E402
 from dreambooth_moslora.generate import GenerationSettings, load_pipeline  # noqa: E402
 from dreambooth_moslora.world.analyzer import load_analyzer  # noqa: E402
 from dreambooth_moslora.world.personalization import BenchmarkSettings, SubjectBench  # noqa: E402
@@ -52,9 +53,9 @@ def main(argv=None):
     analyzer = load_analyzer(settings.analyzer_file)
     bench = SubjectBench(subject_by_name(args.subject), settings, analyzer, GenerationSettings())
     pipe = load_pipeline(settings.base_model, None, GenerationSettings(), device="cpu")
-    photos = sorted(bench.instance_dir.glob("*.png"))
-    captions = [p.with_suffix(".txt").read_text().strip() for p in photos]
-    pixels = to_pixels([Image.open(p) for p in photos])
+    examples = read_examples(bench.instance_dir, bench.subject.instance_prompt(settings.token), IMAGE_SIZE, bucketing=False)
+    captions = [e.caption for e in examples]
+    pixels = to_pixels([Image.open(e.path) for e in examples])
     with torch.no_grad():
         latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
         prompt_embeds, _, pooled, _ = pipe.encode_prompt(captions, do_classifier_free_guidance=False)
@@ -66,7 +67,7 @@ def main(argv=None):
     points = []
     for step in range(1, max(args.steps) + 1):
         unet.train()
-        i = torch.randint(0, len(photos), (1,))
+        i = torch.randint(0, len(examples), (1,))
         noise, timestep = torch.randn_like(latents[i]), torch.randint(0, noise_scheduler.config.num_train_timesteps, (1,))
         prediction = unet(noise_scheduler.add_noise(latents[i], noise, timestep), timestep, prompt_embeds[i],
                           added_cond_kwargs={"text_embeds": pooled[i], "time_ids": time_ids}).sample

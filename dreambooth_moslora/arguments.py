@@ -168,14 +168,10 @@ def validate_args(args: argparse.Namespace, needs_data: bool = True) -> argparse
         if not args.class_data_dir and args.prior_preservation_mode == "class_images":
             raise UserInputError("--with_prior_preservation needs --class_data_dir (or --prior_preservation_mode "
                                  "base_model, which needs no class images)")
-    positive = ("train_batch_size", "gradient_accumulation_steps", "repeats", "rank", "checkpointing_steps",
-                "num_validation_images", "sample_batch_size", "num_inference_steps")
-    for name in positive:
-        if getattr(args, name) < 1:
-            raise UserInputError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    for name in ("max_train_steps", "num_train_epochs", "validation_steps", "checkpoints_total_limit"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UserInputError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    check_at_least_one(args, ("train_batch_size", "gradient_accumulation_steps", "repeats", "rank",
+                              "checkpointing_steps", "num_validation_images", "sample_batch_size",
+                              "num_inference_steps", "max_train_steps", "num_train_epochs", "validation_steps",
+                              "checkpoints_total_limit"))
     if args.freeze_mixer and args.mixer_init == "none":
         raise UserInputError("--freeze_mixer needs a mixer to freeze; --mixer_init none has none")
     if not 0 < args.ema_decay < 1:
@@ -195,6 +191,14 @@ def validate_args(args: argparse.Namespace, needs_data: bool = True) -> argparse
                        args.instance_prompt)
     args.target_modules = tuple(t.strip() for t in args.target_modules.split(",") if t.strip())
     return args
+
+
+def check_at_least_one(args: argparse.Namespace, names):
+    """Counts must be at least 1; None means the option was not given."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserInputError(f"--{name} must be at least 1, got {value}")
 
 
 def apply_low_memory(args: argparse.Namespace):

@@ -42,11 +42,10 @@ def _plan(argv: list[str]):
 
 
 def _settings(args):
+    from .arguments import check_at_least_one
     from .generate import GenerationSettings
 
-    for name in ("num_images_per_prompt", "batch_size", "num_inference_steps"):
-        if getattr(args, name) < 1:
-            raise UserInputError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    check_at_least_one(args, ("num_images_per_prompt", "batch_size", "num_inference_steps"))
     return GenerationSettings(
         negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images_per_prompt, seed=args.seed,
         num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, height=args.height,
