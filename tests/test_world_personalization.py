@@ -61,7 +61,8 @@ def _settings(base, tmp_path, **changes):
 
 def test_the_benchmark_runs_end_to_end_and_the_control_keeps_its_mixer(untrained_mini_dir, tmp_path, fresh_accelerate):
     settings = _settings(untrained_mini_dir, tmp_path, methods=("lora", "moslora-orthogonal", "fixed-orthogonal"),
-                         ablation_methods=("lora",), tuned={"moslora-orthogonal": {"learning_rate": 2e-3, "steps": 2}})
+                         ablation_methods=("lora",), tuned={"moslora-orthogonal": {"learning_rate": 2e-3, "steps": 2}},
+                         text_encoder_lr_scale=3.0)
     results = run_benchmark(settings, log=lambda _: None)
     assert [(r["method"], r["prior_preservation"]) for r in results["runs"]] == [
         ("lora", True), ("moslora-orthogonal", True), ("fixed-orthogonal", True), ("lora", False)]
@@ -77,7 +78,8 @@ def test_the_benchmark_runs_end_to_end_and_the_control_keeps_its_mixer(untrained
     at_two = next(c for c in saved["curves"] if c["method"] == "moslora-orthogonal" and c["step"] == 2)
     assert reported["subject_fidelity"] == at_two["subject_fidelity"]  # reported at its tuned step, a checkpoint
     runs = tmp_path / "runs" / SUBJECTS[0].name
-    assert (runs / "moslora-orthogonal-lr0.002-seed0-prior").is_dir()  # its own learning rate
+    state = json.loads((runs / "moslora-orthogonal-lr0.002-seed0-prior" / "checkpoint-2" / "training_state.json").read_text())
+    assert state["lr_scheduler"]["base_lrs"] == pytest.approx([2e-3, 6e-3])  # its own rate; the text encoders' 3x
     classes = sorted((tmp_path / "class-images" / SUBJECTS[0].name).glob("*.txt"))
     assert len(classes) == 2 and len({c.read_text() for c in classes}) == 2  # made from two coloured class prompts
     assert all(" star on a " in c.read_text() and c.read_text().split()[4] != "star" for c in classes)

@@ -63,7 +63,8 @@ class BenchmarkSettings:
     masked: bool = False
     """Masked loss on the subject's exact masks (the renderer knows them)."""
     train_text_encoder: bool = True
-    """Text-encoder adapters too, at the method's learning rate."""
+    """Text-encoder adapters too, at text_encoder_lr_scale times the method's learning rate."""
+    text_encoder_lr_scale: float = 1.0
     class_prompts: int = 20
     """Class prompts per subject, each naming a colour and a background as the world's captions do (the mini model
     draws poor shapes for a prompt without a colour, so class images of "a photo of a star" would not show stars)."""
@@ -188,7 +189,8 @@ def _train_adapter(settings: BenchmarkSettings, subject: Subject, instance_dir: 
         "--report_to", "none",
         "--seed", str(seed),
         *METHODS[method],
-        *(["--train_text_encoder", "--text_encoder_lr", str(learning_rate)] if settings.train_text_encoder else []),
+        *(["--train_text_encoder", "--text_encoder_lr", str(learning_rate * settings.text_encoder_lr_scale)]
+          if settings.train_text_encoder else []),
         *(["--mask_dir", str(mask_dir)] if mask_dir else []),
         *settings.extra_train_args,
     ]
