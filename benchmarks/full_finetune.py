@@ -23,10 +23,9 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from diffusers import DDPMScheduler  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from dreambooth_moslora.conditioning import micro_conditioning  # noqa: E402
-from dreambooth_moslora.data import read_examples  # noqa: E402
+from dreambooth_moslora.data import load_rgb, read_examples  # noqa: E402
 from dreambooth_moslora.generate import GenerationSettings, load_pipeline  # noqa: E402
 from dreambooth_moslora.world.analyzer import load_analyzer  # noqa: E402
 from dreambooth_moslora.world.personalization import BenchmarkSettings, SubjectBench  # noqa: E402
@@ -55,7 +54,7 @@ def main(argv=None):
     pipe = load_pipeline(settings.base_model, None, GenerationSettings(), device="cpu")
     examples = read_examples(bench.instance_dir, bench.subject.instance_prompt(settings.token), IMAGE_SIZE, bucketing=False)
     captions = [e.caption for e in examples]
-    pixels = to_pixels([Image.open(e.path) for e in examples])
+    pixels = to_pixels([load_rgb(e.path) for e in examples])
     with torch.no_grad():
         latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
         prompt_embeds, _, pooled, _ = pipe.encode_prompt(captions, do_classifier_free_guidance=False)
