@@ -54,6 +54,8 @@ def main(argv=None):
     parser.add_argument("--no_text_encoder", action="store_true", help="adapt the UNet only")
     parser.add_argument("--text_encoder_lr_scale", type=float, default=defaults.text_encoder_lr_scale,
                         help="the text-encoder adapters' learning rate as a multiple of the method's")
+    parser.add_argument("--trigger_embedding_lr", type=float, default=None,
+                        help="also learn the trigger's embedding, at this rate (default: not learned)")
     parser.add_argument("--masked", action="store_true", help="masked loss on the subjects' exact masks")
     parser.add_argument("--extra_train_args", default="", help="more training options, e.g. --extra_train_args=--use_ema")
     for name in ("rank", "steps", "train_batch_size", "images_per_prompt", "inference_steps", "num_class_images"):
@@ -75,7 +77,8 @@ def main(argv=None):
         subjects=tuple(args.subjects), methods=tuple(args.methods), ablation_methods=tuple(args.ablation_methods),
         seeds=tuple(args.seeds), prior_preservation=args.prior == "on", prior_mode=args.prior_mode,
         captions=not args.no_captions, train_text_encoder=not args.no_text_encoder,
-        text_encoder_lr_scale=args.text_encoder_lr_scale, masked=args.masked,
+        text_encoder_lr_scale=args.text_encoder_lr_scale, trigger_embedding_lr=args.trigger_embedding_lr,
+        masked=args.masked,
         extra_train_args=args.extra_train_args.split(), rank=args.rank, steps=args.steps, train_batch_size=args.train_batch_size,
         images_per_prompt=args.images_per_prompt, inference_steps=args.inference_steps,
         num_class_images=args.num_class_images, guidance_scale=args.guidance_scale, curve_steps=tuple(args.curve_steps),

@@ -10,7 +10,7 @@ import logging
 from .config import MIXER_INITS, UNET_TARGETS
 from .errors import UserInputError
 from .parser import CommandParser
-from .prompt_words import has_trigger_word, read_prompts
+from .prompt_words import has_trigger_word, prompt_words, read_prompts
 from .models import check_base_model
 
 logger = logging.getLogger(__name__)
@@ -88,6 +88,10 @@ def build_parser(prog: str | None = None, needs_data: bool = True) -> argparse.A
     adapter.add_argument("--train_text_encoder", action="store_true",
                          help="also adapt both text encoders' attention (q/k/v/out_proj)")
     adapter.add_argument("--text_encoder_lr", type=float, default=5e-6)
+    adapter.add_argument("--train_trigger_embedding", metavar="TRIGGER", default=None,
+                         help="also learn the embedding of this trigger word of --instance_prompt in both text "
+                              "encoders (pivotal tuning); it must be one token, such as sks")
+    adapter.add_argument("--trigger_embedding_lr", type=float, default=1e-3)
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--train_batch_size", type=int, default=1)
@@ -189,6 +193,9 @@ def validate_args(args: argparse.Namespace, needs_data: bool = True) -> argparse
         logger.warning("every word of --instance_prompt %r is an ordinary word: the subject gets no name of its own "
                        "and those words will draw it; add a rare trigger word, e.g. 'a photo of sks dog'",
                        args.instance_prompt)
+    if needs_data and args.train_trigger_embedding and args.train_trigger_embedding.lower() not in prompt_words(args.instance_prompt):
+        raise UserInputError(f"--train_trigger_embedding {args.train_trigger_embedding!r} is not a word of "
+                             f"--instance_prompt {args.instance_prompt!r}")
     args.target_modules = tuple(t.strip() for t in args.target_modules.split(",") if t.strip())
     return args
 

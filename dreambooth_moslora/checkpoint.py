@@ -18,7 +18,8 @@ from .ema import EMA_FILE
 from .errors import UserInputError
 from .files import write_text_atomically
 from .io import NATIVE_FILE, copy_adapter_weights, read_moslora, save_moslora, write_safetensors
-from .inject import moslora_config
+from .inject import moslora_config, moslora_layers
+from .trigger import trigger_embedding
 
 PREFIX = "checkpoint-"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -78,14 +79,18 @@ def load_checkpoint(path, models: dict, optimizer, lr_scheduler, ema=None) -> in
     if ema is not None and not (path / EMA_FILE).is_file():
         raise UserInputError(f"{path} was trained without --use_ema; resume it without --use_ema, or start afresh")
     adapter = read_moslora(path / NATIVE_FILE)
+    for component in set(adapter.trigger_vectors) - set(models):
+        _restore_trigger(path, component, None, adapter)
     for component, model in models.items():
-        config = moslora_config(model)
+        config = moslora_config(model) if moslora_layers(model) else None
         if adapter.configs.get(component) != config:
             raise UserInputError(
                 f"{path} was trained with another {component} adapter ({adapter.configs.get(component)}); "
                 f"this run uses {config}"
             )
-        copy_adapter_weights(model, adapter.modules[component])
+        if config is not None:
+            copy_adapter_weights(model, adapter.modules[component])
+        _restore_trigger(path, component, model, adapter)
     try:
         with safe_open(str(path / OPTIMIZER_FILE), framework="pt") as handle:
             optimizer.load_state_dict(_unflatten_optimizer(handle))
@@ -96,6 +101,18 @@ def load_checkpoint(path, models: dict, optimizer, lr_scheduler, ema=None) -> in
     state = json.loads((path / STATE_FILE).read_text())
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     return int(state["global_step"])
+
+
+@torch.no_grad()
+def _restore_trigger(path, component, model, adapter):
+    trigger = trigger_embedding(model) if model is not None else None
+    saved = adapter.trigger_vectors.get(component)
+    if (trigger is None) != (saved is None) or (trigger is not None and trigger.token != adapter.trigger_token):
+        raise UserInputError(f"{path} was trained with another trigger embedding for {component} "
+                             f"({adapter.trigger_token!r}); this run learns "
+                             f"{trigger.token if trigger else 'none'!r}")
+    if trigger is not None:
+        trigger.vector.copy_(saved)
 
 
 def _flatten_optimizer(state_dict) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -88,11 +88,15 @@ def _inspect(args):
 
 
 def _export(args):
-    from .io import DIFFUSERS_FILE, KOHYA_FILE, export_diffusers, export_kohya, read_moslora
+    from .io import (DIFFUSERS_FILE, KOHYA_FILE, TRIGGER_FILE, export_diffusers, export_kohya,
+                     export_trigger_embedding, read_moslora)
 
-    exporter, default_name = (export_kohya, KOHYA_FILE) if args.format == "kohya" else (export_diffusers, DIFFUSERS_FILE)
+    exporter, default_name = {"kohya": (export_kohya, KOHYA_FILE), "diffusers": (export_diffusers, DIFFUSERS_FILE),
+                              "trigger": (export_trigger_embedding, TRIGGER_FILE)}[args.format]
+    if args.format == "trigger" and args.rank:
+        raise UserInputError("--rank applies to the LoRA formats; a trigger embedding has no rank")
     output = check_writable_file(args.output or Path(args.file).with_name(default_name), "--output")
-    path = exporter(args.file, output, rank=args.rank)
+    path = exporter(args.file, output, **({"rank": args.rank} if args.format != "trigger" else {}))
     message = f"wrote {path}"
     if args.rank:
         error = read_moslora(args.file).compression_error(args.rank)
@@ -158,9 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true")
     inspect.set_defaults(run=_inspect)
 
-    export = verbs.add_parser("export", help="native file → diffusers or kohya file, optionally at a lower rank")
+    export = verbs.add_parser("export", help="native file → diffusers or kohya file, optionally at a lower rank, "
+                                             "or its learned trigger embedding")
     export.add_argument("file", help="a native moslora.safetensors")
-    export.add_argument("--format", choices=["diffusers", "kohya"], required=True)
+    export.add_argument("--format", choices=["diffusers", "kohya", "trigger"], required=True,
+                        help="trigger: the learned trigger embedding (clip_l/clip_g) for A1111, ComfyUI, diffusers")
     export.add_argument("--output", default=None, help="default: the standard file name beside the input")
     export.add_argument("--rank", type=int, default=None, help="re-compress ΔW by truncated SVD to this rank")
     export.set_defaults(run=_export)

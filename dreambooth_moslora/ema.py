@@ -15,15 +15,16 @@ from torch import nn
 from .errors import UserInputError
 from .inject import moslora_parameters
 from .io import write_safetensors
+from .trigger import trigger_parameters
 
 EMA_FILE = "ema.safetensors"
 
 
 def adapter_parameters(models: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
-    """moslora_parameters of each model, named `<component>.<parameter name>` for the checkpoint file."""
+    """moslora_parameters and the learned trigger of each model, named `<component>.<parameter name>` for the checkpoint file."""
     named = {}
     for component, model in models.items():
-        trainable = {id(p) for p in moslora_parameters(model)}
+        trainable = {id(p) for p in moslora_parameters(model) + trigger_parameters(model)}
         named.update({f"{component}.{name}": p for name, p in model.named_parameters() if id(p) in trainable})
     return named
 

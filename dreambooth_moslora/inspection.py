@@ -44,6 +44,7 @@ def inspect_adapter(path) -> dict:
         "parameters": sum(d.numel() + u.numel() for d, u in factors.values())
         + (_mixer_parameters(configs, factors) if kind == "native" else 0),
         "file_bytes": path.stat().st_size,
+        "trigger_token": metadata.get("trigger_token") or None,
         "modules": modules,
     }
 
@@ -61,6 +62,8 @@ def format_report(report: dict) -> str:
              + (f" (sha256 {report['base_model_sha256']})" if report["base_model_sha256"] else ""),
              f"components  {', '.join(report['components'])}",
              f"parameters  {report['parameters']:,}"]
+    if report["trigger_token"]:
+        lines.append(f"trigger     {report['trigger_token']} (its embedding learned, in both text encoders)")
     for component, config in report["configs"].items():
         lines.append(f"{component:<11} rank {config['rank']}, alpha {config['alpha']:g}, mixer {config['mixer_init']}, "
                      f"targets {','.join(config['target_modules'])}")

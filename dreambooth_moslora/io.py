@@ -6,6 +6,9 @@
   the mixer and scale folded into B (B' = s·B·M), which stock `load_lora_weights` reads with alpha = rank.
 - kohya `lora_kohya.safetensors`: `lora_unet_<SGM path>.lora_down.weight` / `.lora_up.weight` / `.alpha`
   (`lora_te1_` / `lora_te2_` for the text encoders), read by A1111, ComfyUI and kohya's sd-scripts.
+- a learned trigger embedding: `trigger.text_encoder` / `trigger.text_encoder_2` in the native file (metadata
+  `trigger_token`), exported as `trigger_embedding.safetensors` with `clip_l` / `clip_g` (1×width each), SDXL's
+  textual-inversion layout that A1111 and ComfyUI read and diffusers' `load_textual_inversion` takes.
 Components are `unet`, `text_encoder`, `text_encoder_2`, as named on a diffusers SDXL pipeline.
 """
 
@@ -13,7 +16,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,6 +35,7 @@ from .inject import (
     moslora_layers,
     set_moslora_scale,
 )
+from .trigger import install_trigger_embedding, trigger_embedding
 
 FORMAT_NAME = "moslora"
 FORMAT_VERSION = "1"
@@ -39,6 +43,8 @@ COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 NATIVE_FILE = "moslora.safetensors"
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "lora_kohya.safetensors"
+TRIGGER_FILE = "trigger_embedding.safetensors"
+TRIGGER_KEYS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
 KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 _PARTS = {"lora_A": "lora_A.weight", "lora_mixer": "lora_mixer.weight", "lora_B": "lora_B.weight"}
 _KEY = re.compile(r"^(unet|text_encoder|text_encoder_2)\.(.+)\.(lora_A|lora_mixer|lora_B)\.weight$")
@@ -61,6 +67,9 @@ class NativeAdapter:
     unet_layers_per_block: list[int] | None
     base_model_sha256: str | None = None
     """The content hash of the single file it was trained on (None for a diffusers folder or hub id)."""
+    trigger_token: str | None = None
+    trigger_vectors: dict[str, torch.Tensor] = field(default_factory=dict)
+    """The learned trigger embedding per text encoder, when it was trained."""
 
     def folded(self, component: str, rank: int | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """module → (down, up): the exact plain LoRA of each MoSLoRA module, or its best rank-`rank` one."""
@@ -106,6 +115,10 @@ def save_moslora(path, unet, text_encoder=None, text_encoder_2=None, base_model:
                     tensors[f"{component}.{_file_module_name(model, name)}.{suffix}"] = tensor
     if "unet" not in configs:
         raise ValueError("the UNet has no MoSLoRA layers to save; call inject_moslora first")
+    triggers = {c: trigger_embedding(models[c]) for c in TRIGGER_KEYS}
+    for component, trigger in triggers.items():
+        if trigger is not None:
+            tensors[f"trigger.{component}"] = trigger.vector
     metadata = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -113,6 +126,7 @@ def save_moslora(path, unet, text_encoder=None, text_encoder_2=None, base_model:
         "base_model": base_model or "",
         "base_model_sha256": base_model_sha256 or "",
         "unet_layers_per_block": json.dumps(unet_layers_per_block(unet.config)) if hasattr(unet, "config") else "",
+        "trigger_token": next((t.token for t in triggers.values() if t is not None), ""),
     }
     return write_safetensors(tensors, path, metadata)
 
@@ -140,6 +154,11 @@ def read_moslora(path) -> NativeAdapter:
         configs = {c: MoSLoRAConfig.from_dict(v) for c, v in json.loads(metadata["configs"]).items()}
     except (KeyError, TypeError, ValueError) as error:
         raise AdapterFileError(f"{path} has an unreadable MoSLoRA config in its metadata ({error})") from None
+    trigger_token = metadata.get("trigger_token") or None
+    trigger_vectors = {key.split(".", 1)[1]: tensors.pop(key) for key in list(tensors) if key.startswith("trigger.")}
+    if bool(trigger_token) != bool(trigger_vectors) or not set(trigger_vectors) <= set(TRIGGER_KEYS):
+        raise AdapterFileError(f"{path} has an incomplete trigger embedding (token {trigger_token!r}, "
+                               f"vectors for {sorted(trigger_vectors)})")
     modules = _group_modules(path, tensors, configs)
     layers_per_block = metadata.get("unet_layers_per_block")
     return NativeAdapter(
@@ -148,6 +167,8 @@ def read_moslora(path) -> NativeAdapter:
         base_model=metadata.get("base_model") or None,
         unet_layers_per_block=json.loads(layers_per_block) if layers_per_block else None,
         base_model_sha256=metadata.get("base_model_sha256") or None,
+        trigger_token=trigger_token,
+        trigger_vectors=trigger_vectors,
     )
 
 
@@ -215,6 +236,7 @@ def load_moslora(pipe, path, scale: float = 1.0, fuse: bool = False) -> dict[str
         linears = find_target_linears(model, config.target_modules)
         _check_fits(path, component, adapter.modules[component], {_file_module_name(model, n): m for n, m in linears.items()})
         components[component] = model
+    triggers = _trigger_targets(pipe, path, adapter)
     loaded = {}
     for component, model in components.items():
         weights = next(model.parameters())
@@ -223,7 +245,30 @@ def load_moslora(pipe, path, scale: float = 1.0, fuse: bool = False) -> dict[str
         set_moslora_scale(model, scale)
         if fuse:
             fuse_moslora(model)
+    for encoder, token_id, vector in triggers:
+        install_trigger_embedding(encoder, adapter.trigger_token, token_id, vector)
     return loaded
+
+
+def _trigger_targets(pipe, path, adapter: NativeAdapter) -> list[tuple]:
+    """(text encoder, token id, vector) for each learned trigger vector, checked against the pipeline."""
+    targets = []
+    for component, vector in adapter.trigger_vectors.items():
+        encoder = getattr(pipe, component, None)
+        tokenizer = getattr(pipe, {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}[component], None)
+        if encoder is None or tokenizer is None:
+            raise AdapterFileError(f"{path} has a trigger embedding for {component}, which this pipeline does not have")
+        if trigger_embedding(encoder) is not None:
+            raise AdapterFileError(f"the pipeline's {component} already has a learned trigger embedding")
+        token_id = tokenizer.get_vocab().get(adapter.trigger_token)
+        width = encoder.get_input_embeddings().embedding_dim
+        if token_id is None or vector.shape != (width,):
+            raise AdapterFileError(
+                f"{path}: the trigger embedding ({adapter.trigger_token!r}, width {vector.shape[-1]}) does not fit "
+                f"this pipeline's {component} (width {width}); the adapter was trained on another base model"
+            )
+        targets.append((encoder, token_id, vector.to(encoder.device)))
+    return targets
 
 
 @torch.no_grad()
@@ -277,6 +322,15 @@ def export_diffusers(native_path, out_path, rank: int | None = None) -> Path:
             tensors[f"{component}.{name}.lora_A.weight"] = down
             tensors[f"{component}.{name}.lora_B.weight"] = up
     return write_safetensors(tensors, out_path, {"format": "pt", **_provenance(adapter)})
+
+
+def export_trigger_embedding(native_path, out_path) -> Path:
+    """The learned trigger as an SDXL textual-inversion file (clip_l, clip_g), for A1111, ComfyUI and diffusers."""
+    adapter = read_moslora(native_path)
+    if not adapter.trigger_vectors:
+        raise AdapterFileError(f"{native_path} has no learned trigger embedding (train with --train_trigger_embedding)")
+    tensors = {TRIGGER_KEYS[c]: v[None] for c, v in adapter.trigger_vectors.items()}
+    return write_safetensors(tensors, out_path, {"trigger_token": adapter.trigger_token, **_provenance(adapter)})
 
 
 def export_kohya(native_path, out_path, rank: int | None = None) -> Path:

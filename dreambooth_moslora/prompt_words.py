@@ -36,7 +36,11 @@ def ordinary_words() -> set[str]:
 def has_trigger_word(instance_prompt: str, class_prompt: str | None = None) -> bool:
     """True when some word of the instance prompt is neither ordinary nor a word of the class prompt."""
     known = ordinary_words() | set(re.findall(r"[a-z]+", (class_prompt or "").lower()))
-    return any(word not in known for word in re.findall(r"[a-z0-9]+", instance_prompt.lower()))
+    return any(word not in known for word in prompt_words(instance_prompt))
+
+
+def prompt_words(prompt: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", prompt.lower())
 
 
 def read_prompts(prompts: list[str] | None = None, prompts_file=None) -> list[str]:

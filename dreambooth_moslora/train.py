@@ -39,7 +39,8 @@ from .inject import inject_moslora, moslora_config, moslora_disabled, moslora_pa
 from .loss import diffusion_target, min_snr_weights
 from .masks import loss_weights, mask_finder, render_mask
 from .adapters import recorded_base_sha256
-from .io import DIFFUSERS_FILE, KOHYA_FILE, NATIVE_FILE, export_diffusers, export_kohya, save_moslora
+from .io import (DIFFUSERS_FILE, KOHYA_FILE, NATIVE_FILE, TRIGGER_FILE, export_diffusers, export_kohya,
+                 export_trigger_embedding, save_moslora)
 from .model_card import model_card
 from .memory_plan import CUDA_RESERVE, GIB, configs_of, plan_memory, plan_settings
 from .models import (back_on, enable_text_encoder_checkpointing, load_base_models, model_reference, native_resolution,
@@ -47,6 +48,7 @@ from .models import (back_on, enable_text_encoder_checkpointing, load_base_model
 from .output_lock import output_folder_lock
 from .prior import base_model_prior_examples, generate_class_images, missing_class_indices
 from .single_file import base_model_sha256, check_same_base
+from .trigger import install_trigger_embedding, trigger_parameters, trigger_token
 
 logger = logging.getLogger(__name__)
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
@@ -81,7 +83,7 @@ def train(args) -> TrainingResult:
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=project,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.train_text_encoder)],
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=_trains_text_encoders(args))],
         cpu=not torch.accelerator.is_available(),  # so torchrun on CPUs gives gloo processes, not lone ones
     )
     instance = read_examples(args.instance_data_dir, args.instance_prompt, args.resolution, args.bucketing,
@@ -372,7 +374,8 @@ def _class_examples(args, accelerator, models, instance):
 
 
 def _inject_adapters(args, models) -> dict:
-    """The UNet, and both text encoders with --train_text_encoder, each with its MoSLoRA layers."""
+    """The UNet with its MoSLoRA layers; the text encoders with theirs (--train_text_encoder) and the trigger's
+    learned embedding (--train_trigger_embedding)."""
     unet_config = MoSLoRAConfig(rank=args.rank, alpha=args.lora_alpha, mixer_init=args.mixer_init,
                                 target_modules=args.target_modules, dropout=args.lora_dropout,
                                 use_rslora=args.use_rslora, train_mixer=not args.freeze_mixer)
@@ -382,6 +385,11 @@ def _inject_adapters(args, models) -> dict:
         text_config = replace(unet_config, target_modules=TEXT_ENCODER_TARGETS)
         for name, encoder in zip(TEXT_ENCODERS, models.text_encoders):
             inject_moslora(encoder, text_config)
+            adapted[name] = encoder
+    if args.train_trigger_embedding:
+        for name, encoder, tokenizer in zip(TEXT_ENCODERS, models.text_encoders, models.tokenizers):
+            token = trigger_token(tokenizer, args.train_trigger_embedding)
+            install_trigger_embedding(encoder, token, tokenizer.convert_tokens_to_ids(token))
             adapted[name] = encoder
     if args.base_weights_dtype == "fp8":
         store_frozen_weights_in_fp8(models.unet)
@@ -404,6 +412,9 @@ def _build_optimizer(args, adapted, num_processes):
     text_params = [p for name in TEXT_ENCODERS if name in adapted for p in moslora_parameters(adapted[name])]
     if text_params:
         groups.append({"params": text_params, "lr": args.text_encoder_lr * scale})
+    trigger_params = [p for name in TEXT_ENCODERS if name in adapted for p in trigger_parameters(adapted[name])]
+    if trigger_params:
+        groups.append({"params": trigger_params, "lr": args.trigger_embedding_lr * scale})
     common = dict(betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
     if args.optimizer == "adamw":
         return torch.optim.AdamW(groups, **common, fused=_fused_kernel_available(groups))
@@ -438,7 +449,7 @@ def _build_caches(args, accelerator, models, examples, samples: int):
     if latents_are_cacheable(args.cache_latents, args.center_crop, examples):
         latents = cache_latent_distributions(models.vae, examples, args.random_flip, show_progress=show)
     prompts = None
-    if args.cache_prompts and not args.train_text_encoder:
+    if args.cache_prompts and not _trains_text_encoders(args):
         captions = [e.caption for e in examples] + ([""] if args.caption_dropout else [])
         prompts = cache_prompt_embeddings(models.text_encoders, models.tokenizers, captions,
                                           accelerator.device, show_progress=show)
@@ -451,6 +462,11 @@ def _build_caches(args, accelerator, models, examples, samples: int):
             else "prompts are encoded every step",
         )
     return latents, prompts
+
+
+def _trains_text_encoders(args) -> bool:
+    """Whether prompts pass through trained weights (adapters or the trigger's embedding), so are not cached."""
+    return bool(args.train_text_encoder or args.train_trigger_embedding)
 
 
 def _check_resume_base(args, output_dir):
@@ -510,10 +526,13 @@ def _write_outputs(args, output_dir, adapted, steps, images) -> list[Path]:
                           adapted.get("text_encoder_2"), base_model=base_model,
                           base_model_sha256=base_model_sha256(args.pretrained_model_name_or_path))
     files = [native, export_diffusers(native, output_dir / DIFFUSERS_FILE), export_kohya(native, output_dir / KOHYA_FILE)]
+    if args.train_trigger_embedding:
+        files.append(export_trigger_embedding(native, output_dir / TRIGGER_FILE))
     card = model_card(base_model, args.instance_prompt, moslora_config(adapted["unet"]), steps,
                       args.train_text_encoder, args.validation_prompt, images, output_dir,
                       ema_decay=args.ema_decay if args.use_ema else None,
-                      model_config=args.model_config and str(Path(args.model_config).expanduser().resolve()))
+                      model_config=args.model_config and str(Path(args.model_config).expanduser().resolve()),
+                      trigger=args.train_trigger_embedding)
     return files + [write_text_atomically(output_dir / "README.md", card)]
 
 

@@ -62,7 +62,7 @@ def _settings(base, tmp_path, **changes):
 def test_the_benchmark_runs_end_to_end_and_the_control_keeps_its_mixer(untrained_mini_dir, tmp_path, fresh_accelerate):
     settings = _settings(untrained_mini_dir, tmp_path, methods=("lora", "moslora-orthogonal", "fixed-orthogonal"),
                          ablation_methods=("lora",), tuned={"moslora-orthogonal": {"learning_rate": 2e-3, "steps": 2}},
-                         text_encoder_lr_scale=3.0)
+                         text_encoder_lr_scale=3.0, trigger_embedding_lr=5e-3)
     results = run_benchmark(settings, log=lambda _: None)
     assert [(r["method"], r["prior_preservation"]) for r in results["runs"]] == [
         ("lora", True), ("moslora-orthogonal", True), ("fixed-orthogonal", True), ("lora", False)]
@@ -79,7 +79,8 @@ def test_the_benchmark_runs_end_to_end_and_the_control_keeps_its_mixer(untrained
     assert reported["subject_fidelity"] == at_two["subject_fidelity"]  # reported at its tuned step, a checkpoint
     runs = tmp_path / "runs" / SUBJECTS[0].name
     state = json.loads((runs / "moslora-orthogonal-lr0.002-seed0-prior" / "checkpoint-2" / "training_state.json").read_text())
-    assert state["lr_scheduler"]["base_lrs"] == pytest.approx([2e-3, 6e-3])  # its own rate; the text encoders' 3x
+    # its own rate; the text encoders' 3x; the trigger's own
+    assert state["lr_scheduler"]["base_lrs"] == pytest.approx([2e-3, 6e-3, 5e-3])
     classes = sorted((tmp_path / "class-images" / SUBJECTS[0].name).glob("*.txt"))
     assert len(classes) == 2 and len({c.read_text() for c in classes}) == 2  # made from two coloured class prompts
     assert all(" star on a " in c.read_text() and c.read_text().split()[4] != "star" for c in classes)
@@ -90,6 +91,7 @@ def test_the_benchmark_runs_end_to_end_and_the_control_keeps_its_mixer(untrained
         mixer = next(v for k, v in weights.items() if k.endswith("lora_mixer.weight"))
         off_identity = (mixer @ mixer.T - torch.eye(mixer.shape[0])).abs().max().item()
         assert (off_identity < 1e-5) == frozen, (method, off_identity)
+        assert {"trigger.text_encoder", "trigger.text_encoder_2"} <= weights.keys()
 
 
 def test_tuning_uses_the_tuning_subject_and_writes_the_grid(untrained_mini_dir, tmp_path, fresh_accelerate):

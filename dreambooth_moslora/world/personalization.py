@@ -65,6 +65,8 @@ class BenchmarkSettings:
     train_text_encoder: bool = True
     """Text-encoder adapters too, at text_encoder_lr_scale times the method's learning rate."""
     text_encoder_lr_scale: float = 1.0
+    trigger_embedding_lr: float | None = None
+    """With a rate, the trigger's embedding is learned too (--train_trigger_embedding) at that rate."""
     class_prompts: int = 20
     """Class prompts per subject, each naming a colour and a background as the world's captions do (the mini model
     draws poor shapes for a prompt without a colour, so class images of "a photo of a star" would not show stars)."""
@@ -191,6 +193,8 @@ def _train_adapter(settings: BenchmarkSettings, subject: Subject, instance_dir: 
         *METHODS[method],
         *(["--train_text_encoder", "--text_encoder_lr", str(learning_rate * settings.text_encoder_lr_scale)]
           if settings.train_text_encoder else []),
+        *(["--train_trigger_embedding", settings.token, "--trigger_embedding_lr", str(settings.trigger_embedding_lr)]
+          if settings.trigger_embedding_lr else []),
         *(["--mask_dir", str(mask_dir)] if mask_dir else []),
         *settings.extra_train_args,
     ]
