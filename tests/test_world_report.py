@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from dreambooth_moslora.world.report import curve_plot, curve_summary, results_table, sign_flip_p_value, summarize
+from dreambooth_moslora.world.report import (comparison_table, curve_plot, curve_summary, results_table,
+                                             sign_flip_p_value, summarize)
 
 
 def test_sign_flip_test_is_exact_for_small_samples():
@@ -35,6 +36,15 @@ def test_summary_pairs_each_method_with_lora_on_the_same_subject_and_seed():
     assert "| moslora-orthogonal | no prior | 0.650 ± 0.058" in table
     assert "real vs real (ceiling) | | 0.850 ± 0.071" in table and "through the VAE | | 0.750 ± 0.071" in table
     assert "| moslora-orthogonal | no prior | b | 0.650 | 0.650 | 1.000 | 100, 200 |" in table  # per subject, each seed's step
+
+
+def test_two_benchmarks_pair_run_by_run():
+    before = {"runs": [_run(s, "lora", seed, 0.5) for s in ("a", "b") for seed in (0, 1)]}
+    after = {"runs": [_run(s, "lora", seed, 0.5 + 0.1 * seed) for s in ("a", "b") for seed in (0, 1, 2)]
+             + [_run("a", "moslora-orthogonal", 0, 0.9)]}  # no counterpart: not compared
+    table = comparison_table(before, after)
+    assert "| lora | no prior | 4 | +0.050 | 0.50 | +0.000 | 1.00 |" in table  # seed 2 has no pair
+    assert "moslora-orthogonal" not in table
 
 
 def test_curves_average_over_subjects_and_seeds_and_plot():

@@ -20,6 +20,7 @@ MEASURES = ("subject_fidelity", "normalized_fidelity", "oracle_normalized_fideli
 HEADERS = ("subject fidelity ↑", "normalised (real ceiling) ↑", "normalised (oracle ceiling) ↑", "prompt fidelity ↑",
            "class shape accuracy ↑", "class-subject similarity ↓")
 PAIRED = ("subject_fidelity", "prompt_fidelity", "class_shape_accuracy")
+COMPARED = ("normalized_fidelity", "prompt_fidelity", "class_shape_accuracy", "class_subject_similarity")
 
 
 def normalized(fidelity: float, floor: float, ceiling: float) -> float:
@@ -57,15 +58,10 @@ def summarize(results: dict) -> dict:
         chosen = [r for r in runs if r["method"] == method and r["prior_preservation"] == prior]
         key = f"{method}|{_prior_label(prior)}"
         summary["methods"][key] = {m: _mean_std([r[m] for r in chosen]) for m in MEASURES if m in chosen[0]}
-        baseline = {(r["subject"], r["seed"]): r for r in runs if r["method"] == BASELINE and r["prior_preservation"] == prior}
+        baseline = [r for r in runs if r["method"] == BASELINE and r["prior_preservation"] == prior]
         if method == BASELINE or not baseline:
             continue
-        pairs = [(r, baseline[(r["subject"], r["seed"])]) for r in chosen]
-        summary["paired_vs_lora"][key] = {
-            m: {"mean_difference": statistics.fmean(a[m] - b[m] for a, b in pairs),
-                "p_value": sign_flip_p_value([a[m] - b[m] for a, b in pairs]), "pairs": len(pairs)}
-            for m in PAIRED
-        }
+        summary["paired_vs_lora"][key] = paired_differences(chosen, baseline, PAIRED)
     subjects = results["subjects"].values()
     summary["untrained"] = {m: _mean_std([s["untrained"][m] for s in subjects]) for m in MEASURES if m in
                             next(iter(subjects))["untrained"]}
@@ -73,6 +69,33 @@ def summarize(results: dict) -> dict:
     if all("oracle" in s for s in subjects):
         summary["oracle"] = _mean_std([s["oracle"] for s in subjects])
     return summary
+
+
+def paired_differences(runs: list[dict], baseline: list[dict], measures=PAIRED) -> dict:
+    """Each run against the baseline run of the same subject and seed: per measure, the mean difference and the
+    sign-flip test's p."""
+    by_pair = {(r["subject"], r["seed"]): r for r in baseline}
+    pairs = [(r, by_pair[(r["subject"], r["seed"])]) for r in runs if (r["subject"], r["seed"]) in by_pair]
+    return {m: {"mean_difference": statistics.fmean(a[m] - b[m] for a, b in pairs),
+                "p_value": sign_flip_p_value([a[m] - b[m] for a, b in pairs]), "pairs": len(pairs)}
+            for m in measures}
+
+
+def comparison_table(before: dict, after: dict, measures=COMPARED) -> str:
+    """Two benchmark results (e.g. a recipe and a change to it), each method paired across them on the same
+    subject and seed: what the change did, with its sign-flip p."""
+    lines = ["| method | prior preservation | pairs | " + " | ".join(f"Δ {m.replace('_', ' ')} | p" for m in measures) + " |",
+             "| --- | --- | --- | " + " | ".join("--- | ---" for _ in measures) + " |"]
+    groups = sorted({(r["method"], r["prior_preservation"]) for r in after["runs"]})
+    for method, prior in groups:
+        def chosen(results):
+            return [r for r in results["runs"] if r["method"] == method and r["prior_preservation"] == prior]
+        if not chosen(before):
+            continue
+        paired = paired_differences(chosen(after), chosen(before), measures)
+        cells = " | ".join(f"{paired[m]['mean_difference']:+.3f} | {paired[m]['p_value']:.2f}" for m in measures)
+        lines.append(f"| {method} | {_prior_label(prior)} | {paired[measures[0]]['pairs']} | {cells} |")
+    return "\n".join(lines) + "\n"
 
 
 def _cell(stats: dict | None) -> str:
