@@ -30,6 +30,7 @@ from .fp8 import store_frozen_weights_in_fp8
 from .inject import inject_moslora, moslora_parameters
 from .models import enable_text_encoder_checkpointing
 from .sdxl import SDXL_TEXT_ENCODER_CONFIGS, SDXL_UNET_CONFIG, SDXL_VAE_CONFIG
+from .trigger import install_trigger_embedding, trigger_parameters
 from .single_file import is_single_file
 
 GIB = 2**30
@@ -112,6 +113,8 @@ class PlanSettings:
     rank: int = 4
     target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     train_text_encoder: bool = False
+    learned_trigger: bool = False
+    """--train_trigger_embedding: prompts pass through the text encoders with gradients, as with their adapters."""
     cache_latents: bool = True
     vae_fp16_safe: bool = False
     base_weights_fp8: bool = False
@@ -121,8 +124,12 @@ class PlanSettings:
     cached_images: int = CACHED_IMAGES
 
     @property
+    def text_encoders_trained(self) -> bool:
+        return self.train_text_encoder or self.learned_trigger
+
+    @property
     def prompts_cached(self) -> bool:
-        return not self.train_text_encoder
+        return not self.text_encoders_trained
 
 
 @dataclass
@@ -207,9 +214,12 @@ def _meta_models(configs: ModelConfigs, settings: PlanSettings, dtype: torch.dty
     if settings.train_text_encoder:
         for encoder in text_encoders:
             inject_moslora(encoder, MoSLoRAConfig(rank=settings.rank, target_modules=TEXT_ENCODER_TARGETS))
+    if settings.learned_trigger:
+        for encoder in text_encoders:
+            install_trigger_embedding(encoder, "trigger", 0)
     if settings.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        for encoder in text_encoders if settings.train_text_encoder else ():
+        for encoder in text_encoders if settings.text_encoders_trained else ():
             enable_text_encoder_checkpointing(encoder)
     return unet, vae, text_encoders
 
@@ -218,7 +228,7 @@ def plan_memory(configs: ModelConfigs, settings: PlanSettings) -> MemoryPlan:
     """Build the models on the meta device and run one training step there, counting what it keeps."""
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[settings.mixed_precision]
     unet, vae, text_encoders = _meta_models(configs, settings, dtype)
-    trained = [unet, *(text_encoders if settings.train_text_encoder else ())]
+    trained = [unet, *(text_encoders if settings.text_encoders_trained else ())]
     plan = MemoryPlan(settings)
     plan.weights["UNet"] = _parameter_bytes(unet, trainable=False)
     frozen_elsewhere = {"text encoders": sum(_parameter_bytes(e, trainable=False) for e in text_encoders),
@@ -226,7 +236,7 @@ def plan_memory(configs: ModelConfigs, settings: PlanSettings) -> MemoryPlan:
     can_offload = {"text encoders": settings.prompts_cached, "VAE": settings.cache_latents}
     for name, size in frozen_elsewhere.items():
         (plan.offloaded if settings.offload_frozen and can_offload[name] else plan.weights)[name] = size
-    parameters = [p for model in trained for p in moslora_parameters(model)]
+    parameters = [p for model in trained for p in moslora_parameters(model) + trigger_parameters(model)]
     plan.adapter = sum(p.numel() * p.element_size() for p in parameters)
     plan.optimizer_state = OPTIMIZER_STATE_BYTES[settings.optimizer] * sum(p.numel() for p in parameters)
     plan.caches = _cache_bytes(configs, settings, dtype)
@@ -287,6 +297,7 @@ def plan_settings(args, cached_images: int = CACHED_IMAGES, cache_latents: bool 
         resolution=args.resolution, batch_size=args.train_batch_size, mixed_precision=args.mixed_precision or "no",
         gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer, rank=args.rank,
         target_modules=tuple(args.target_modules), train_text_encoder=args.train_text_encoder,
+        learned_trigger=bool(args.train_trigger_embedding),
         cache_latents=args.cache_latents is not False if cache_latents is None else cache_latents,
         vae_fp16_safe=bool(args.pretrained_vae_model_name_or_path), base_weights_fp8=args.base_weights_dtype == "fp8",
         cached_images=cached_images)
@@ -295,7 +306,7 @@ def plan_settings(args, cached_images: int = CACHED_IMAGES, cache_latents: bool 
 def presets(settings: PlanSettings) -> dict[str, PlanSettings]:
     """The usual ways to fit SDXL, at the user's resolution, batch, rank and targets."""
     bf16 = replace(settings, mixed_precision="bf16", gradient_checkpointing=False, optimizer="adamw",
-                   train_text_encoder=False, cache_latents=True)
+                   train_text_encoder=False, learned_trigger=False, cache_latents=True)
     return {
         "bf16": bf16,
         "bf16 + gradient checkpointing": replace(bf16, gradient_checkpointing=True),
@@ -318,7 +329,8 @@ def plan_report(configs: ModelConfigs, settings: PlanSettings) -> str:
              f"{'fp32' if settings.mixed_precision == 'no' else settings.mixed_precision}, rank {settings.rank} on "
              f"{','.join(settings.target_modules)}{', fp8 base weights' if settings.base_weights_fp8 else ''}"
              f"{', gradient checkpointing' if settings.gradient_checkpointing else ''}"
-             f"{', text encoders trained' if settings.train_text_encoder else ''}", ""]
+             f"{', text encoders trained' if settings.train_text_encoder else ''}"
+             f"{', trigger embedding learned' if settings.learned_trigger else ''}", ""]
     lines += [f"  {label:<52} {size / GIB:7.2f} GiB" for label, size in rows]
     lines += [f"  {'total (what torch.cuda.max_memory_allocated reports)':<52} {plan.total / GIB:7.2f} GiB"]
     lines += [f"  {name} kept off the accelerator once cached: {size / GIB:.2f} GiB" for name, size in plan.offloaded.items()]

@@ -47,6 +47,7 @@ def measured_training_step(monkeypatch, argv) -> dict:
     ("tiny", 64, ("--gradient_checkpointing", "--train_batch_size", "2"), {"gradient_checkpointing": True, "batch_size": 2}),
     ("tiny", 64, ("--train_text_encoder", "--rank", "8"), {"train_text_encoder": True, "rank": 8}),
     ("mini", 32, ("--rank", "16"), {"rank": 16}),
+    ("mini", 32, ("--train_trigger_embedding", "sks"), {"learned_trigger": True}),
 ])
 def test_the_plan_is_within_ten_percent_of_a_real_step(tiny_sdxl_dir, tmp_path, monkeypatch, fresh_accelerate,
                                                        base, resolution, extra, settings):
@@ -131,3 +132,12 @@ def test_training_on_an_accelerator_logs_the_plan_first(tiny_sdxl_dir, caplog):
         assert not caplog.records  # no card to fit on the CPU
         train_module._report_memory_plan(args, on, models, [])
     assert [r.getMessage()[:30] for r in caplog.records] == ["predicted peak training memory"]
+
+
+def test_a_learned_trigger_keeps_the_text_encoders_on_the_card_and_counts_its_vectors():
+    configs = model_configs(str(MINI_SDXL))
+    frozen, learned = (plan_memory(configs, PlanSettings(resolution=32, learned_trigger=t)) for t in (False, True))
+    assert "text encoders" in frozen.offloaded and "text encoders" in learned.weights  # prompts not cached
+    width = sum(c.hidden_size for c in configs.text_encoders)
+    assert learned.adapter - frozen.adapter == width * 4  # one fp32 vector per text encoder
+    assert learned.step_peak > frozen.step_peak  # the text encoders' activations, kept for the backward
