@@ -83,7 +83,7 @@ def train(args) -> TrainingResult:
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=project,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=_trains_text_encoders(args))],
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.train_text_encoder)],
         cpu=not torch.accelerator.is_available(),  # so torchrun on CPUs gives gloo processes, not lone ones
     )
     instance = read_examples(args.instance_data_dir, args.instance_prompt, args.resolution, args.bucketing,
@@ -265,10 +265,13 @@ class TrainingLoop:
         if not is_class.any():
             return target
         unwrap = self.accelerator.unwrap_model
-        if len(self.trained) > 1:  # adapted text encoders: the base model's prompt embeddings too
-            with moslora_disabled(unwrap(self.trained["text_encoder"])), \
-                    moslora_disabled(unwrap(self.trained["text_encoder_2"])):
-                prompt_embeds, pooled = self._prompt_embeddings(captions)
+        if len(self.trained) > 1:  # trained text encoders: the base model's prompt embeddings too
+            # unwrapped: a DDP forward broadcasts buffers, and processes whose micro-batch has no class example
+            # skip this one, so the wrapped call would wait for them forever
+            encoders = [unwrap(self.trained[name]) for name in TEXT_ENCODERS]
+            with moslora_disabled(encoders[0]), moslora_disabled(encoders[1]):
+                prompt_embeds, pooled = encode_prompts(encoders, self.models.tokenizers, captions,
+                                                       self.accelerator.device)
         unet = unwrap(self.trained["unet"])
         with moslora_disabled(unet):
             base = self._predict(unet, noisy, timesteps, prompt_embeds, pooled, time_ids)

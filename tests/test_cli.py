@@ -139,6 +139,23 @@ def test_two_processes_train_one_loadable_adapter(tiny_sdxl_dir, subject, tmp_pa
     assert sample(tiny_pipe).isfinite().all()
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo over localhost")
+def test_two_processes_train_the_text_side_against_the_base_model_prior(tmp_path):
+    """Only some processes' micro-batches hold class examples; the base model's prompt embeddings must not be a
+    collective call (it was: a hang)."""
+    write_images(tmp_path / "photos", sizes=((32, 32),) * 4)
+    argv = training_argv(ROOT / "assets" / "mini-sdxl", tmp_path / "photos", tmp_path / "out", "--resolution", "32",
+                         "--train_text_encoder", "--train_trigger_embedding", "sks", "--with_prior_preservation",
+                         "--prior_preservation_mode", "base_model", "--class_prompt", "a photo of a dog", steps=3)
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
+         str(ROOT / "train_dreambooth.py"), *argv],
+        env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "out" / "trigger_embedding.safetensors").is_file()
+
+
 def _set(argv, option, value):
     index = argv.index(option)
     return argv[:index + 1] + [value] + argv[index + 2:]
