@@ -139,6 +139,9 @@ def test_a_trigger_the_pipeline_has_no_token_for_is_refused_untouched(subject, t
     with pytest.raises(AdapterFileError, match="does not fit this pipeline's text_encoder"):
         load_moslora(pipe, native)
     assert not moslora_layers(pipe.unet)
+    save_file(tensors, native, metadata={**metadata, "trigger_token": ""})
+    with pytest.raises(AdapterFileError, match="incomplete trigger embedding"):
+        read_moslora(native)
 
 
 def test_the_verbs_show_and_export_the_trigger(subject, tmp_path, trained, capsys):
