@@ -22,10 +22,6 @@ class TriggerEmbedding(nn.Module):
         start = table.weight[token_id] if vector is None else vector
         self.vector = nn.Parameter(start.detach().to(table.weight.device, torch.float32).clone())
 
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.table.weight
-
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         embeds = self.table(input_ids)
         is_trigger = (input_ids == self.token_id).unsqueeze(-1)
