@@ -55,10 +55,10 @@ def summarize(results: dict) -> dict:
     groups = sorted({(r["method"], r["prior_preservation"]) for r in runs},
                     key=lambda g: (results["settings"]["methods"].index(g[0]), not g[1]))
     for method, prior in groups:
-        chosen = [r for r in runs if r["method"] == method and r["prior_preservation"] == prior]
+        chosen = runs_of(runs, method, prior)
         key = f"{method}|{_prior_label(prior)}"
         summary["methods"][key] = {m: _mean_std([r[m] for r in chosen]) for m in MEASURES if m in chosen[0]}
-        baseline = [r for r in runs if r["method"] == BASELINE and r["prior_preservation"] == prior]
+        baseline = runs_of(runs, BASELINE, prior)
         if method == BASELINE or not baseline:
             continue
         summary["paired_vs_lora"][key] = paired_differences(chosen, baseline, PAIRED)
@@ -69,6 +69,10 @@ def summarize(results: dict) -> dict:
     if all("oracle" in s for s in subjects):
         summary["oracle"] = _mean_std([s["oracle"] for s in subjects])
     return summary
+
+
+def runs_of(runs: list[dict], method: str, prior: bool) -> list[dict]:
+    return [r for r in runs if r["method"] == method and r["prior_preservation"] == prior]
 
 
 def paired_differences(runs: list[dict], baseline: list[dict], measures=PAIRED) -> dict:
@@ -88,11 +92,10 @@ def comparison_table(before: dict, after: dict, measures=COMPARED) -> str:
              "| --- | --- | --- | " + " | ".join("--- | ---" for _ in measures) + " |"]
     groups = sorted({(r["method"], r["prior_preservation"]) for r in after["runs"]})
     for method, prior in groups:
-        def chosen(results):
-            return [r for r in results["runs"] if r["method"] == method and r["prior_preservation"] == prior]
-        if not chosen(before):
+        baseline = runs_of(before["runs"], method, prior)
+        if not baseline:
             continue
-        paired = paired_differences(chosen(after), chosen(before), measures)
+        paired = paired_differences(runs_of(after["runs"], method, prior), baseline, measures)
         cells = " | ".join(f"{paired[m]['mean_difference']:+.3f} | {paired[m]['p_value']:.2f}" for m in measures)
         lines.append(f"| {method} | {_prior_label(prior)} | {paired[measures[0]]['pairs']} | {cells} |")
     return "\n".join(lines) + "\n"
