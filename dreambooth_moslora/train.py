@@ -268,7 +268,7 @@ class TrainingLoop:
         if len(self.trained) > 1:  # trained text encoders: the base model's prompt embeddings too
             # unwrapped: a DDP forward broadcasts buffers, and processes whose micro-batch has no class example
             # skip this one, so the wrapped call would wait for them forever
-            encoders = [unwrap(self.trained[name]) for name in TEXT_ENCODERS]
+            encoders = self._text_encoders(unwrapped=True)
             with moslora_disabled(encoders[0]), moslora_disabled(encoders[1]):
                 prompt_embeds, pooled = encode_prompts(encoders, self.models.tokenizers, captions,
                                                        self.accelerator.device)
@@ -293,8 +293,12 @@ class TrainingLoop:
         if self.prompt_cache is not None:
             embeds = [self.prompt_cache[c] for c in captions]
             return torch.stack([e for e, _ in embeds]), torch.stack([p for _, p in embeds])
+        return encode_prompts(self._text_encoders(), self.models.tokenizers, captions, self.accelerator.device)
+
+    def _text_encoders(self, unwrapped: bool = False) -> list:
+        """The text encoders as trained: the prepared (wrapped) ones where they are trained, else the frozen ones."""
         encoders = [self.trained.get(name, encoder) for name, encoder in zip(TEXT_ENCODERS, self.models.text_encoders)]
-        return encode_prompts(encoders, self.models.tokenizers, captions, self.accelerator.device)
+        return [self.accelerator.unwrap_model(e) for e in encoders] if unwrapped else encoders
 
     def _divergence_message(self, loss) -> str:
         found = checkpoints(self.args.output_dir)
@@ -307,8 +311,7 @@ class TrainingLoop:
         """Sample the validation prompt with the adapter as it is now; PNGs under validation/, and the tracker."""
         args, accelerator = self.args, self.accelerator
         unwrap = accelerator.unwrap_model
-        text_encoders = [unwrap(self.trained.get(n, e)) for n, e in zip(TEXT_ENCODERS, self.models.text_encoders)]
-        pipe = sdxl_pipeline(self.models, unwrap(self.trained["unet"]), text_encoders)
+        pipe = sdxl_pipeline(self.models, unwrap(self.trained["unet"]), self._text_encoders(unwrapped=True))
         for model in self.trained.values():
             model.eval()
         folder = Path(args.output_dir) / "validation" / (f"final-step-{step}" if final else f"step-{step}")

@@ -128,11 +128,7 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(tiny_sdxl_dir, subject, tmp_path
 def test_two_processes_train_one_loadable_adapter(tiny_sdxl_dir, subject, tmp_path, tiny_pipe):
     out = tmp_path / "out"
     argv = training_argv(tiny_sdxl_dir, subject, out, steps=2)
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-         str(ROOT / "train_dreambooth.py"), *argv],
-        env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
-    )
+    done = _train_in_two_processes(argv, port=29533, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("trained 2 steps") == 1  # only the main process writes and reports
     load_moslora(tiny_pipe, out / "moslora.safetensors")
@@ -147,13 +143,18 @@ def test_two_processes_train_the_text_side_against_the_base_model_prior(tmp_path
     argv = training_argv(ROOT / "assets" / "mini-sdxl", tmp_path / "photos", tmp_path / "out", "--resolution", "32",
                          "--train_text_encoder", "--train_trigger_embedding", "sks", "--with_prior_preservation",
                          "--prior_preservation_mode", "base_model", "--class_prompt", "a photo of a dog", steps=3)
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
-         str(ROOT / "train_dreambooth.py"), *argv],
-        env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120,
-    )
+    done = _train_in_two_processes(argv, port=29534, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "out" / "trigger_embedding.safetensors").is_file()
+
+
+def _train_in_two_processes(argv, port: int, timeout: int) -> subprocess.CompletedProcess:
+    """torchrun with two processes on this machine (gloo), one thread each so they do not starve each other."""
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+         str(ROOT / "train_dreambooth.py"), *argv],
+        env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=timeout,
+    )
 
 
 def _set(argv, option, value):
