@@ -30,7 +30,7 @@ from dreambooth_moslora.generate import GenerationSettings, load_pipeline  # noq
 from dreambooth_moslora.world.analyzer import load_analyzer  # noqa: E402
 from dreambooth_moslora.world.personalization import BenchmarkSettings, SubjectBench  # noqa: E402
 from dreambooth_moslora.world.render import IMAGE_SIZE, to_pixels  # noqa: E402
-from dreambooth_moslora.world.subjects import SUBJECTS, TUNING_SUBJECT, subject_by_name  # noqa: E402
+from dreambooth_moslora.world.subjects import SUBJECTS, TUNING_SUBJECT, TUNING_SUBJECTS, subject_by_name  # noqa: E402
 
 PARTS = {"all": lambda name: True, "transformer_blocks": lambda name: ".attentions." in name,
          "resnets": lambda name: ".resnets." in name}
@@ -38,7 +38,7 @@ PARTS = {"all": lambda name: True, "transformer_blocks": lambda name: ".attentio
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--subject", default=TUNING_SUBJECT.name, choices=[s.name for s in (*SUBJECTS, TUNING_SUBJECT)])
+    parser.add_argument("--subject", default=TUNING_SUBJECT.name, choices=[s.name for s in (*SUBJECTS, *TUNING_SUBJECTS)])
     parser.add_argument("--part", default="all", choices=list(PARTS))
     parser.add_argument("--learning_rate", type=float, default=1e-4)
     parser.add_argument("--steps", nargs="+", type=int, default=[200, 400, 800, 1600], help="measured at each")

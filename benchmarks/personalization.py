@@ -31,7 +31,7 @@ from dreambooth_moslora.arguments import PRIOR_MODES  # noqa: E402
 from dreambooth_moslora.world.personalization import (  # noqa: E402
     METHODS, BenchmarkSettings, run_benchmark, tune,
 )
-from dreambooth_moslora.world.subjects import SUBJECTS  # noqa: E402
+from dreambooth_moslora.world.subjects import DIAGNOSIS_SUBJECTS, SUBJECTS, TUNING_SUBJECTS, subject_by_name  # noqa: E402
 
 
 def main(argv=None):
@@ -42,6 +42,9 @@ def main(argv=None):
     parser.add_argument("--output_dir", default=str(ROOT / "benchmarks" / "personalization"))
     parser.add_argument("--tune", action="store_true", help="choose each method's learning rate and steps on the tuning subject")
     parser.add_argument("--tune_learning_rates", nargs="+", type=float, default=[3e-4, 1e-3, 3e-3])
+    parser.add_argument("--tuning_subject", default=TUNING_SUBJECTS[0].name,
+                        choices=[s.name for s in (*TUNING_SUBJECTS, *DIAGNOSIS_SUBJECTS)],
+                        help="the subject --tune measures (a diagnosis subject only tells why a subject is slow)")
     parser.add_argument("--quick", action="store_true", help="one subject, one seed, LoRA and MoSLoRA, 200 steps")
     parser.add_argument("--subjects", nargs="+", default=list(defaults.subjects), choices=[s.name for s in SUBJECTS])
     parser.add_argument("--methods", nargs="+", default=list(defaults.methods), choices=list(METHODS))
@@ -87,7 +90,7 @@ def main(argv=None):
     log = lambda message: print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)  # noqa: E731
     started = time.perf_counter()
     if args.tune:
-        tuning = tune(settings, tuple(args.tune_learning_rates), log=log)
+        tuning = tune(settings, tuple(args.tune_learning_rates), subject=subject_by_name(args.tuning_subject), log=log)
         print(f"chosen: {tuning['chosen']}; see {output_dir}/tuning.md")
     else:
         tuning_file = output_dir / "tuning.json"

@@ -15,7 +15,7 @@ from dreambooth_moslora.world.personalization import (
     tune,
     validation_backgrounds,
 )
-from dreambooth_moslora.world.subjects import SUBJECTS, TUNING_SUBJECT
+from dreambooth_moslora.world.subjects import SUBJECTS, TUNING_SUBJECTS
 
 ANALYZER_FILE = Path(__file__).resolve().parents[1] / "assets" / "world-analyzer.safetensors"
 
@@ -97,13 +97,15 @@ def test_the_benchmark_runs_end_to_end_and_the_control_keeps_its_mixer(untrained
 def test_tuning_uses_the_tuning_subject_and_writes_the_grid(untrained_mini_dir, tmp_path, fresh_accelerate):
     settings = _settings(untrained_mini_dir, tmp_path, methods=("lora",), prior_mode="base_model",
                          train_text_encoder=False)
-    tuning = tune(settings, (1e-4, 1e-3), log=lambda _: None)
-    assert tuning["subject"] == TUNING_SUBJECT.name not in [s.name for s in SUBJECTS]
+    subject = TUNING_SUBJECTS[1]
+    tuning = tune(settings, (1e-4, 1e-3), subject=subject, log=lambda _: None)
+    assert tuning["subject"] == subject.name not in [s.name for s in SUBJECTS]
+    assert (tmp_path / "instance-images" / subject.name).is_dir()
     assert {(r["learning_rate"], r["step"]) for r in tuning["grid"]} == {(1e-4, 2), (1e-4, 4), (1e-3, 2), (1e-3, 4)}
     chosen = tuning["chosen"]["lora"]
     assert chosen in [{"learning_rate": r["learning_rate"], "steps": r["step"]} for r in tuning["grid"]]
     assert (tmp_path / "tuning.md").read_text().count("✓") == 1
-    again = tune(settings, (1e-4, 1e-3), log=lambda _: None)  # measured runs are not trained again
+    again = tune(settings, (1e-4, 1e-3), subject=subject, log=lambda _: None)  # measured runs are not trained again
     assert again["grid"] == tuning["grid"]
     assert not (tmp_path / "class-images").exists()  # the base-model prior needs no class images
 

@@ -2,7 +2,8 @@ import numpy as np
 from PIL import Image
 
 from dreambooth_moslora.world.render import COLOURS, IMAGE_SIZE, SHAPES, Scene, shape_mask
-from dreambooth_moslora.world.subjects import SUBJECTS, render_subject, subject_by_name, write_instance_images
+from dreambooth_moslora.world.subjects import (DIAGNOSIS_SUBJECTS, SUBJECTS, TUNING_SUBJECTS, render_subject,
+                                               subject_by_name, write_instance_images)
 
 
 def _colour_share(image, colour) -> float:
@@ -10,18 +11,28 @@ def _colour_share(image, colour) -> float:
     return float((np.abs(pixels - COLOURS[colour]).max(axis=-1) <= 8).mean())
 
 
-def test_there_are_three_novel_subjects_named_after_world_classes():
-    assert len(SUBJECTS) >= 3
-    for subject in SUBJECTS:
+def test_there_are_three_novel_subjects_and_tuning_subjects_apart_from_them_named_after_world_classes():
+    assert len(SUBJECTS) >= 3 and len(TUNING_SUBJECTS) >= 2
+    assert not {s.name for s in SUBJECTS} & {s.name for s in TUNING_SUBJECTS}
+    for subject in (*SUBJECTS, *TUNING_SUBJECTS):
         assert subject.class_noun in SHAPES
         assert subject.instance_prompt("sks") == f"a photo of a sks {subject.class_noun}"
         assert subject.class_prompt == f"a photo of a {subject.class_noun}"
         assert subject_by_name(subject.name) is subject
 
 
+def test_diagnosis_subjects_are_recoloured_twins_of_a_tuned_or_reported_subject():
+    names = {s.name for s in (*SUBJECTS, *TUNING_SUBJECTS)}
+    for twin in DIAGNOSIS_SUBJECTS:
+        assert subject_by_name(twin.name) is twin and twin.name not in names
+        original = next(s for s in (*SUBJECTS, *TUNING_SUBJECTS) if s.outline == twin.outline)
+        assert (original.class_noun, original.pattern) == (twin.class_noun, twin.pattern)
+        assert not set(original.colours) & set(twin.colours)
+
+
 def test_subject_silhouettes_are_not_world_shapes():
     scene = Scene(shape="circle", colour="red", background="blue", size=0.4)
-    for subject in SUBJECTS:
+    for subject in (*SUBJECTS, *TUNING_SUBJECTS):
         ours = shape_mask("circle", scene, outlines=subject.outline) > 0.5
         for shape in SHAPES:
             theirs = shape_mask(shape, scene) > 0.5

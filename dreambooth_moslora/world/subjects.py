@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from ..files import save_png_atomically, write_text_atomically
-from .render import (COLOURS, IMAGE_SIZE, TEXTURE_WORDS, Scene, _ellipse, _star, background_pixels, compose,
+from .render import (COLOURS, IMAGE_SIZE, TEXTURE_WORDS, Scene, _ellipse, _heart, _star, background_pixels, compose,
                      pattern_fill, sample_scene, shape_mask)
 
 
@@ -47,15 +47,27 @@ SUBJECTS = (
     Subject("dotted-egg", "circle", ([_ellipse(0.72, 1.0)], []), "dots", ("blue", "white")),
     Subject("checked-house", "square", ([_house()], []), "checks", ("green", "purple")),
 )
-TUNING_SUBJECT = Subject("checked-kite", "triangle", ([_kite()], []), "checks", ("orange", "black"))
-"""Settings are chosen on this subject alone, never on the three that are reported."""
+TUNING_SUBJECTS = (
+    Subject("checked-kite", "triangle", ([_kite()], []), "checks", ("orange", "black")),
+    Subject("blue-heart", "heart", ([[(0.8 * x, y) for x, y in _heart()]], []), "dots", ("blue", "white")),
+)
+"""Settings are chosen on these, never on the three that are reported. The kite is learned in a few hundred steps;
+the heart is slow, as the egg is, for the colours they share (DIAGNOSIS_SUBJECTS)."""
+TUNING_SUBJECT = TUNING_SUBJECTS[0]
+DIAGNOSIS_SUBJECTS = (
+    replace(TUNING_SUBJECTS[1], name="dotted-heart", colours=("purple", "yellow")),
+    replace(SUBJECTS[1], name="purple-egg", colours=("purple", "yellow")),
+)
+"""Recoloured twins of the heart and the egg, which tell what makes a subject slow (its colours, not its
+silhouette); neither tuned on nor reported."""
 
 
 def subject_by_name(name: str) -> Subject:
-    for subject in (*SUBJECTS, TUNING_SUBJECT):
+    known = (*SUBJECTS, *TUNING_SUBJECTS, *DIAGNOSIS_SUBJECTS)
+    for subject in known:
         if subject.name == name:
             return subject
-    raise KeyError(f"unknown subject {name!r}; known: {', '.join(s.name for s in SUBJECTS)}")
+    raise KeyError(f"unknown subject {name!r}; known: {', '.join(s.name for s in known)}")
 
 
 def subject_scene(subject: Subject, rng: np.random.Generator, background=None, texture=None) -> Scene:
