@@ -5,9 +5,11 @@ from dreambooth_moslora.world.model import build_mini_sdxl_pipeline
 from dreambooth_moslora.world.pretrain import (
     HELD_OUT_EVERY,
     PretrainSettings,
+    finetune_decoder,
     held_out_combinations,
     held_out_scenes,
     is_held_out,
+    patterned_render,
     set_latent_scale,
     train_denoiser,
     train_vae,
@@ -15,7 +17,7 @@ from dreambooth_moslora.world.pretrain import (
 )
 from dreambooth_moslora.world.render import COLOURS, SHAPES
 
-TINY = PretrainSettings(vae_steps=2, vae_batch_size=4, steps=2, batch_size=4, warmup_steps=1)
+TINY = PretrainSettings(vae_steps=2, vae_batch_size=4, steps=2, batch_size=4, warmup_steps=1, decoder_steps=2)
 
 
 def test_held_out_combinations_never_appear_in_pretraining():
@@ -44,3 +46,24 @@ def test_pretraining_steps_change_every_trained_model_and_set_the_latent_scale()
     sks = pipe.tokenizer.convert_tokens_to_ids("sks</w>")
     assert torch.equal(ema["text_encoder"].get_input_embeddings().weight[sks],
                        build_mini_sdxl_pipeline(seed=0).text_encoder.get_input_embeddings().weight[sks])
+
+
+def test_patterned_renders_fill_half_the_objects_with_two_colours():
+    rng = np.random.default_rng(0)
+    palette = np.array(list(COLOURS.values()), dtype=np.int16)
+    counts = []
+    for _ in range(40):
+        pixels = np.asarray(patterned_render(rng), dtype=np.int16).reshape(-1, 1, 3)
+        exact = np.abs(pixels - palette[None]).max(-1) <= 2
+        counts.append(int((exact.sum(0) > 8).sum()))  # colours covering more than a few pixels
+    assert 10 <= sum(c >= 3 for c in counts) <= 30 and min(counts) >= 1
+
+
+def test_the_decoder_finetune_leaves_the_encoder_and_so_the_latents_alone():
+    pipe = build_mini_sdxl_pipeline(seed=0)
+    encoder = {k: v.clone() for k, v in pipe.vae.encoder.state_dict().items()}
+    decoder_in = pipe.vae.decoder.conv_in.weight.clone()
+    finetune_decoder(pipe.vae, TINY, log=lambda _: None)
+    assert all(torch.equal(v, encoder[k]) for k, v in pipe.vae.encoder.state_dict().items())
+    assert not torch.equal(pipe.vae.decoder.conv_in.weight, decoder_in)
+    assert not any(p.requires_grad for p in pipe.vae.parameters())
