@@ -25,8 +25,7 @@ from ..conditioning import encode_prompts, micro_conditioning
 from ..loss import min_snr_weights
 from .analyzer import WorldAnalyzer, accuracy
 from .model import build_mini_sdxl_pipeline
-from .render import (COLOURS, IMAGE_SIZE, SHAPES, Scene, background_pixels, compose, pattern_fill, render, sample_scene,
-                     shape_mask, to_pixels)
+from .render import COLOURS, IMAGE_SIZE, SHAPES, Scene, render, render_patterned, sample_scene, to_pixels
 
 HELD_OUT_EVERY = 7
 
@@ -109,9 +108,7 @@ def patterned_render(rng: np.random.Generator):
     if rng.random() < 0.5:
         return render(scene)
     other = str(rng.choice([c for c in COLOURS if c not in (scene.colour, scene.background)]))
-    fill = pattern_fill(scene, str(rng.choice(["stripes", "dots", "checks"])), (scene.colour, other))
-    backdrop = background_pixels(scene.background, scene.texture, scene.texture_seed)
-    return compose(backdrop, shape_mask(scene.shape, scene), fill)
+    return render_patterned(scene, str(rng.choice(["stripes", "dots", "checks"])), (scene.colour, other))
 
 
 def finetune_decoder(vae, settings: PretrainSettings, log=print):

@@ -163,6 +163,13 @@ def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
     return compose(background, shape_mask(scene.shape, scene, size), np.asarray(COLOURS[scene.colour], dtype=np.float32))
 
 
+def render_patterned(scene: Scene, pattern: str, colours: tuple[str, str], size: int = IMAGE_SIZE,
+                     outlines=None) -> Image.Image:
+    """The scene with its object filled with a two-colour pattern (and, with `outlines`, another silhouette)."""
+    background = background_pixels(scene.background, scene.texture, scene.texture_seed, size)
+    return compose(background, shape_mask(scene.shape, scene, size, outlines), pattern_fill(scene, pattern, colours, size))
+
+
 def to_pixels(images) -> torch.Tensor:
     """PIL images (resized to 32 px if needed) -> (N, 3, 32, 32) float in [-1, 1], the VAE's input range."""
     arrays = [np.asarray(image.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE)), dtype=np.float32) for image in images]

@@ -14,8 +14,8 @@ import numpy as np
 from PIL import Image
 
 from ..files import save_png_atomically, write_text_atomically
-from .render import (COLOURS, IMAGE_SIZE, TEXTURE_WORDS, Scene, _ellipse, _heart, _star, background_pixels, compose,
-                     pattern_fill, sample_scene, shape_mask)
+from .render import (COLOURS, IMAGE_SIZE, TEXTURE_WORDS, Scene, _ellipse, _heart, _star, render_patterned, sample_scene,
+                     shape_mask)
 
 
 def _house() -> list[tuple[float, float]]:
@@ -81,9 +81,7 @@ def subject_scene(subject: Subject, rng: np.random.Generator, background=None, t
 
 
 def draw_subject(subject: Subject, scene: Scene, size: int = IMAGE_SIZE):
-    mask = shape_mask(scene.shape, scene, size, outlines=subject.outline)
-    backdrop = background_pixels(scene.background, scene.texture, scene.texture_seed, size)
-    return compose(backdrop, mask, pattern_fill(scene, subject.pattern, subject.colours, size))
+    return render_patterned(scene, subject.pattern, subject.colours, size, outlines=subject.outline)
 
 
 def render_subject(subject: Subject, rng: np.random.Generator, size: int = IMAGE_SIZE, background=None, texture=None):
