@@ -36,6 +36,18 @@ def write_atomically(path, write: Callable[[str], None]) -> Path:
     return path
 
 
+def save_pretrained_readable(model, path) -> Path:
+    """`model.save_pretrained(path)` with every file written given the mode `open()` would give: diffusers writes
+    its weight files through a temporary file and leaves them 0600."""
+    path = Path(path)
+    model.save_pretrained(path)
+    mode = _default_file_mode()
+    for file in path.rglob("*"):
+        if file.is_file():
+            os.chmod(file, mode)
+    return path
+
+
 def write_text_atomically(path, text: str) -> Path:
     return write_atomically(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 

@@ -13,6 +13,8 @@ import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from .files import save_pretrained_readable
+
 TEXT_HIDDEN = 32
 TEXT_2_HIDDEN = 32
 TEXT_2_PROJECTION = 32
@@ -120,6 +122,4 @@ def build_tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
 
 def save_tiny_sdxl_pipeline(path, seed: int = 0) -> Path:
     """Write the tiny pipeline in diffusers' folder layout; `StableDiffusionXLPipeline.from_pretrained` loads it."""
-    path = Path(path)
-    build_tiny_sdxl_pipeline(seed).save_pretrained(path)
-    return path
+    return save_pretrained_readable(build_tiny_sdxl_pipeline(seed), path)

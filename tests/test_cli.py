@@ -61,6 +61,9 @@ def test_cli_verb_trains_too(tiny_sdxl_dir, subject, tmp_path, fresh_accelerate)
 def test_tiny_pipeline_verb(tmp_path):
     assert main(["tiny-pipeline", str(tmp_path / "tiny"), "--seed", "2"]) == 0
     assert (tmp_path / "tiny" / "model_index.json").is_file()
+    files = [p for p in (tmp_path / "tiny").rglob("*") if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in files)
+    assert all(p.stat().st_mode & 0o777 == _file_mode_of_open() for p in files)  # others can read the weights too
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from ..files import write_text_atomically
+from ..files import save_pretrained_readable, write_text_atomically
 from ..tiny import sdxl_scheduler
 from .render import IMAGE_SIZE
 from .vocabulary import build_world_tokenizer
@@ -95,8 +95,7 @@ def save_mini_sdxl_pipeline(pipe: StableDiffusionXLPipeline, path) -> Path:
     diffusers loads the UNet and VAE in fp32 unless told otherwise, but transformers loads a text encoder in the
     dtype its config records; so the configs say fp32, and the plain `from_pretrained(path)` samples on a CPU.
     """
-    path = Path(path)
-    pipe.to(torch.float16).save_pretrained(path)
+    path = save_pretrained_readable(pipe.to(torch.float16), path)
     for name in ("text_encoder", "text_encoder_2"):
         config = path / name / "config.json"
         values = json.loads(config.read_text())
