@@ -9,7 +9,10 @@ import torch
 
 
 def encode_prompts(text_encoders, tokenizers, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """SDXL's prompt embedding: both encoders' penultimate hidden states side by side, and the second's pooled output."""
+    """SDXL's prompt embedding: both encoders' penultimate hidden states side by side, and the second's pooled output.
+    The empty prompt (a dropped caption) is all zeros: SDXL's unconditional embedding, which it was trained with and
+    which diffusers' SDXL pipeline samples the branch classifier-free guidance subtracts from
+    (force_zeros_for_empty_prompt); encoding "" would train a branch sampling never uses."""
     hidden_states = []
     for tokenizer, text_encoder in zip(tokenizers, text_encoders):
         ids = tokenizer(
@@ -18,7 +21,9 @@ def encode_prompts(text_encoders, tokenizers, prompts: list[str], device) -> tup
         output = text_encoder(ids, output_hidden_states=True)
         pooled = output[0]
         hidden_states.append(output.hidden_states[-2])
-    return torch.cat(hidden_states, dim=-1), pooled
+    unconditional = torch.tensor([prompt == "" for prompt in prompts], device=pooled.device)
+    embeds = torch.cat(hidden_states, dim=-1).masked_fill(unconditional[:, None, None], 0.0)
+    return embeds, pooled.masked_fill(unconditional[:, None], 0.0)
 
 
 def micro_conditioning(original_size, crop_top_left, target_size) -> list[int]:

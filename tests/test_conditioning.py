@@ -12,6 +12,18 @@ def test_prompt_embedding_joins_both_encoders_penultimate_states(tiny_pipe):
     torch.testing.assert_close(pooled, reference_pooled)
 
 
+def test_the_empty_prompt_is_sdxls_unconditional_embedding_zeros(tiny_pipe):
+    """A dropped caption must train the branch the pipeline's guidance subtracts: zeros, not the encoded ""."""
+    embeds, pooled = encode_prompts((tiny_pipe.text_encoder, tiny_pipe.text_encoder_2),
+                                    (tiny_pipe.tokenizer, tiny_pipe.tokenizer_2), ["", "a photo of sks dog"], "cpu")
+    _, unconditional, _, unconditional_pooled = tiny_pipe.encode_prompt("a photo of sks dog")
+    assert tiny_pipe.config.force_zeros_for_empty_prompt
+    torch.testing.assert_close(embeds[:1], unconditional)
+    torch.testing.assert_close(pooled[:1], unconditional_pooled)
+    assert embeds[0].abs().sum() == 0 and pooled[0].abs().sum() == 0
+    assert embeds[1].abs().sum() > 0 and pooled[1].abs().sum() > 0
+
+
 def test_micro_conditioning_order():
     assert micro_conditioning((480, 640), (0, 32), (448, 576)) == [480, 640, 0, 32, 448, 576]
 
