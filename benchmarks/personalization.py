@@ -90,7 +90,8 @@ def main(argv=None):
     log = lambda message: print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)  # noqa: E731
     started = time.perf_counter()
     if args.tune:
-        tuning = tune(settings, tuple(args.tune_learning_rates), subject=subject_by_name(args.tuning_subject), log=log)
+        tuning = tune(settings, tuple(args.tune_learning_rates), seed=args.seeds[0],
+                      subject=subject_by_name(args.tuning_subject), log=log)
         print(f"chosen: {tuning['chosen']}; see {output_dir}/tuning.md")
     else:
         tuning_file = output_dir / "tuning.json"
