@@ -5,10 +5,14 @@ from dreambooth_moslora.world.model import build_mini_sdxl_pipeline
 from dreambooth_moslora.world.pretrain import (
     HELD_OUT_EVERY,
     PretrainSettings,
+    PATTERN_WORDS,
+    SUBJECT_PATTERNS,
     finetune_decoder,
     held_out_combinations,
     held_out_scenes,
     is_held_out,
+    learn_patterns,
+    patterned_example,
     patterned_render,
     set_latent_scale,
     train_denoiser,
@@ -17,7 +21,8 @@ from dreambooth_moslora.world.pretrain import (
 )
 from dreambooth_moslora.world.render import COLOURS, SHAPES
 
-TINY = PretrainSettings(vae_steps=2, vae_batch_size=4, steps=2, batch_size=4, warmup_steps=1, decoder_steps=2)
+TINY = PretrainSettings(vae_steps=2, vae_batch_size=4, steps=2, batch_size=4, warmup_steps=1, decoder_steps=2,
+                        pattern_steps=2)
 
 
 def test_held_out_combinations_never_appear_in_pretraining():
@@ -67,3 +72,28 @@ def test_the_decoder_finetune_leaves_the_encoder_and_so_the_latents_alone():
     assert all(torch.equal(v, encoder[k]) for k, v in pipe.vae.encoder.state_dict().items())
     assert not torch.equal(pipe.vae.decoder.conv_in.weight, decoder_in)
     assert not any(p.requires_grad for p in pipe.vae.parameters())
+
+
+def test_patterned_examples_name_their_pattern_and_never_show_a_subjects():
+    rng = np.random.default_rng(0)
+    words = {word: pattern for pattern, word in PATTERN_WORDS.items()}
+    patterned = []
+    for _ in range(400):
+        _, caption = patterned_example(rng, SUBJECT_PATTERNS)
+        parts = caption.split()  # a photo of a red [and yellow striped] star on a ...
+        if parts[5] == "and":
+            patterned.append((words[parts[7]], frozenset((parts[4], parts[6]))))
+    assert 150 <= len(patterned) <= 250
+    assert not set(patterned) & SUBJECT_PATTERNS
+    assert {pattern for pattern, _ in patterned} == set(PATTERN_WORDS)
+    assert ("dots", frozenset(("blue", "white"))) in SUBJECT_PATTERNS  # the egg's
+
+
+def test_learning_patterns_trains_the_unet_and_text_encoders_not_the_vae():
+    pipe = build_mini_sdxl_pipeline(seed=0)
+    pipe.unet.requires_grad_(False)  # as the first denoiser stage leaves it
+    before = {name: next(getattr(pipe, name).parameters()).clone() for name in ("unet", "text_encoder", "text_encoder_2", "vae")}
+    learn_patterns(pipe, TINY, log=lambda _: None)
+    changed = {name: not torch.equal(next(getattr(pipe, name).parameters()), value) for name, value in before.items()}
+    assert changed == {"unet": True, "text_encoder": True, "text_encoder_2": True, "vae": False}
+    assert not any(p.requires_grad for p in pipe.unet.parameters())

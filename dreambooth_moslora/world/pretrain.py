@@ -1,6 +1,7 @@
 """Pretraining the mini SDXL on the world, reproducibly from a seed: the VAE first, then the UNet together
-with both text encoders (they start from scratch, unlike SDXL's CLIP, so they learn the world's words), then the
-VAE's decoder again on patterned objects too.
+with both text encoders (they start from scratch, unlike SDXL's CLIP, so they learn the world's words), then both
+again on a world whose objects are also striped, dotted or checked, then the VAE's decoder again on patterned
+objects too.
 
 One in seven (shape, colour, background) combinations never appears in pretraining; sampling those held-out
 combinations and reading the results with the analyzer measures whether the model composes what it learned.
@@ -14,7 +15,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -25,7 +26,9 @@ from ..conditioning import encode_prompts, micro_conditioning
 from ..loss import min_snr_weights
 from .analyzer import WorldAnalyzer, accuracy
 from .model import build_mini_sdxl_pipeline
-from .render import COLOURS, IMAGE_SIZE, SHAPES, Scene, render, render_patterned, sample_scene, to_pixels
+from .render import (COLOURS, IMAGE_SIZE, SHAPES, TEXTURE_WORDS, Scene, render, render_patterned, sample_scene,
+                     to_pixels)
+from .subjects import DIAGNOSIS_SUBJECTS, SUBJECTS, TUNING_SUBJECTS
 
 HELD_OUT_EVERY = 7
 
@@ -72,6 +75,8 @@ class PretrainSettings:
     ema_decay: float = 0.998
     decoder_steps: int = 1200
     decoder_learning_rate: float = 3e-4
+    pattern_steps: int = 1200
+    pattern_learning_rate: float = 4e-4
 
 
 def _cosine(step: int, total: int, warmup: int) -> float:
@@ -101,14 +106,38 @@ def train_vae(vae, settings: PretrainSettings, rng: np.random.Generator, log=pri
     vae.eval().requires_grad_(False)
 
 
-def patterned_render(rng: np.random.Generator):
+PATTERN_WORDS = {"stripes": "striped", "dots": "dotted", "checks": "checked"}
+SUBJECT_PATTERNS = frozenset((s.pattern, frozenset(s.colours)) for s in (*SUBJECTS, *TUNING_SUBJECTS, *DIAGNOSIS_SUBJECTS))
+"""Every subject's pattern in its two colours: the pattern stage never shows them, so a subject stays new."""
+
+
+def plain_example(rng: np.random.Generator):
+    """A training scene's render and caption."""
+    scene = training_scene(rng)
+    return render(scene), scene.caption
+
+
+def patterned_example(rng: np.random.Generator, unseen=frozenset()):
     """A training scene, half the time with its object filled with stripes, dots or checks of its colour and
-    another: the objects of the world are plain, but a VAE that stands in for SDXL's must carry any picture."""
+    another, never a (pattern, colours) of `unseen`; the caption names them ("a photo of a red and yellow striped
+    star on a blue background")."""
     scene = training_scene(rng)
     if rng.random() < 0.5:
-        return render(scene)
-    other = str(rng.choice([c for c in COLOURS if c not in (scene.colour, scene.background)]))
-    return render_patterned(scene, str(rng.choice(["stripes", "dots", "checks"])), (scene.colour, other))
+        return render(scene), scene.caption
+    while True:
+        other = str(rng.choice([c for c in COLOURS if c not in (scene.colour, scene.background)]))
+        pattern = str(rng.choice(list(PATTERN_WORDS)))
+        if (pattern, frozenset((scene.colour, other))) not in unseen:
+            break
+    caption = (f"a photo of a {scene.colour} and {other} {PATTERN_WORDS[pattern]} {scene.shape} on a "
+               f"{TEXTURE_WORDS[scene.texture]}{scene.background} background")
+    return render_patterned(scene, pattern, (scene.colour, other)), caption
+
+
+def patterned_render(rng: np.random.Generator):
+    """What the decoder is tuned on: the objects of the world are plain, but a VAE that stands in for SDXL's must
+    carry any picture."""
+    return patterned_example(rng)[0]
 
 
 def finetune_decoder(vae, settings: PretrainSettings, log=print):
@@ -153,14 +182,15 @@ def _time_ids(count: int) -> torch.Tensor:
     return torch.tensor([micro_conditioning(size, (0, 0), size)] * count, dtype=torch.float32)
 
 
-def train_denoiser(pipe, settings: PretrainSettings, rng: np.random.Generator, log=print) -> dict:
-    """UNet and both text encoders with ε-prediction and min-SNR weighting; returns EMA weights by model."""
+def train_denoiser(pipe, settings: PretrainSettings, rng: np.random.Generator, log=print, example=plain_example) -> dict:
+    """UNet and both text encoders with ε-prediction and min-SNR weighting, on `example(rng)`'s (image, caption)
+    pairs; returns EMA weights by model."""
     vae, unet = pipe.vae, pipe.unet
     encoders, tokenizers = (pipe.text_encoder, pipe.text_encoder_2), (pipe.tokenizer, pipe.tokenizer_2)
     trained = {"unet": unet, "text_encoder": encoders[0], "text_encoder_2": encoders[1]}
-    params = [p for model in trained.values() for p in model.parameters()]
     for model in trained.values():
-        model.train()
+        model.train().requires_grad_(True)
+    params = [p for model in trained.values() for p in model.parameters()]
     ema = {name: copy.deepcopy(model).eval().requires_grad_(False) for name, model in trained.items()}
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -169,18 +199,18 @@ def train_denoiser(pipe, settings: PretrainSettings, rng: np.random.Generator, l
     for step in range(settings.steps):
         for group in optimizer.param_groups:
             group["lr"] = settings.learning_rate * _cosine(step, settings.steps, settings.warmup_steps)
-        scenes = [training_scene(rng) for _ in range(settings.batch_size)]
+        images, captions = zip(*(example(rng) for _ in range(settings.batch_size)))
         with torch.no_grad():
-            posterior = vae.encode(to_pixels([render(s) for s in scenes])).latent_dist
+            posterior = vae.encode(to_pixels(images)).latent_dist
             latents = posterior.sample(generator) * vae.config.scaling_factor
-        kept = torch.rand(len(scenes), generator=generator) >= settings.caption_dropout
-        prompt_embeds, pooled = encode_prompts(encoders, tokenizers, [s.caption for s in scenes], "cpu")
+        kept = torch.rand(len(captions), generator=generator) >= settings.caption_dropout
+        prompt_embeds, pooled = encode_prompts(encoders, tokenizers, list(captions), "cpu")
         prompt_embeds, pooled = prompt_embeds * kept[:, None, None], pooled * kept[:, None]
         noise = torch.randn(latents.shape, generator=generator)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(scenes),), generator=generator)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(captions),), generator=generator)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         prediction = unet(
-            noisy, timesteps, prompt_embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": _time_ids(len(scenes))}
+            noisy, timesteps, prompt_embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": _time_ids(len(captions))}
         ).sample
         weights = min_snr_weights(noise_scheduler.alphas_cumprod, timesteps, settings.min_snr_gamma, "epsilon")
         loss = (weights * F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
@@ -237,16 +267,30 @@ def evaluate_world_model(pipe, analyzer: WorldAnalyzer, count: int = 256, seed: 
     }
 
 
+def learn_patterns(pipe, settings: PretrainSettings, log=print):
+    """UNet and text encoders trained on, as SDXL's know striped, dotted and checked things: half the objects
+    patterned in two colours and captioned so, never in a subject's pattern and colours. The world's objects are
+    plain, and a model that never drew a pattern must learn patterns themselves from a subject's five photos."""
+    stage = replace(settings, steps=settings.pattern_steps, learning_rate=settings.pattern_learning_rate, warmup_steps=50)
+    rng = np.random.default_rng(settings.seed + 3000)
+    _keep_averages(pipe, train_denoiser(pipe, stage, rng, log, example=lambda rng: patterned_example(rng, SUBJECT_PATTERNS)))
+
+
+def _keep_averages(pipe, averaged: dict):
+    """The EMA weights in place of the trained ones, frozen."""
+    for name, model in averaged.items():
+        getattr(pipe, name).load_state_dict(model.state_dict())
+        getattr(pipe, name).eval().requires_grad_(False)
+
+
 def pretrain_world_model(settings: PretrainSettings, log=print):
     """The untrained pipeline of `build_mini_sdxl_pipeline(seed)`, trained; EMA weights in the result."""
     rng = np.random.default_rng(settings.seed)
     pipe = build_mini_sdxl_pipeline(settings.seed)
     train_vae(pipe.vae, settings, rng, log)
     log(f"latent scale {set_latent_scale(pipe.vae, rng):.4f}")
-    for name, model in train_denoiser(pipe, settings, rng, log).items():
-        getattr(pipe, name).load_state_dict(model.state_dict())
-    for model in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2):
-        model.eval().requires_grad_(False)
+    _keep_averages(pipe, train_denoiser(pipe, settings, rng, log))
+    learn_patterns(pipe, settings, log)
     finetune_decoder(pipe.vae, settings, log)
     return pipe
 
