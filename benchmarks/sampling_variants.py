@@ -26,7 +26,7 @@ from dreambooth_moslora.generate import GenerationSettings, load_pipeline  # noq
 from dreambooth_moslora.inject import moslora_disabled  # noqa: E402
 from dreambooth_moslora.world.analyzer import load_analyzer  # noqa: E402
 from dreambooth_moslora.world.personalization import BenchmarkSettings, SubjectBench, measure  # noqa: E402
-from dreambooth_moslora.world.subjects import DIAGNOSIS_SUBJECTS, SUBJECTS, TUNING_SUBJECTS, subject_by_name  # noqa: E402
+from dreambooth_moslora.world.subjects import ALL_SUBJECTS, subject_by_name  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {
@@ -88,8 +88,7 @@ class VariantPipeline:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    names = [s.name for s in (*SUBJECTS, *TUNING_SUBJECTS, *DIAGNOSIS_SUBJECTS)]
-    parser.add_argument("--subject", required=True, choices=names)
+    parser.add_argument("--subject", required=True, choices=[s.name for s in ALL_SUBJECTS])
     parser.add_argument("--run_dir", type=Path, required=True, help="a benchmark run: its final adapter and checkpoints")
     parser.add_argument("--steps", nargs="+", type=int, required=True, help="checkpoints to measure; the largest is the final adapter")
     parser.add_argument("--output", type=Path, required=True)

@@ -28,7 +28,7 @@ from .analyzer import WorldAnalyzer, accuracy
 from .model import build_mini_sdxl_pipeline
 from .render import (COLOURS, IMAGE_SIZE, SHAPES, TEXTURE_WORDS, Scene, render, render_patterned, sample_scene,
                      to_pixels)
-from .subjects import DIAGNOSIS_SUBJECTS, SUBJECTS, TUNING_SUBJECTS
+from .subjects import ALL_SUBJECTS
 
 HELD_OUT_EVERY = 7
 
@@ -107,7 +107,7 @@ def train_vae(vae, settings: PretrainSettings, rng: np.random.Generator, log=pri
 
 
 PATTERN_WORDS = {"stripes": "striped", "dots": "dotted", "checks": "checked"}
-SUBJECT_PATTERNS = frozenset((s.pattern, frozenset(s.colours)) for s in (*SUBJECTS, *TUNING_SUBJECTS, *DIAGNOSIS_SUBJECTS))
+SUBJECT_PATTERNS = frozenset((s.pattern, frozenset(s.colours)) for s in ALL_SUBJECTS)
 """Every subject's pattern in its two colours: the pattern stage never shows them, so a subject stays new."""
 
 

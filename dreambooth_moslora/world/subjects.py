@@ -60,14 +60,14 @@ DIAGNOSIS_SUBJECTS = (
 )
 """Recoloured twins of the heart and the egg, which tell what makes a subject slow (its colours, not its
 silhouette); neither tuned on nor reported."""
+ALL_SUBJECTS = (*SUBJECTS, *TUNING_SUBJECTS, *DIAGNOSIS_SUBJECTS)
 
 
 def subject_by_name(name: str) -> Subject:
-    known = (*SUBJECTS, *TUNING_SUBJECTS, *DIAGNOSIS_SUBJECTS)
-    for subject in known:
+    for subject in ALL_SUBJECTS:
         if subject.name == name:
             return subject
-    raise KeyError(f"unknown subject {name!r}; known: {', '.join(s.name for s in known)}")
+    raise KeyError(f"unknown subject {name!r}; known: {', '.join(s.name for s in ALL_SUBJECTS)}")
 
 
 def subject_scene(subject: Subject, rng: np.random.Generator, background=None, texture=None) -> Scene:
