@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .ema import EMA_FILE
+from .ema import EMA_FILE, averaged_weights
 from .errors import UserInputError
 from .files import write_text_atomically
 from .io import NATIVE_FILE, copy_adapter_weights, read_moslora, save_moslora, write_safetensors
@@ -40,12 +40,13 @@ def save_checkpoint(output_dir, step: int, models: dict, optimizer, lr_scheduler
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        save_moslora(staging / NATIVE_FILE, models["unet"], models.get("text_encoder"), models.get("text_encoder_2"),
-                     base_model=base_model, base_model_sha256=base_model_sha256)
+        with averaged_weights(ema):  # the adapter validation showed at this step, for export and evaluate
+            save_moslora(staging / NATIVE_FILE, models["unet"], models.get("text_encoder"),
+                         models.get("text_encoder_2"), base_model=base_model, base_model_sha256=base_model_sha256)
         tensors, metadata = _flatten_optimizer(optimizer.state_dict())
         write_safetensors(tensors, staging / OPTIMIZER_FILE, metadata)
         if ema is not None:
-            ema.save(staging / EMA_FILE)
+            ema.save(staging)
         state = {"global_step": step, "lr_scheduler": lr_scheduler.state_dict()}
         write_text_atomically(staging / STATE_FILE, json.dumps(state, default=float))
         shutil.rmtree(final, ignore_errors=True)
@@ -97,7 +98,7 @@ def load_checkpoint(path, models: dict, optimizer, lr_scheduler, ema=None) -> in
     except (SafetensorError, OSError, KeyError, ValueError) as error:
         raise UserInputError(f"{path / OPTIMIZER_FILE} is not a usable optimizer state ({error})") from None
     if ema is not None:
-        ema.load(path / EMA_FILE)
+        ema.load(path)
     state = json.loads((path / STATE_FILE).read_text())
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     return int(state["global_step"])

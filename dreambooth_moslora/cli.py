@@ -30,15 +30,15 @@ def _train(argv: list[str]):
 
 def _plan(argv: list[str]):
     from .arguments import build_parser, validate_args
-    from .data import image_files
-    from .memory_plan import CACHED_IMAGES, model_configs, plan_report, plan_settings
+    from .data import read_examples
+    from .memory_plan import CACHED_IMAGES, model_configs, plan_report, plan_settings, planned_class_examples
 
     args = validate_args(build_parser("dreambooth-moslora plan", needs_data=False).parse_args(argv), needs_data=False)
-    images = len(image_files(args.instance_data_dir)) if args.instance_data_dir else CACHED_IMAGES
-    if args.with_prior_preservation and args.prior_preservation_mode == "class_images":
-        images += args.num_class_images
+    instance = (read_examples(args.instance_data_dir, args.instance_prompt or "", args.resolution, args.bucketing)
+                if args.instance_data_dir else None)
+    classes = planned_class_examples(args, len(instance) if instance is not None else CACHED_IMAGES)
     configs = model_configs(args.pretrained_model_name_or_path, args.model_config)
-    print(plan_report(configs, plan_settings(args, images)), end="")
+    print(plan_report(configs, plan_settings(args, instance, classes)), end="")
 
 
 def _settings(args):

@@ -1,12 +1,13 @@
 """An exponential moving average of the adapter's weights, as SimpleTuner, OneTrainer and ai-toolkit keep it.
 
-The average is what gets exported and validated; the trained weights go on training. The decay warms up as in
-diffusers' EMAModel, min(decay, (1 + step) / (10 + step)), so early averages are not dominated by the zero B.
+The average is what gets exported, validated and written into checkpoints; the trained weights go on training. The
+decay warms up as in diffusers' EMAModel (see decay_at), so early averages are not dominated by the zero B.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
@@ -18,6 +19,8 @@ from .io import write_safetensors
 from .trigger import trigger_parameters
 
 EMA_FILE = "ema.safetensors"
+TRAINED_FILE = "trained_weights.safetensors"
+"""A checkpoint's adapter as trained (its moslora.safetensors holds the average), to resume from."""
 
 
 def adapter_parameters(models: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
@@ -35,7 +38,10 @@ class AdapterEMA:
         self.shadow = {name: p.detach().to(device=device, dtype=torch.float32, copy=True) for name, p in parameters.items()}
 
     def decay_at(self, step: int) -> float:
-        return min(self.decay, (1 + step) / (10 + step))
+        """After optimizer step `step` (counted from 1), as diffusers' EMAModel: the first update copies the
+        weights, update k after it keeps min(decay, (1 + k) / (10 + k))."""
+        k = step - 1
+        return 0.0 if k <= 0 else min(self.decay, (1 + k) / (10 + k))
 
     @torch.no_grad()
     def update(self, step: int):
@@ -59,16 +65,29 @@ class AdapterEMA:
                 for name, p in self.parameters.items():
                     p.copy_(trained[name])
 
-    def save(self, path):
-        return write_safetensors({name: t.contiguous() for name, t in self.shadow.items()}, path,
-                                 {"decay": str(self.decay)})
+    def save(self, folder):
+        """The average, and the weights as trained (the folder's adapter file holds the average)."""
+        write_safetensors({name: t.contiguous() for name, t in self.shadow.items()}, Path(folder) / EMA_FILE,
+                          {"decay": str(self.decay)})
+        write_safetensors({name: p.detach().contiguous() for name, p in self.parameters.items()},
+                          Path(folder) / TRAINED_FILE, {})
 
-    def load(self, path):
-        stored = load_file(str(path))
-        if stored.keys() != self.shadow.keys():
-            raise UserInputError(f"{path} does not hold this run's adapter averages (another adapter configuration)")
-        for name, tensor in stored.items():
-            self.shadow[name].copy_(tensor)
+    def load(self, folder):
+        """The average, and the trained weights into the model (checkpoints from before TRAINED_FILE held them in
+        their adapter file, already loaded)."""
+        folder = Path(folder)
+        _copy_stored(folder / EMA_FILE, self.shadow)
+        if (folder / TRAINED_FILE).is_file():
+            with torch.no_grad():
+                _copy_stored(folder / TRAINED_FILE, self.parameters)
+
+
+def _copy_stored(path, tensors: dict):
+    stored = load_file(str(path))
+    if stored.keys() != tensors.keys():
+        raise UserInputError(f"{path} does not hold this run's adapter (another adapter configuration)")
+    for name, tensor in stored.items():
+        tensors[name].copy_(tensor)
 
 
 def averaged_weights(ema: AdapterEMA | None):

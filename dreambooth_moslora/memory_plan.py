@@ -6,12 +6,17 @@ counted while it lives (`LiveTensorBytes`, a dispatch mode), so the peak of acti
 step really keeps, with gradient checkpointing and the caching of prompts and latents as chosen. On the meta device
 attention would take the math path and keep the L×L attention matrix, which the fused kernels a GPU runs (flash,
 memory-efficient, xformers) never keep; `fused_attention` runs the memory-efficient kernel's own meta form instead.
-Weights, adapter and optimizer state are added from their sizes.
+Mixed precision is counted as a GPU runs it: `emulated_autocast` applies CUDA autocast's casts on the meta device
+(which has no autocast of its own), so fp32 norms and the low-precision copies that autograd keeps are counted.
+The step is the trainer's own `denoising_loss`, and `plan_settings` is where the trainer's caching and placement
+decisions are made, so the plan and the run cannot drift apart. Weights, adapter, its moving average and the
+optimizer state are added from their sizes; a GradScaler (fp16) holds a few scalars.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import weakref
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -19,17 +24,22 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import DDPMScheduler
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from .conditioning import encode_latent_distribution, encode_prompts
+from .caching import latents_are_cacheable
+from .conditioning import encode_latent_distribution, encode_prompts, sample_latents
 from .config import TEXT_ENCODER_TARGETS, MoSLoRAConfig
 from .fp8 import store_frozen_weights_in_fp8
-from .inject import inject_moslora, moslora_parameters
+from .inject import inject_moslora, moslora_disabled, moslora_parameters
 from .models import enable_text_encoder_checkpointing
 from .sdxl import SDXL_TEXT_ENCODER_CONFIGS, SDXL_UNET_CONFIG, SDXL_VAE_CONFIG
+from .step import LossSettings, StepInputs, denoising_loss
 from .trigger import install_trigger_embedding, trigger_parameters
 from .single_file import is_single_file
 
@@ -44,10 +54,12 @@ CACHED_IMAGES = 20
 
 
 class LiveTensorBytes(TorchDispatchMode):
-    """Bytes of the storages that ops create, counted while they live; `peak` is the most alive at once."""
+    """Bytes of the storages that ops create (on `device` only, when given), counted while they live; `peak` is
+    the most alive at once."""
 
-    def __init__(self):
+    def __init__(self, device: str | None = None):
         super().__init__()
+        self.device = None if device is None else torch.device(device)
         self.live = self.peak = 0
         self._sizes: dict[int, int] = {}
 
@@ -61,7 +73,7 @@ class LiveTensorBytes(TorchDispatchMode):
 
     def _track(self, storage):
         key = storage._cdata
-        if key in self._sizes:
+        if key in self._sizes or (self.device is not None and storage.device != self.device):
             return
         self._sizes[key] = storage.nbytes()
         self.live += self._sizes[key]
@@ -91,6 +103,34 @@ def fused_attention():
         F.scaled_dot_product_attention = original
 
 
+_LOW_PRECISION_OPS = frozenset((F.linear, F.conv2d, torch.matmul, torch.mm, torch.bmm, torch.baddbmm, torch.addmm,
+                                torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.bmm))
+_FP32_OPS = frozenset((F.group_norm, F.layer_norm, F.softmax, torch.softmax, torch.Tensor.softmax, F.mse_loss))
+
+
+class emulated_autocast(TorchFunctionMode):
+    """CUDA autocast's casts on any device: matrix products and convolutions in the low-precision dtype, norms,
+    softmax and the loss in fp32 (the main entries of PyTorch's CUDA autocast op reference). The casts happen
+    above autograd, as the real ones do, so the copies autograd keeps for the backward are counted."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        wanted = self.dtype if func in _LOW_PRECISION_OPS else torch.float32 if func in _FP32_OPS else None
+        if wanted is not None:
+            args, kwargs = tree_map(lambda t: _cast(t, wanted), (args, kwargs))
+        return func(*args, **kwargs)
+
+
+def _cast(value, dtype: torch.dtype):
+    if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != dtype:
+        return value.to(dtype)
+    return value
+
+
 class _MetaTokenizer:
     """Token ids of the right shape for `encode_prompts`, on the meta device: the plan has no tokenizer files."""
 
@@ -116,12 +156,19 @@ class PlanSettings:
     learned_trigger: bool = False
     """--train_trigger_embedding: prompts pass through the text encoders with gradients, as with their adapters."""
     cache_latents: bool = True
+    cache_prompts: bool = True
+    """--no_cache_prompts turns it off; trained text encoders (adapters or the trigger) never cache."""
     vae_fp16_safe: bool = False
     base_weights_fp8: bool = False
     offload_frozen: bool = True
     """Text encoders and VAE off the accelerator once prompts and latents are cached (as train does on a GPU; on
     the CPU everything stays where it is)."""
     cached_images: int = CACHED_IMAGES
+    lora_dropout: float = 0.0
+    ema_on_accelerator: bool = False
+    """--use_ema with its average kept on the accelerator (the default --ema_device)."""
+    base_model_prior: bool = False
+    """The base-model prior's second, gradient-free UNet pass on class examples."""
 
     @property
     def text_encoders_trained(self) -> bool:
@@ -129,7 +176,14 @@ class PlanSettings:
 
     @property
     def prompts_cached(self) -> bool:
-        return not self.text_encoders_trained
+        return self.cache_prompts and not self.text_encoders_trained
+
+    @property
+    def offloaded_models(self) -> tuple[str, ...]:
+        """What the trainer moves off the accelerator once its outputs are cached."""
+        if not self.offload_frozen:
+            return ()
+        return (*(("text encoders",) if self.prompts_cached else ()), *(("VAE",) if self.cache_latents else ()))
 
 
 @dataclass
@@ -140,6 +194,8 @@ class MemoryPlan:
     offloaded: dict[str, int] = field(default_factory=dict)
     """Frozen weights kept off the accelerator (offloading)."""
     adapter: int = 0
+    ema: int = 0
+    """The adapter's moving average, when kept on the accelerator."""
     optimizer_state: int = 0
     caches: int = 0
     step_peak: int = 0
@@ -147,16 +203,35 @@ class MemoryPlan:
 
     @property
     def total(self) -> int:
-        return sum(self.weights.values()) + self.adapter + self.optimizer_state + self.caches + self.step_peak
+        """The training step's peak: what torch.cuda.max_memory_allocated reports over the steps."""
+        return sum(self.weights.values()) + self.adapter + self.ema + self.optimizer_state + self.caches + self.step_peak
+
+    @property
+    def setup(self) -> int:
+        """Loading, caching and class images: every frozen model and the adapter on the card before the first
+        step (their sampling activations are not counted)."""
+        return sum(self.weights.values()) + sum(self.offloaded.values()) + self.adapter
+
+    @property
+    def validation(self) -> int:
+        """Validation mid-run: the offloaded models back beside the step's resident state (sampling activations
+        not counted)."""
+        return self.setup + self.ema + self.optimizer_state + self.caches
+
+    @property
+    def peak(self) -> int:
+        return max(self.total, self.setup, self.validation)
 
     def fits(self, card_gb: float) -> bool:
-        return self.total + CUDA_RESERVE <= card_gb * GIB  # an "8 GB" card holds 8 GiB
+        return self.peak + CUDA_RESERVE <= card_gb * GIB  # an "8 GB" card holds 8 GiB
 
     def line(self) -> str:
         weights = sum(self.weights.values())
         return (f"predicted peak training memory {self.total / GIB:.1f} GiB: frozen weights {weights / GIB:.1f}, "
-                f"adapter and optimizer {(self.adapter + self.optimizer_state) / GIB:.2f}, activations and gradients "
-                f"{self.step_peak / GIB:.1f} (plus ~{CUDA_RESERVE / GIB:.1f} GiB CUDA context)")
+                f"adapter and optimizer {(self.adapter + self.ema + self.optimizer_state) / GIB:.2f}, activations "
+                f"and gradients {self.step_peak / GIB:.1f}; before sampling's activations, setup "
+                f"{self.setup / GIB:.1f} and validation {self.validation / GIB:.1f} (plus ~{CUDA_RESERVE / GIB:.1f} "
+                f"GiB CUDA context)")
 
 
 @dataclass
@@ -208,12 +283,13 @@ def _meta_models(configs: ModelConfigs, settings: PlanSettings, dtype: torch.dty
         vae = AutoencoderKL.from_config(configs.vae)
     for model in (unet, vae, *text_encoders):
         model.requires_grad_(False)
-    inject_moslora(unet, MoSLoRAConfig(rank=settings.rank, target_modules=settings.target_modules))
+    config = MoSLoRAConfig(rank=settings.rank, target_modules=settings.target_modules, dropout=settings.lora_dropout)
+    inject_moslora(unet, config)
     if settings.base_weights_fp8:
         store_frozen_weights_in_fp8(unet)
     if settings.train_text_encoder:
         for encoder in text_encoders:
-            inject_moslora(encoder, MoSLoRAConfig(rank=settings.rank, target_modules=TEXT_ENCODER_TARGETS))
+            inject_moslora(encoder, replace(config, target_modules=TEXT_ENCODER_TARGETS))
     if settings.learned_trigger:
         for encoder in text_encoders:
             install_trigger_embedding(encoder, "trigger", 0)
@@ -221,7 +297,19 @@ def _meta_models(configs: ModelConfigs, settings: PlanSettings, dtype: torch.dty
         unet.enable_gradient_checkpointing()
         for encoder in text_encoders if settings.text_encoders_trained else ():
             enable_text_encoder_checkpointing(encoder)
+        if settings.mixed_precision != "no":
+            for module in (m for model in (unet, *text_encoders) for m in model.modules()):
+                if getattr(module, "_gradient_checkpointing_func", None) is not None:
+                    module._gradient_checkpointing_func = functools.partial(_checkpoint_in_autocast, dtype)
     return unet, vae, text_encoders
+
+
+def _checkpoint_in_autocast(dtype: torch.dtype, function, *args):
+    """Checkpointing as the models do it, its recomputation under the emulated autocast: torch re-enters a real
+    autocast for the recomputation by itself, but not a function mode."""
+    return torch.utils.checkpoint.checkpoint(
+        function, *args, use_reentrant=False,
+        context_fn=lambda: (contextlib.nullcontext(), emulated_autocast(dtype)))
 
 
 def plan_memory(configs: ModelConfigs, settings: PlanSettings) -> MemoryPlan:
@@ -233,11 +321,11 @@ def plan_memory(configs: ModelConfigs, settings: PlanSettings) -> MemoryPlan:
     plan.weights["UNet"] = _parameter_bytes(unet, trainable=False)
     frozen_elsewhere = {"text encoders": sum(_parameter_bytes(e, trainable=False) for e in text_encoders),
                         "VAE": _parameter_bytes(vae, trainable=False)}
-    can_offload = {"text encoders": settings.prompts_cached, "VAE": settings.cache_latents}
     for name, size in frozen_elsewhere.items():
-        (plan.offloaded if settings.offload_frozen and can_offload[name] else plan.weights)[name] = size
+        (plan.offloaded if name in settings.offloaded_models else plan.weights)[name] = size
     parameters = [p for model in trained for p in moslora_parameters(model) + trigger_parameters(model)]
     plan.adapter = sum(p.numel() * p.element_size() for p in parameters)
+    plan.ema = 4 * sum(p.numel() for p in parameters) if settings.ema_on_accelerator else 0
     plan.optimizer_state = OPTIMIZER_STATE_BYTES[settings.optimizer] * sum(p.numel() for p in parameters)
     plan.caches = _cache_bytes(configs, settings, dtype)
     plan.step_peak = _step_peak(unet, vae, text_encoders, configs, settings, dtype, parameters)
@@ -260,26 +348,40 @@ def _cache_bytes(configs: ModelConfigs, settings: PlanSettings, dtype: torch.dty
 
 
 def _step_peak(unet, vae, text_encoders, configs, settings, dtype, parameters) -> int:
-    """Forward and backward on the meta device: the most bytes of activations and gradients alive at once. (The
-    optimizer's moments are counted from their size; its step's temporaries are one parameter's at a time.)"""
+    """The trainer's `denoising_loss` forward and backward on the meta device, under the mixed precision's
+    autocast as accelerate applies it to the trained models: the most bytes of activations and gradients alive at
+    once. (The optimizer's moments are counted from their size; its step's temporaries are one parameter's at a
+    time.)"""
     batch, pixels = settings.batch_size, settings.resolution
     side = _latent_side(configs, pixels)
     counter, meta = LiveTensorBytes(), torch.device("meta")
+    autocast = emulated_autocast(dtype) if settings.mixed_precision != "no" else contextlib.nullcontext()
     with fused_attention(), counter:
-        if not settings.cache_latents:
-            encode_latent_distribution(vae, torch.empty(batch, 3, pixels, pixels, device=meta))
-        latents = torch.empty(batch, unet.config.in_channels, side, side, dtype=dtype, device=meta)
+        if settings.cache_latents:
+            mean = std = torch.empty(batch, unet.config.in_channels, side, side, device=meta)
+        else:
+            mean, std = encode_latent_distribution(vae, torch.empty(batch, 3, pixels, pixels, device=meta))
+        latents = sample_latents(mean, std, torch.empty(mean.shape, device=meta), vae.config)
         if settings.prompts_cached:
             width = sum(c.hidden_size for c in configs.text_encoders)
             prompt_embeds = torch.empty(batch, 77, width, dtype=dtype, device=meta)
             pooled = torch.empty(batch, configs.text_encoders[1].projection_dim, dtype=dtype, device=meta)
         else:
             tokenizers = [_MetaTokenizer(c.max_position_embeddings) for c in configs.text_encoders]
-            prompt_embeds, pooled = encode_prompts(text_encoders, tokenizers, [""] * batch, meta)
-        time_ids = torch.empty(batch, 6, dtype=dtype, device=meta)
-        prediction = unet(latents, torch.zeros(batch, dtype=torch.long, device=meta), prompt_embeds,
-                          added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
-        F.mse_loss(prediction.float(), torch.empty(prediction.shape, device=meta)).backward()
+            with autocast if settings.text_encoders_trained else contextlib.nullcontext():
+                prompt_embeds, pooled = encode_prompts(text_encoders, tokenizers, [""] * batch, meta)
+        base_prompt = None
+        if settings.base_model_prior and settings.text_encoders_trained:
+            def base_prompt():
+                with torch.no_grad(), moslora_disabled(text_encoders[0]), moslora_disabled(text_encoders[1]):
+                    return encode_prompts(text_encoders, tokenizers, [""] * batch, meta)
+        inputs = StepInputs(latents, torch.empty(latents.shape, device=meta),
+                            torch.zeros(batch, dtype=torch.long, device=meta), prompt_embeds, pooled,
+                            torch.empty(batch, 6, dtype=torch.long, device=meta), [settings.base_model_prior] * batch)
+        with autocast:
+            loss = denoising_loss(unet, DDPMScheduler(), inputs, LossSettings(base_model_prior=settings.base_model_prior),
+                                  dtype, base_prompt=base_prompt)
+        loss.backward()
     for parameter in parameters:
         parameter.grad = None
     return counter.peak
@@ -291,22 +393,43 @@ def configs_of(models) -> ModelConfigs:
                         tuple(e.config for e in models.text_encoders), "the loaded base model")
 
 
-def plan_settings(args, cached_images: int = CACHED_IMAGES, cache_latents: bool | None = None) -> PlanSettings:
-    """The memory-relevant part of `train`'s options (cache_latents: what the trainer decided, when known)."""
+def plan_settings(args, examples=None, class_examples: int = 0, mixed_precision: str | None = None) -> PlanSettings:
+    """What `train` does with these options and photos, decided here once: the trainer caches, offloads and keeps
+    its average as these settings say, and the plan counts the same. `examples` are the training examples (the
+    plan verb without a folder has none: CACHED_IMAGES photos are assumed, with crop slack as photos have, so
+    latents are cached only with --center_crop or --cache_latents); `class_examples` are counted on top."""
+    if examples is None:
+        cache_latents = args.center_crop if args.cache_latents is None else args.cache_latents
+        cached_images = CACHED_IMAGES + class_examples
+    else:
+        cache_latents = latents_are_cacheable(args.cache_latents, args.center_crop, examples)
+        cached_images = len(examples) + class_examples
     return PlanSettings(
-        resolution=args.resolution, batch_size=args.train_batch_size, mixed_precision=args.mixed_precision or "no",
+        resolution=args.resolution, batch_size=args.train_batch_size,
+        mixed_precision=mixed_precision or args.mixed_precision or "no",
         gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer, rank=args.rank,
         target_modules=tuple(args.target_modules), train_text_encoder=args.train_text_encoder,
-        learned_trigger=bool(args.train_trigger_embedding),
-        cache_latents=args.cache_latents is not False if cache_latents is None else cache_latents,
-        vae_fp16_safe=bool(args.pretrained_vae_model_name_or_path), base_weights_fp8=args.base_weights_dtype == "fp8",
-        cached_images=cached_images)
+        learned_trigger=bool(args.train_trigger_embedding), cache_latents=cache_latents,
+        cache_prompts=args.cache_prompts, vae_fp16_safe=bool(args.pretrained_vae_model_name_or_path),
+        base_weights_fp8=args.base_weights_dtype == "fp8", cached_images=cached_images,
+        lora_dropout=args.lora_dropout, ema_on_accelerator=args.use_ema and args.ema_device != "cpu",
+        base_model_prior=args.with_prior_preservation and args.prior_preservation_mode == "base_model")
+
+
+def planned_class_examples(args, instance_count: int) -> int:
+    """Class examples a run will have before its class images exist: the base-model prior's captions (one per
+    instance photo, or per class prompt), or --num_class_images."""
+    if not args.with_prior_preservation:
+        return 0
+    if args.prior_preservation_mode == "base_model":
+        return len(args.class_prompts) if args.class_prompts else instance_count
+    return args.num_class_images
 
 
 def presets(settings: PlanSettings) -> dict[str, PlanSettings]:
     """The usual ways to fit SDXL, at the user's resolution, batch, rank and targets."""
     bf16 = replace(settings, mixed_precision="bf16", gradient_checkpointing=False, optimizer="adamw",
-                   train_text_encoder=False, learned_trigger=False, cache_latents=True)
+                   train_text_encoder=False, learned_trigger=False)
     return {
         "bf16": bf16,
         "bf16 + gradient checkpointing": replace(bf16, gradient_checkpointing=True),
@@ -322,7 +445,8 @@ def plan_report(configs: ModelConfigs, settings: PlanSettings) -> str:
     """Your settings' breakdown, then the presets, each marked against the usual card sizes."""
     plan = plan_memory(configs, settings)
     rows = [*((f"{name} weights", size) for name, size in plan.weights.items()),
-            ("adapter weights (fp32)", plan.adapter), (f"optimizer state ({settings.optimizer})", plan.optimizer_state),
+            ("adapter weights (fp32)", plan.adapter), ("adapter moving average (fp32)", plan.ema),
+            (f"optimizer state ({settings.optimizer})", plan.optimizer_state),
             (f"cached latents and prompts ({settings.cached_images} images)", plan.caches),
             ("activations and gradients (peak of the step)", plan.step_peak)]
     lines = [f"memory plan: {configs.source}, {settings.resolution} px, batch {settings.batch_size}, "
@@ -332,8 +456,11 @@ def plan_report(configs: ModelConfigs, settings: PlanSettings) -> str:
              f"{', text encoders trained' if settings.train_text_encoder else ''}"
              f"{', trigger embedding learned' if settings.learned_trigger else ''}", ""]
     lines += [f"  {label:<52} {size / GIB:7.2f} GiB" for label, size in rows]
-    lines += [f"  {'total (what torch.cuda.max_memory_allocated reports)':<52} {plan.total / GIB:7.2f} GiB"]
+    lines += [f"  {'total of a step (torch.cuda.max_memory_allocated)':<52} {plan.total / GIB:7.2f} GiB"]
     lines += [f"  {name} kept off the accelerator once cached: {size / GIB:.2f} GiB" for name, size in plan.offloaded.items()]
+    lines += [f"  {'setup (every model on the card, before caching offloads)':<52} {plan.setup / GIB:7.2f} GiB",
+              f"  {'validation (offloaded models back beside the state)':<52} {plan.validation / GIB:7.2f} GiB",
+              "  (setup and validation without sampling's activations, which the plan does not count)"]
     lines += [f"  fits a card of {_fits(plan)} (with ~{CUDA_RESERVE / GIB:.1f} GiB for the CUDA context)", ""]
     lines += [f"presets at {settings.resolution} px:", "",
               "| preset | predicted peak | " + " | ".join(f"{gb} GB" for gb in CARD_SIZES_GB) + " |",
@@ -341,7 +468,7 @@ def plan_report(configs: ModelConfigs, settings: PlanSettings) -> str:
     for name, preset in presets(settings).items():
         planned = plan if preset == settings else plan_memory(configs, preset)
         marks = " | ".join("✓" if planned.fits(gb) else "✗" for gb in CARD_SIZES_GB)
-        lines.append(f"| {name} | {planned.total / GIB:.1f} GiB | {marks} |")
+        lines.append(f"| {name} | {planned.peak / GIB:.1f} GiB | {marks} |")
     return "\n".join(lines) + "\n"
 
 

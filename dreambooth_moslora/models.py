@@ -8,6 +8,7 @@ from pathlib import Path
 
 import diffusers
 import torch
+import transformers
 from diffusers import AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -15,8 +16,14 @@ from .errors import UserInputError
 from .loss import PREDICTION_TYPES
 from .single_file import check_single_file, is_single_file, load_single_file_components
 
-# diffusers 0.42 renamed from_pretrained's torch_dtype to dtype and warns on the old name
-_DTYPE_KEYWORD = "dtype" if tuple(int(p) for p in diffusers.__version__.split(".")[:2]) >= (0, 42) else "torch_dtype"
+
+def _version(module) -> tuple[int, int]:
+    return tuple(int(part) for part in module.__version__.split(".")[:2])
+
+
+# diffusers 0.42 and transformers 4.56 renamed from_pretrained's torch_dtype to dtype and warn on the old name
+_DTYPE_KEYWORD = "dtype" if _version(diffusers) >= (0, 42) else "torch_dtype"
+_TRANSFORMERS_DTYPE_KEYWORD = "dtype" if _version(transformers) >= (4, 56) else "torch_dtype"
 
 
 @dataclass
@@ -69,17 +76,21 @@ def model_load_error(name_or_path: str, error: Exception) -> UserInputError:
 
 
 def load_base_models(name_or_path: str, revision=None, variant=None, vae_name_or_path=None,
-                     model_config=None) -> BaseModels:
+                     model_config=None, dtype: torch.dtype = torch.float32) -> BaseModels:
     """From a hub id, a local diffusers folder, or one original-layout .safetensors file with its configs in
-    model_config; a path that is not there is one clear error."""
+    model_config; a path that is not there is one clear error. Weights are read straight into `dtype` on the CPU,
+    so no fp32 copy of SDXL ever reaches the accelerator; the stock VAE stays fp32 (it overflows in fp16), a
+    separate one (an fp16-safe VAE) takes `dtype`."""
     single_file = is_single_file(name_or_path)
+    vae_dtype = dtype if vae_name_or_path else torch.float32
     check_base_model(name_or_path, model_config)
     if vae_name_or_path:
         require_model_folder(vae_name_or_path)
     try:
-        vae = AutoencoderKL.from_pretrained(vae_name_or_path) if vae_name_or_path else None
-        parts = (load_single_file_components(name_or_path, model_config, vae=vae) if single_file
-                 else _folder_components(name_or_path, revision, variant, vae))
+        vae = AutoencoderKL.from_pretrained(vae_name_or_path, **dtype_option(vae_dtype)) if vae_name_or_path else None
+        parts = (load_single_file_components(name_or_path, model_config, dtype, vae=vae, vae_dtype=vae_dtype)
+                 if single_file
+                 else _folder_components(name_or_path, revision, variant, dtype, vae_dtype, vae))
         noise_scheduler = DDPMScheduler.from_pretrained(model_config if single_file else name_or_path,
                                                         subfolder="scheduler", revision=revision)
     except (OSError, ValueError) as error:
@@ -93,21 +104,26 @@ def load_base_models(name_or_path: str, revision=None, variant=None, vae_name_or
             f"{' and '.join(PREDICTION_TYPES)}"
         )
     text_encoders = (parts["text_encoder"], parts["text_encoder_2"])
-    for model in (*text_encoders, vae, unet):
+    for model, wanted in ((unet, dtype), *((e, dtype) for e in text_encoders), (vae, vae_dtype)):
         model.requires_grad_(False)
+        if model.dtype != wanted:  # a --pretrained_vae of another dtype; on the CPU, before any move
+            model.to(dtype=wanted)
     return BaseModels((parts["tokenizer"], parts["tokenizer_2"]), text_encoders, vae, unet, noise_scheduler)
 
 
-def _folder_components(name_or_path: str, revision, variant, vae=None) -> dict:
+def _folder_components(name_or_path: str, revision, variant, dtype: torch.dtype, vae_dtype: torch.dtype,
+                       vae=None) -> dict:
     common = {"revision": revision}
     weights = {"variant": variant, **common}
+    typed = {**weights, **dtype_option(dtype)}
+    text_typed = {**weights, _TRANSFORMERS_DTYPE_KEYWORD: dtype}
     return {
         "tokenizer": CLIPTokenizer.from_pretrained(name_or_path, subfolder="tokenizer", **common),
         "tokenizer_2": CLIPTokenizer.from_pretrained(name_or_path, subfolder="tokenizer_2", **common),
-        "text_encoder": CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder", **weights),
-        "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(name_or_path, subfolder="text_encoder_2", **weights),
-        "vae": vae or AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", **weights),
-        "unet": UNet2DConditionModel.from_pretrained(name_or_path, subfolder="unet", **weights),
+        "text_encoder": CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder", **text_typed),
+        "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(name_or_path, subfolder="text_encoder_2", **text_typed),
+        "vae": vae or AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", **weights, **dtype_option(vae_dtype)),
+        "unet": UNet2DConditionModel.from_pretrained(name_or_path, subfolder="unet", **typed),
     }
 
 
@@ -156,10 +172,25 @@ def back_on(models: list, device):
             model.to("cpu")
 
 
-def place_models(models: BaseModels, device, weight_dtype: torch.dtype, vae_is_fp16_safe: bool):
-    """Frozen weights in the training dtype; the stock SDXL VAE stays fp32 (it overflows in fp16)."""
-    vae_dtype = weight_dtype if vae_is_fp16_safe else torch.float32
-    for model, dtype in ((models.unet, weight_dtype), *((e, weight_dtype) for e in models.text_encoders), (models.vae, vae_dtype)):
+@contextlib.contextmanager
+def decoding_outside_autocast(vae):
+    """Sampling under the training's autocast, decoding outside it: diffusers' SDXL pipeline decodes under the
+    caller's autocast, where fp16 overflows the stock VAE (NaN or black images, and black class images trained on
+    as the prior), and hands an fp32 VAE half-precision latents. Inside the block the VAE decodes in its own dtype."""
+    decode = vae.decode
+
+    def decode_in_vae_dtype(latents, *args, **kwargs):
+        with torch.autocast(latents.device.type, enabled=False):
+            return decode(latents.to(vae.dtype), *args, **kwargs)
+
+    vae.decode = decode_in_vae_dtype
+    try:
+        yield
+    finally:
+        del vae.decode  # the class's method again
+
+
+def place_models(models: BaseModels, device):
+    """Each model moved once, already in its final dtype (and fp8 where asked): nothing is cast on the card."""
+    for model in (models.unet, *models.text_encoders, models.vae):
         model.to(device)
-        if model.dtype != dtype:
-            model.to(dtype=dtype)

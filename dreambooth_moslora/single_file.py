@@ -88,15 +88,17 @@ def check_same_base(adapter_sha256: str | None, name_or_path, adapter) -> None:
                              f"{name_or_path} has sha256 {sha256[:12]}…: another model")
 
 
-def load_single_file_components(path, model_config, dtype: torch.dtype = torch.float32, vae=None) -> dict:
+def load_single_file_components(path, model_config, dtype: torch.dtype = torch.float32, vae=None,
+                                vae_dtype: torch.dtype | None = None) -> dict:
     """unet, vae, both text encoders and both tokenizers, as StableDiffusionXLPipeline takes them; `vae` replaces
-    the file's own (an fp16-safe one), which is then not read."""
+    the file's own (an fp16-safe one), which is then not read. The file's VAE is read in `vae_dtype` (default
+    `dtype`)."""
     check_single_file(path, model_config)
     path, model_config = str(Path(path).expanduser()), str(Path(model_config).expanduser())
     common = {"config": model_config, "local_files_only": True, "torch_dtype": dtype}
     try:
         unet = UNet2DConditionModel.from_single_file(path, subfolder="unet", **common)
-        vae = vae or AutoencoderKL.from_single_file(path, subfolder="vae", **common)
+        vae = vae or AutoencoderKL.from_single_file(path, subfolder="vae", **{**common, "torch_dtype": vae_dtype or dtype})
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         raise UserInputError(f"could not read the UNet and VAE of {path}: {str(error).splitlines()[0]}") from None
     with safe_open(path, framework="pt") as handle:

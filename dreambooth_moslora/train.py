@@ -17,7 +17,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
@@ -25,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from .arguments import DEFAULT_MAX_TRAIN_STEPS
 from .checkpoint import checkpoints, load_checkpoint, prune_checkpoints, resolve_checkpoint, save_checkpoint
-from .caching import cache_latent_distributions, cache_prompt_embeddings, latents_are_cacheable
+from .caching import cache_latent_distributions, cache_prompt_embeddings
 from .conditioning import encode_latent_distribution, encode_prompts, micro_conditioning, sample_latents
 from .config import TEXT_ENCODER_TARGETS, MoSLoRAConfig
 from .data import MicroBatches, Sample, epoch_batches, epoch_examples, keep_as_is, process_micro_batches, read_examples
@@ -36,18 +35,18 @@ from .fp8 import store_frozen_weights_in_fp8
 from .files import check_writable_folder, write_text_atomically
 from .generate import GenerationSettings, generate_images
 from .inject import inject_moslora, moslora_config, moslora_disabled, moslora_parameters
-from .loss import diffusion_target, min_snr_weights
-from .masks import loss_weights, mask_finder, render_mask
+from .masks import mask_finder, render_mask
 from .adapters import recorded_base_sha256
 from .io import (DIFFUSERS_FILE, KOHYA_FILE, NATIVE_FILE, TRIGGER_FILE, export_diffusers, export_kohya,
                  export_trigger_embedding, save_moslora)
 from .model_card import model_card
-from .memory_plan import CUDA_RESERVE, GIB, configs_of, plan_memory, plan_settings
-from .models import (back_on, enable_text_encoder_checkpointing, load_base_models, model_reference, native_resolution,
-                     offload_cached_models, place_models, sdxl_pipeline)
+from .memory_plan import CUDA_RESERVE, GIB, configs_of, plan_memory, plan_settings, planned_class_examples
+from .models import (back_on, decoding_outside_autocast, enable_text_encoder_checkpointing, load_base_models,
+                     model_reference, native_resolution, offload_cached_models, place_models, sdxl_pipeline)
 from .output_lock import output_folder_lock
 from .prior import base_model_prior_examples, generate_class_images, missing_class_indices
 from .single_file import base_model_sha256, check_same_base
+from .step import LossSettings, StepInputs, denoising_loss
 from .trigger import install_trigger_embedding, trigger_parameters, trigger_token
 
 logger = logging.getLogger(__name__)
@@ -88,24 +87,18 @@ def train(args) -> TrainingResult:
     )
     instance = read_examples(args.instance_data_dir, args.instance_prompt, args.resolution, args.bucketing,
                              find_mask=mask_finder(args.mask_dir, args.alpha_mask))
+    plan_settings(args, instance)  # refuses --cache_latents with random crops before any model loads
     with output_folder_lock(output_dir, enabled=accelerator.is_main_process):
         return _train(args, accelerator, output_dir, instance)
 
 
 def _train(args, accelerator, output_dir: Path, instance) -> TrainingResult:
     _check_resume_base(args, output_dir)
-    models = load_base_models(args.pretrained_model_name_or_path, args.revision, args.variant,
-                              args.pretrained_vae_model_name_or_path, args.model_config)
-    _warn_about_resolution(args.resolution, models, args.pretrained_model_name_or_path)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    place_models(models, accelerator.device, weight_dtype, vae_is_fp16_safe=bool(args.pretrained_vae_model_name_or_path))
+    weight_dtype = training_dtype(accelerator.mixed_precision)
+    models, adapted = setup_models(args, accelerator, instance)
     classes = _class_examples(args, accelerator, models, instance) if args.with_prior_preservation else []
-    _report_memory_plan(args, accelerator, models, instance + classes)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
-
-    set_seed(args.seed)  # the adapter's initial A and mixer
-    adapted = _inject_adapters(args, models)
     optimizer = _build_optimizer(args, adapted, accelerator.num_processes)
     micro_batches_per_epoch = _micro_batches_per_epoch(args, instance, classes, accelerator.num_processes)
     max_steps = args.max_train_steps or (
@@ -120,10 +113,10 @@ def _train(args, accelerator, output_dir: Path, instance) -> TrainingResult:
                      "cpu" if args.ema_device == "cpu" else accelerator.device) if args.use_ema else None
 
     global_step = _resume(args, output_dir, adapted, optimizer, lr_scheduler, ema)
-    caches = _build_caches(args, accelerator, models, instance + classes, samples=(max_steps - global_step)
+    settings = plan_settings(args, instance + classes, mixed_precision=accelerator.mixed_precision)
+    caches = _build_caches(args, accelerator, models, instance + classes, settings, samples=(max_steps - global_step)
                            * args.train_batch_size * args.gradient_accumulation_steps)
-    offloaded = offload_cached_models(models, accelerator.device, prompts_cached=caches[1] is not None,
-                                      latents_cached=caches[0] is not None)
+    offloaded = offload_cached_models(models, accelerator.device, settings.prompts_cached, settings.cache_latents)
     if accelerator.is_main_process:
         accelerator.init_trackers("dreambooth-moslora", config=_tracker_config(args))
 
@@ -151,6 +144,26 @@ def _train(args, accelerator, output_dir: Path, instance) -> TrainingResult:
     return TrainingResult(output_dir, global_step, seconds, files, loop.losses)
 
 
+def training_dtype(mixed_precision: str) -> torch.dtype:
+    """The frozen weights' dtype; the adapter stays fp32."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+def setup_models(args, accelerator, instance) -> tuple:
+    """The base models read on the CPU in the training dtype, the plan checked against the card, the adapters
+    injected and fp8 applied there too, and only then each model moved to the accelerator, once: the card never
+    holds more than the run's own frozen weights. Returns the models and the adapted ones by component."""
+    models = load_base_models(args.pretrained_model_name_or_path, args.revision, args.variant,
+                              args.pretrained_vae_model_name_or_path, args.model_config,
+                              dtype=training_dtype(accelerator.mixed_precision))
+    _warn_about_resolution(args.resolution, models, args.pretrained_model_name_or_path)
+    _report_memory_plan(args, accelerator, models, instance)
+    set_seed(args.seed)  # the adapter's initial A and mixer, drawn on the CPU whatever the accelerator
+    adapted = _inject_adapters(args, models)
+    place_models(models, accelerator.device)
+    return models, adapted
+
+
 class TrainingLoop:
     """One optimizer step after another, with checkpoints, validation and logging in between."""
 
@@ -161,8 +174,9 @@ class TrainingLoop:
         self.trained, self.optimizer, self.lr_scheduler = trained, optimizer, lr_scheduler
         self.latent_cache, self.prompt_cache = caches
         self.weight_dtype = weight_dtype
-        self.prediction_type = models.noise_scheduler.config.prediction_type
-        self.alphas_cumprod = models.noise_scheduler.alphas_cumprod.to(accelerator.device)
+        self.loss_settings = LossSettings(args.prior_loss_weight, args.snr_gamma, args.unmasked_weight,
+                                          args.with_prior_preservation and args.prior_preservation_mode == "base_model")
+        self.num_timesteps = len(models.noise_scheduler.alphas_cumprod)
         self.losses: list[float] = []
         self.adapter_parameters = [p for group in optimizer.param_groups for p in group["params"]]
 
@@ -225,27 +239,18 @@ class TrainingLoop:
             if self.args.noise_offset:
                 noise += self.args.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=generator)
             noise = noise.to(device)
-            timesteps = torch.randint(0, len(self.alphas_cumprod), (latents.shape[0],), generator=generator).to(device)
-            noisy = self.models.noise_scheduler.add_noise(latents, noise, timesteps)
+            timesteps = torch.randint(0, self.num_timesteps, (latents.shape[0],), generator=generator).to(device)
             captions = [s.caption(e) for e, s in zip(examples, samples)]
             prompt_embeds, pooled = self._prompt_embeddings(captions)
             time_ids = torch.tensor(
                 [micro_conditioning(e.original_size, s.crop_top_left, e.target_size) for e, s in zip(examples, samples)],
                 device=device,
             )
-            prediction = self._predict(unet, noisy, timesteps, prompt_embeds, pooled, time_ids)
-            target = diffusion_target(self.models.noise_scheduler, latents, noise, timesteps)
-            if self.args.with_prior_preservation and self.args.prior_preservation_mode == "base_model":
-                target = self._base_model_targets(examples, captions, target, noisy, timesteps, prompt_embeds, pooled,
-                                                  time_ids)
-            errors = F.mse_loss(prediction.float(), target.float(), reduction="none")
-            if masks is not None:
-                errors = errors * loss_weights(masks.to(device), errors.shape[-2:], self.args.unmasked_weight)
-            per_sample = errors.mean(dim=(1, 2, 3))
-            weights = torch.tensor(
-                [self.args.prior_loss_weight if e.is_class else 1.0 for e in examples], device=device
-            ) * min_snr_weights(self.alphas_cumprod, timesteps, self.args.snr_gamma, self.prediction_type)
-            loss = (per_sample * weights).mean()
+            inputs = StepInputs(latents, noise, timesteps, prompt_embeds, pooled, time_ids,
+                                [e.is_class for e in examples], masks)
+            loss = denoising_loss(unet, self.models.noise_scheduler, inputs, self.loss_settings, self.weight_dtype,
+                                  base_unet=accelerator.unwrap_model(unet),
+                                  base_prompt=self._base_prompt(captions) if len(self.trained) > 1 else None)
             mean_loss = accelerator.gather(loss.detach()[None]).mean().item()
             if not math.isfinite(mean_loss):
                 raise TrainingDiverged(self._divergence_message(mean_loss))
@@ -258,30 +263,18 @@ class TrainingLoop:
             self.optimizer.zero_grad(set_to_none=True)
         return mean_loss
 
-    @torch.no_grad()
-    def _base_model_targets(self, examples, captions, target, noisy, timesteps, prompt_embeds, pooled, time_ids):
-        """For class examples, what the frozen base model predicts on the same noisy latent and class prompt."""
-        is_class = torch.tensor([e.is_class for e in examples], device=target.device)
-        if not is_class.any():
-            return target
-        unwrap = self.accelerator.unwrap_model
-        if len(self.trained) > 1:  # trained text encoders: the base model's prompt embeddings too
+    def _base_prompt(self, captions):
+        """The base model's prompt embeddings, text-encoder adapters off, for the base-model prior."""
+
+        @torch.no_grad()
+        def encode():
             # unwrapped: a DDP forward broadcasts buffers, and processes whose micro-batch has no class example
-            # skip this one, so the wrapped call would wait for them forever
+            # skip this call, so the wrapped one would wait for them forever
             encoders = self._text_encoders(unwrapped=True)
             with moslora_disabled(encoders[0]), moslora_disabled(encoders[1]):
-                prompt_embeds, pooled = encode_prompts(encoders, self.models.tokenizers, captions,
-                                                       self.accelerator.device)
-        unet = unwrap(self.trained["unet"])
-        with moslora_disabled(unet):
-            base = self._predict(unet, noisy, timesteps, prompt_embeds, pooled, time_ids)
-        return torch.where(is_class[:, None, None, None], base.to(target.dtype), target)
+                return encode_prompts(encoders, self.models.tokenizers, captions, self.accelerator.device)
 
-    def _predict(self, unet, noisy, timesteps, prompt_embeds, pooled, time_ids):
-        """The UNet's prediction with SDXL's conditioning, inputs in the frozen weights' dtype."""
-        dtype = self.weight_dtype
-        return unet(noisy.to(dtype), timesteps, prompt_embeds.to(dtype),
-                    added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)}).sample
+        return encode
 
     def _latent_distribution(self, examples, samples, pixels):
         if self.latent_cache is not None:
@@ -319,7 +312,8 @@ class TrainingLoop:
                                       batch_size=args.sample_batch_size,
                                       num_inference_steps=args.num_inference_steps, height=args.resolution,
                                       width=args.resolution)
-        with accelerator.autocast(), back_on(self.offloaded, accelerator.device):
+        with accelerator.autocast(), decoding_outside_autocast(self.models.vae), \
+                back_on(self.offloaded, accelerator.device):
             paths = generate_images(pipe, [args.validation_prompt], settings, folder, adapter_name="training",
                                     show_progress=False)
         for model in self.trained.values():
@@ -338,17 +332,16 @@ def _log_images(accelerator, paths, step):
 
 
 def _report_memory_plan(args, accelerator, models, examples):
-    """The plan's one line at start on an accelerator, and a warning when it exceeds the card (on the CPU there
-    is no card to fit, and planning costs seconds)."""
+    """Before any model reaches the device: the plan's one line on an accelerator, and a warning when its peak
+    exceeds the card (on the CPU there is no card to fit, and planning costs seconds)."""
     if not accelerator.is_main_process or accelerator.device.type == "cpu":
         return
-    cached = latents_are_cacheable(args.cache_latents, args.center_crop, examples)
-    settings = replace(plan_settings(args, len(examples), cached), mixed_precision=accelerator.mixed_precision)
+    settings = plan_settings(args, examples, planned_class_examples(args, len(examples)), accelerator.mixed_precision)
     plan = plan_memory(configs_of(models), settings)
     logger.info(plan.line())
     if accelerator.device.type == "cuda":
         card = torch.cuda.get_device_properties(accelerator.device)
-        if plan.total + CUDA_RESERVE > card.total_memory:
+        if plan.peak + CUDA_RESERVE > card.total_memory:
             logger.warning("that is more than the %.1f GiB of this %s: expect out-of-memory errors or a crawl "
                            "through shared memory; --low_memory, --gradient_checkpointing or a lower --resolution "
                            "fit less (dreambooth-moslora plan shows what each saves)", card.total_memory / GIB, card.name)
@@ -371,7 +364,8 @@ def _class_examples(args, accelerator, models, instance):
     missing = missing_class_indices(args.class_data_dir, args.num_class_images)
     if missing:
         logger.info("generating %d class images for %r", len(missing), args.class_prompt)
-        with accelerator.split_between_processes(missing) as mine, accelerator.autocast():
+        with accelerator.split_between_processes(missing) as mine, accelerator.autocast(), \
+                decoding_outside_autocast(models.vae):
             generate_class_images(sdxl_pipeline(models), args.class_data_dir, args.class_prompts or [args.class_prompt],
                                   mine, args.sample_batch_size, args.resolution, args.num_inference_steps, args.seed,
                                   show_progress=accelerator.is_local_main_process)
@@ -448,14 +442,15 @@ def _micro_batches_per_epoch(args, instance, classes, num_processes) -> int:
     return len(epoch_batches(examples, args.train_batch_size, args.seed, 0)) // num_processes
 
 
-def _build_caches(args, accelerator, models, examples, samples: int):
+def _build_caches(args, accelerator, models, examples, settings, samples: int):
+    """What `settings` (plan_settings, the plan's own decisions) say to cache."""
     start = time.perf_counter()
     show = accelerator.is_local_main_process
     latents = None
-    if latents_are_cacheable(args.cache_latents, args.center_crop, examples):
+    if settings.cache_latents:
         latents = cache_latent_distributions(models.vae, examples, args.random_flip, show_progress=show)
     prompts = None
-    if args.cache_prompts and not _trains_text_encoders(args):
+    if settings.prompts_cached:
         captions = [e.caption for e in examples] + ([""] if args.caption_dropout else [])
         prompts = cache_prompt_embeddings(models.text_encoders, models.tokenizers, captions,
                                           accelerator.device, show_progress=show)
@@ -468,11 +463,6 @@ def _build_caches(args, accelerator, models, examples, samples: int):
             else "prompts are encoded every step",
         )
     return latents, prompts
-
-
-def _trains_text_encoders(args) -> bool:
-    """Whether prompts pass through trained weights (adapters or the trigger's embedding), so are not cached."""
-    return bool(args.train_text_encoder or args.train_trigger_embedding)
 
 
 def _check_resume_base(args, output_dir):

@@ -16,19 +16,23 @@ from helpers import write_images
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 
-def test_the_average_follows_the_warmed_up_decay_and_swaps_in_and_out():
-    weight = nn.Parameter(torch.tensor([1.0, 2.0]))
+def test_the_average_is_diffusers_emamodels_step_for_step_and_swaps_in_and_out():
+    from diffusers.training_utils import EMAModel
+
+    generator = torch.Generator().manual_seed(0)
+    weight = nn.Parameter(torch.randn(3, generator=generator))
     ema = AdapterEMA({"w": weight}, decay=0.9)
-    with torch.no_grad():
-        weight.copy_(torch.tensor([3.0, 6.0]))
-    ema.update(step=1)  # warm-up: min(0.9, 2 / 11)
-    keep = 2 / 11
-    expected = torch.tensor([1.0, 2.0]) * keep + torch.tensor([3.0, 6.0]) * (1 - keep)
-    assert torch.allclose(ema.shadow["w"], expected)
-    assert ema.decay_at(1000) == 0.9
+    reference = EMAModel([weight], decay=0.9)
+    for step in range(1, 40):
+        with torch.no_grad():
+            weight.add_(torch.randn(3, generator=generator))
+        ema.update(step)
+        reference.step([weight])
+        torch.testing.assert_close(ema.shadow["w"], reference.shadow_params[0], rtol=1e-6, atol=1e-6)
+    trained = weight.detach().clone()
     with ema.applied():
-        assert torch.allclose(weight, expected)
-    assert torch.equal(weight.detach(), torch.tensor([3.0, 6.0]))
+        assert torch.equal(weight.detach(), ema.shadow["w"])
+    assert torch.equal(weight.detach(), trained)
 
 
 @pytest.fixture
@@ -44,17 +48,49 @@ def _run(tiny_sdxl_dir, subject, out, *extra):
     return result
 
 
-def test_the_exported_adapter_is_the_average_and_resuming_continues_it_exactly(tiny_sdxl_dir, subject, tmp_path):
+def test_checkpoints_and_the_export_hold_the_average_element_for_element(tiny_sdxl_dir, subject, tmp_path,
+                                                                          monkeypatch):
+    """The average is recomputed here by diffusers' EMAModel from the weights after each step, so a checkpoint that
+    kept the trained weights (or an average one step off) fails."""
+    from diffusers.training_utils import EMAModel
+
+    from dreambooth_moslora import ema as ema_module
+
+    references, update = {}, ema_module.AdapterEMA.update
+
+    def update_both(self, step):
+        if not references:
+            references.update(names=list(self.parameters), model=EMAModel(
+                [self.shadow[name].clone() for name in self.parameters], decay=self.decay))
+        references["model"].step([p.detach().clone().requires_grad_() for p in self.parameters.values()])
+        references[step] = [t.clone() for t in references["model"].shadow_params]
+        update(self, step)
+
+    monkeypatch.setattr(ema_module.AdapterEMA, "update", update_both)
+    _run(tiny_sdxl_dir, subject, tmp_path / "out", "--max_train_steps", "4", "--ema_device", "cpu")
+    for step in (2, 4):
+        saved = load_file(tmp_path / "out" / f"checkpoint-{step}" / "moslora.safetensors")
+        averaged = dict(zip(references["names"], references[step]))
+        for name, average in averaged.items():  # "unet.<module>.lora_B" is "unet.<module>.lora_B.weight" there
+            torch.testing.assert_close(saved[f"{name}.weight"], average, rtol=1e-5, atol=1e-6)
+    exported = load_file(tmp_path / "out" / "moslora.safetensors")
+    last = load_file(tmp_path / "out" / "checkpoint-4" / "moslora.safetensors")
+    assert all(torch.equal(exported[k], last[k]) for k in exported)
+    assert "moving average" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_resuming_continues_the_trained_weights_and_their_average_exactly(tiny_sdxl_dir, subject, tmp_path):
     _run(tiny_sdxl_dir, subject, tmp_path / "straight", "--max_train_steps", "4", "--ema_device", "cpu")
     _run(tiny_sdxl_dir, subject, tmp_path / "resumed", "--max_train_steps", "2")
     _run(tiny_sdxl_dir, subject, tmp_path / "resumed", "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
+    for name in ("moslora.safetensors", "checkpoint-4/trained_weights.safetensors"):
+        straight, resumed = (load_file(tmp_path / run / name) for run in ("straight", "resumed"))
+        assert straight.keys() == resumed.keys()
+        assert all(torch.allclose(straight[k], resumed[k], atol=1e-6) for k in straight), name
+    trained = load_file(tmp_path / "straight" / "checkpoint-4" / "trained_weights.safetensors")
     exported = load_file(tmp_path / "straight" / "moslora.safetensors")
-    trained = load_file(tmp_path / "straight" / "checkpoint-4" / "moslora.safetensors")
-    b = next(k for k in exported if k.endswith("lora_B.weight"))
-    assert not torch.allclose(exported[b], trained[b])  # the average lags the trained weights
-    resumed = load_file(tmp_path / "resumed" / "moslora.safetensors")
-    assert all(torch.allclose(exported[k], resumed[k], atol=1e-6) for k in exported)
-    assert "moving average" in (tmp_path / "straight" / "README.md").read_text()
+    b = next(k for k in trained if k.endswith("lora_B"))
+    assert not torch.allclose(trained[b], exported[f"{b}.weight"])  # the average lags the trained weights
 
 
 def test_resuming_with_ema_from_a_run_without_it_is_refused(tiny_sdxl_dir, subject, tmp_path):
