@@ -1,12 +1,18 @@
-"""The memory plan against a real GPU: the SDXL UNet (random weights from its config) trained for a few steps under
-each preset, torch.cuda.max_memory_allocated against the plan's prediction.
+"""The memory plan against a real GPU: the trainer itself (`train`: its loading, caching, offloading, its own
+`micro_step`, checkpoint and final validation) on an SDXL-architecture pipeline with random weights, a few steps
+per preset. torch.cuda.max_memory_allocated is read per phase and compared with the plan's figures for the same
+options (`plan_settings`, the decisions the trainer itself takes):
 
-    python benchmarks/memory_plan_check.py                       # 1024 px, rank 16, the plan's presets, 3 steps
-    python benchmarks/memory_plan_check.py --resolution 512 --steps 2
+- setup: loading, caching and placement, until the first step (plan: `setup`);
+- step: the trainer's micro_step, forward, backward and optimizer (plan: `total`);
+- after: checkpoints, the final validation sampling and the export (plan: `validation`, which does not count
+  sampling's activations).
 
-The step is the trainer's: cached latents and prompt embeddings (so the text encoders and VAE are off the GPU, as
-`train` leaves them), the adapted UNet under bf16 autocast with gradient checkpointing as the preset says, AdamW
-(or bitsandbytes' 8-bit AdamW) on the adapter. Writes benchmarks/memory-plan-<gpu>-<resolution>px.json and .md.
+    python benchmarks/memory_plan_check.py                                  # 1024 px, rank 16, bf16, 3 steps
+    python benchmarks/memory_plan_check.py --mixed_precision fp16 --card_gib 8 --presets low_memory
+
+--card_gib caps this process's share of the card (torch.cuda.set_per_process_memory_fraction), so an 8 GiB card's
+out-of-memory shows on a larger one. Writes benchmarks/memory-plan-<gpu>-<resolution>px-<precision>.json and .md.
 """
 
 from __future__ import annotations
@@ -15,61 +21,78 @@ import argparse
 import json
 import re
 import sys
+import tempfile
 import time
-from dataclasses import asdict, replace
 from pathlib import Path
 
+import numpy as np
 import torch
-from diffusers import UNet2DConditionModel
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dreambooth_moslora import MoSLoRAConfig, inject_moslora, moslora_parameters  # noqa: E402
-from dreambooth_moslora.fp8 import store_frozen_weights_in_fp8  # noqa: E402
-from dreambooth_moslora.memory_plan import GIB, PlanSettings, model_configs, plan_memory, presets  # noqa: E402
-from dreambooth_moslora.sdxl import SDXL_TEXT_EMBED_DIM, SDXL_UNET_CONFIG  # noqa: E402
+from dreambooth_moslora import train as train_module  # noqa: E402
+from dreambooth_moslora.arguments import parse_args  # noqa: E402
+from dreambooth_moslora.data import read_examples  # noqa: E402
+from dreambooth_moslora.errors import UserInputError  # noqa: E402
+from dreambooth_moslora.memory_plan import GIB, PRESET_OPTIONS, model_configs, plan_memory, plan_settings  # noqa: E402
+from dreambooth_moslora.sdxl import save_random_sdxl_pipeline  # noqa: E402
 
 
-def optimizer_for(settings: PlanSettings, parameters):
-    if settings.optimizer == "adamw8bit":
-        import bitsandbytes
+class PhasePeaks:
+    """max_memory_allocated per phase: the allocator's peak is read and reset at each phase change."""
 
-        return bitsandbytes.optim.AdamW8bit(parameters, lr=1e-4)
-    return torch.optim.AdamW(parameters, lr=1e-4)
+    def __init__(self, device):
+        self.device, self.phase, self.peaks = device, "setup", {}
+
+    def enter(self, phase: str):
+        peak = torch.cuda.max_memory_allocated(self.device)
+        self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), peak)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.phase = phase
 
 
-def measure(settings: PlanSettings, steps: int, device) -> dict:
-    """Peak allocated bytes over `steps` training steps of the preset, from an empty allocator."""
+def measure(base: Path, photos: Path, options: list[str], device) -> tuple[dict, dict, float]:
+    """One short training with the options; returns the phases' peaks, the plan's figures and seconds per step."""
+    output = Path(tempfile.mkdtemp(prefix="memory-plan-check-"))
+    argv = ["--pretrained_model_name_or_path", str(base), "--instance_data_dir", str(photos),
+            "--instance_prompt", "a photo of sks dog", "--output_dir", str(output), "--report_to", "none",
+            "--validation_prompt", "a photo of sks dog", "--num_validation_images", "1",
+            "--num_inference_steps", "2", *options]
+    args = parse_args(argv)
+    examples = read_examples(photos, args.instance_prompt, args.resolution, args.bucketing)
     torch.cuda.empty_cache()
+    phases = PhasePeaks(device)
     torch.cuda.reset_peak_memory_stats(device)
-    with torch.device(device):
-        unet = UNet2DConditionModel(**SDXL_UNET_CONFIG).to(torch.bfloat16).requires_grad_(False)
-    inject_moslora(unet, MoSLoRAConfig(rank=settings.rank, target_modules=settings.target_modules))
-    if settings.base_weights_fp8:
-        store_frozen_weights_in_fp8(unet)
-    if settings.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    optimizer = optimizer_for(settings, list(moslora_parameters(unet)))
-    batch, side = settings.batch_size, settings.resolution // 8
-    latents = torch.randn(batch, 4, side, side, device=device)
-    prompts = torch.randn(batch, 77, SDXL_UNET_CONFIG["cross_attention_dim"], device=device, dtype=torch.bfloat16)
-    pooled = torch.randn(batch, SDXL_TEXT_EMBED_DIM, device=device, dtype=torch.bfloat16)
-    time_ids = torch.tensor([[settings.resolution] * 2 + [0, 0] + [settings.resolution] * 2] * batch, device=device,
-                            dtype=torch.bfloat16)
-    started = time.perf_counter()
-    for _ in range(steps):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            prediction = unet(latents.to(torch.bfloat16), torch.randint(0, 1000, (batch,), device=device), prompts,
-                              added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
-        torch.nn.functional.mse_loss(prediction.float(), torch.randn_like(latents)).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    torch.cuda.synchronize(device)
-    seconds = (time.perf_counter() - started) / steps
-    peak = torch.cuda.max_memory_allocated(device)
-    del unet, optimizer, prediction
-    return {"peak_bytes": peak, "step_s": seconds}
+    micro_step = train_module.TrainingLoop.micro_step
+
+    def measured_step(self, *step_args):
+        phases.enter("step")
+        try:
+            return micro_step(self, *step_args)
+        finally:
+            phases.enter("after")
+
+    train_module.TrainingLoop.micro_step = measured_step
+    try:
+        result = train_module.train(args)
+    finally:
+        train_module.TrainingLoop.micro_step = micro_step
+    phases.enter("done")
+    settings = plan_settings(args, examples, mixed_precision=args.mixed_precision)
+    plan = plan_memory(model_configs(str(base)), settings)
+    predicted = {"setup": plan.setup, "step": plan.total, "after": plan.validation}
+    return phases.peaks, predicted, result.seconds / max(result.steps, 1)
+
+
+def write_photos(folder: Path, resolution: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for index in range(4):
+        pixels = rng.integers(0, 256, size=(resolution, resolution, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{index}.png")
+    return folder
 
 
 def main():
@@ -77,42 +100,57 @@ def main():
     parser.add_argument("--resolution", type=int, default=1024)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--mixed_precision", choices=["bf16", "fp16"], default="bf16")
+    parser.add_argument("--presets", default=",".join(PRESET_OPTIONS), help="comma-separated, of: " + ", ".join(PRESET_OPTIONS))
+    parser.add_argument("--card_gib", type=float, default=None, help="cap this process's share of the card")
+    parser.add_argument("--model", default=None, help="an SDXL-architecture folder; default: random weights, saved once")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("this check needs a CUDA GPU; on the CPU, tests/test_memory_plan.py checks the plan")
     device = torch.device("cuda")
-    configs = model_configs("stabilityai/stable-diffusion-xl-base-1.0")
-    base = PlanSettings(resolution=args.resolution, rank=args.rank, cached_images=0)
+    if args.card_gib:
+        torch.cuda.set_per_process_memory_fraction(args.card_gib * GIB / torch.cuda.get_device_properties(device).total_memory)
+    work = Path(tempfile.mkdtemp(prefix="memory-plan-"))
+    base = Path(args.model) if args.model else save_random_sdxl_pipeline(work / "sdxl")
+    photos = write_photos(work / "photos", args.resolution)
+    common = ["--resolution", str(args.resolution), "--rank", str(args.rank), "--max_train_steps", str(args.steps),
+              "--checkpointing_steps", str(args.steps), "--mixed_precision", args.mixed_precision, "--center_crop"]
     rows = []
-    for name, settings in presets(base).items():
-        if settings.train_text_encoder:
-            continue  # the check trains the UNet alone
-        if settings.optimizer == "adamw8bit" and not _has_bitsandbytes():
-            settings = replace(settings, optimizer="adamw")
-            name += " (AdamW: no bitsandbytes)"
-        predicted = plan_memory(configs, settings).total
-        measured = measure(settings, args.steps, device)
-        rows.append({"preset": name, "settings": asdict(settings), "predicted_bytes": predicted, **measured,
-                     "error": predicted / measured["peak_bytes"] - 1})
-        print(f"{name}: predicted {predicted / GIB:.2f} GiB, measured {measured['peak_bytes'] / GIB:.2f} GiB, "
-              f"{rows[-1]['error']:+.1%}, {measured['step_s']:.2f} s/step", flush=True)
+    for name in args.presets.split(","):
+        try:
+            peaks, predicted, step_s = measure(base, photos, common + PRESET_OPTIONS[name], device)
+            row = {"preset": name, "options": PRESET_OPTIONS[name], "measured": peaks, "predicted": predicted,
+                   "step_s": step_s}
+        except torch.OutOfMemoryError as error:
+            row = {"preset": name, "options": PRESET_OPTIONS[name], "out_of_memory": str(error).splitlines()[0]}
+        except UserInputError as error:  # 8-bit AdamW without bitsandbytes
+            row = {"preset": name, "options": PRESET_OPTIONS[name], "skipped": str(error)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     gpu = torch.cuda.get_device_name(device)
-    stem = ROOT / "benchmarks" / f"memory-plan-{re.sub(r'[^a-z0-9]+', '-', gpu.lower()).strip('-')}-{args.resolution}px"
+    slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
+    cap = f"-{args.card_gib:g}gib" if args.card_gib else ""
+    stem = ROOT / "benchmarks" / f"memory-plan-{slug}-{args.resolution}px-{args.mixed_precision}{cap}"
     result = {"gpu": gpu, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
               "command": "python " + " ".join(sys.argv), "rows": rows}
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"{gpu}, {result['date']}, torch {torch.__version__}: `{result['command']}`", "",
-             "| preset | predicted | measured max_memory_allocated | error | step |", "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['preset']} | {r['predicted_bytes'] / GIB:.2f} GiB | {r['peak_bytes'] / GIB:.2f} GiB | "
-              f"{r['error']:+.1%} | {r['step_s']:.2f} s |" for r in rows]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    stem.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
 
 
-def _has_bitsandbytes() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("bitsandbytes") is not None
+def markdown(result: dict) -> str:
+    lines = [f"{result['gpu']}, {result['date']}, torch {result['torch']}: `{result['command']}`", "",
+             "| preset | setup: plan / measured | step: plan / measured | after (validation, export): plan* / measured | step |",
+             "| --- | --- | --- | --- | --- |"]
+    for row in result["rows"]:
+        if "measured" not in row:
+            lines.append(f"| {row['preset']} | {'out of memory' if 'out_of_memory' in row else row['skipped']} | | | |")
+            continue
+        cells = [f"{row['predicted'][phase] / GIB:.2f} / {row['measured'].get(phase, 0) / GIB:.2f} GiB"
+                 for phase in ("setup", "step", "after")]
+        lines.append(f"| {row['preset']} | {' | '.join(cells)} | {row['step_s']:.2f} s |")
+    lines += ["", "*the plan's validation figure leaves out sampling's activations (the UNet's and the VAE decoder's)."]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Training checkpoints in safetensors and JSON only: the adapter, the optimizer state, the step and LR schedule.
 
 All randomness in training is a function of (seed, micro-batch number, process), so no RNG state needs saving:
-a resumed run draws exactly what an uninterrupted one would.
+a resumed run draws exactly what an uninterrupted one would, given the same processes, batch and accumulation.
+fp16's GradScaler (its scale and growth tracker) is saved with the schedule.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 
-from .ema import EMA_FILE, averaged_weights
+from .ema import EMA_FILE, adapter_parameters, averaged_weights
 from .errors import UserInputError
 from .files import write_text_atomically
 from .io import NATIVE_FILE, copy_adapter_weights, read_moslora, save_moslora, write_safetensors
@@ -33,8 +35,9 @@ def checkpoints(output_dir) -> list[Path]:
 
 
 def save_checkpoint(output_dir, step: int, models: dict, optimizer, lr_scheduler, base_model: str, ema=None,
-                    base_model_sha256: str | None = None) -> Path:
-    """Written into a temporary folder and renamed, so a crash never leaves a half checkpoint (nor the folder)."""
+                    base_model_sha256: str | None = None, grad_scaler=None, schedule: dict | None = None) -> Path:
+    """Written into a temporary folder and renamed, so a crash never leaves a half checkpoint (nor the folder).
+    `schedule` records what the LR schedule was built for ({"name", "steps"}), so a resume can tell a change."""
     final = Path(output_dir) / f"{PREFIX}{step}"
     staging = Path(output_dir) / f".{PREFIX}{step}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
@@ -47,7 +50,8 @@ def save_checkpoint(output_dir, step: int, models: dict, optimizer, lr_scheduler
         write_safetensors(tensors, staging / OPTIMIZER_FILE, metadata)
         if ema is not None:
             ema.save(staging)
-        state = {"global_step": step, "lr_scheduler": lr_scheduler.state_dict()}
+        state = {"global_step": step, "lr_scheduler": lr_scheduler.state_dict(), "schedule": schedule,
+                 "grad_scaler": grad_scaler.state_dict() if grad_scaler is not None else None}
         write_text_atomically(staging / STATE_FILE, json.dumps(state, default=float))
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
@@ -74,8 +78,29 @@ def resolve_checkpoint(output_dir, spec: str) -> Path | None:
     return path
 
 
-def load_checkpoint(path, models: dict, optimizer, lr_scheduler, ema=None) -> int:
-    """Restore adapter weights, optimizer, schedule and the weights' average; returns the step to continue from."""
+def weights_are_finite(models: dict) -> bool:
+    return all(torch.isfinite(p).all() for p in adapter_parameters(models).values())
+
+
+def last_good_checkpoint(output_dir) -> str:
+    """The newest checkpoint whose adapter is finite, in words (older runs' checkpoints were not checked on save)."""
+    for path in reversed(checkpoints(output_dir)):
+        try:
+            tensors = load_file(str(path / NATIVE_FILE))
+        except (SafetensorError, OSError):
+            continue
+        if all(torch.isfinite(t).all() for t in tensors.values()):
+            return f"the last good checkpoint is {path}"
+    return "no good checkpoint was saved yet"
+
+
+def checkpoint_state(path) -> dict:
+    return json.loads((Path(path) / STATE_FILE).read_text())
+
+
+def load_checkpoint(path, models: dict, optimizer, lr_scheduler, ema=None, grad_scaler=None) -> int:
+    """Restore adapter weights, optimizer, schedule, GradScaler and the weights' average; returns the step to
+    continue from."""
     path = Path(path)
     if ema is not None and not (path / EMA_FILE).is_file():
         raise UserInputError(f"{path} was trained without --use_ema; resume it without --use_ema, or start afresh")
@@ -99,8 +124,10 @@ def load_checkpoint(path, models: dict, optimizer, lr_scheduler, ema=None) -> in
         raise UserInputError(f"{path / OPTIMIZER_FILE} is not a usable optimizer state ({error})") from None
     if ema is not None:
         ema.load(path)
-    state = json.loads((path / STATE_FILE).read_text())
+    state = checkpoint_state(path)
     lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if grad_scaler is not None and state.get("grad_scaler"):
+        grad_scaler.load_state_dict(state["grad_scaler"])
     return int(state["global_step"])
 
 

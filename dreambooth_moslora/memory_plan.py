@@ -426,6 +426,16 @@ def planned_class_examples(args, instance_count: int) -> int:
     return args.num_class_images
 
 
+PRESET_OPTIONS = {
+    "bf16": [],
+    "bf16 + gradient checkpointing": ["--gradient_checkpointing"],
+    "bf16 + checkpointing + 8-bit AdamW": ["--gradient_checkpointing", "--optimizer", "adamw8bit"],
+    "--low_memory (+ fp8 base weights)": ["--low_memory"],
+    "bf16 + checkpointing + text encoders trained": ["--gradient_checkpointing", "--train_text_encoder"],
+}
+"""The `train` options of each preset (with --mixed_precision bf16 and --optimizer adamw), for running them."""
+
+
 def presets(settings: PlanSettings) -> dict[str, PlanSettings]:
     """The usual ways to fit SDXL, at the user's resolution, batch, rank and targets."""
     bf16 = replace(settings, mixed_precision="bf16", gradient_checkpointing=False, optimizer="adamw",

@@ -8,8 +8,10 @@ ViT-bigG); the VAE 84 M.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
 
 SDXL_UNET_CONFIG = {
     "sample_size": 128,
@@ -55,3 +57,21 @@ def build_sdxl_unet(device="cpu", dtype=torch.bfloat16, seed: int = 0) -> UNet2D
     with torch.device(device):
         unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
     return unet.to(dtype=dtype)
+
+
+def save_random_sdxl_pipeline(path, seed: int = 0) -> Path:
+    """A diffusers folder of SDXL's architecture with seeded random weights (UNet and text encoders bf16, VAE
+    fp32, 7 GB), which `train` loads as it loads the real one: for measuring the trainer on a GPU. Its tokenizers
+    are the tiny pipeline's (every id they give is in the encoders' range)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from .files import save_pretrained_readable
+    from .tiny import sdxl_scheduler, tiny_clip_tokenizer
+
+    unet = build_sdxl_unet(dtype=torch.bfloat16, seed=seed)
+    text_encoders = [model(CLIPTextConfig(**config)).to(torch.bfloat16) for model, config in
+                     zip((CLIPTextModel, CLIPTextModelWithProjection), SDXL_TEXT_ENCODER_CONFIGS)]
+    pipe = StableDiffusionXLPipeline(
+        vae=AutoencoderKL(**SDXL_VAE_CONFIG), text_encoder=text_encoders[0], text_encoder_2=text_encoders[1],
+        tokenizer=tiny_clip_tokenizer(), tokenizer_2=tiny_clip_tokenizer(), unet=unet, scheduler=sdxl_scheduler())
+    return save_pretrained_readable(pipe, path)

@@ -23,7 +23,8 @@ from diffusers.optimization import get_scheduler
 from torch.utils.data import DataLoader
 
 from .arguments import DEFAULT_MAX_TRAIN_STEPS
-from .checkpoint import checkpoints, load_checkpoint, prune_checkpoints, resolve_checkpoint, save_checkpoint
+from .checkpoint import (checkpoint_state, last_good_checkpoint, load_checkpoint, prune_checkpoints,
+                         resolve_checkpoint, save_checkpoint, weights_are_finite)
 from .caching import cache_latent_distributions, cache_prompt_embeddings
 from .conditioning import encode_latent_distribution, encode_prompts, micro_conditioning, sample_latents
 from .config import TEXT_ENCODER_TARGETS, MoSLoRAConfig
@@ -112,7 +113,7 @@ def _train(args, accelerator, output_dir: Path, instance) -> TrainingResult:
     ema = AdapterEMA(adapter_parameters(adapted), args.ema_decay,
                      "cpu" if args.ema_device == "cpu" else accelerator.device) if args.use_ema else None
 
-    global_step = _resume(args, output_dir, adapted, optimizer, lr_scheduler, ema)
+    global_step = _resume(args, output_dir, adapted, optimizer, lr_scheduler, ema, accelerator.scaler, max_steps)
     settings = plan_settings(args, instance + classes, mixed_precision=accelerator.mixed_precision)
     caches = _build_caches(args, accelerator, models, instance + classes, settings, samples=(max_steps - global_step)
                            * args.train_batch_size * args.gradient_accumulation_steps)
@@ -126,10 +127,11 @@ def _train(args, accelerator, output_dir: Path, instance) -> TrainingResult:
     first_step = global_step
     with _StopOnInterrupt() as stop:
         global_step = loop.run(instance, classes, global_step, max_steps, stop, save=lambda step: _checkpoint(
-            args, output_dir, step, accelerator, adapted, optimizer, lr_scheduler, ema))
+            args, output_dir, step, accelerator, adapted, optimizer, lr_scheduler, ema, max_steps))
     seconds = time.perf_counter() - start
     if stop.requested:
-        path = _checkpoint(args, output_dir, global_step, accelerator, adapted, optimizer, lr_scheduler, ema)
+        path = _checkpoint(args, output_dir, global_step, accelerator, adapted, optimizer, lr_scheduler, ema,
+                           max_steps)
         raise KeyboardInterrupt(f"interrupted at step {global_step}; saved {path}; "
                                 "continue with --resume_from_checkpoint latest")
 
@@ -294,9 +296,8 @@ class TrainingLoop:
         return [self.accelerator.unwrap_model(e) for e in encoders] if unwrapped else encoders
 
     def _divergence_message(self, loss) -> str:
-        found = checkpoints(self.args.output_dir)
-        kept = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was saved yet"
-        return (f"the loss became {loss} ; training stopped and no adapter was written; {kept}. "
+        return (f"the loss became {loss} ; training stopped and no adapter was written; "
+                f"{last_good_checkpoint(self.args.output_dir)}. "
                 "Lower --learning_rate, or use --mixed_precision bf16 instead of fp16.")
 
     @torch.no_grad()
@@ -472,24 +473,40 @@ def _check_resume_base(args, output_dir):
         check_same_base(recorded_base_sha256(path / NATIVE_FILE), args.pretrained_model_name_or_path, path)
 
 
-def _resume(args, output_dir, adapted, optimizer, lr_scheduler, ema) -> int:
+def _resume(args, output_dir, adapted, optimizer, lr_scheduler, ema, grad_scaler, max_steps: int) -> int:
     if not args.resume_from_checkpoint:
         return 0
     path = resolve_checkpoint(output_dir, args.resume_from_checkpoint)
     if path is None:
         logger.info("no checkpoint in %s yet; starting from step 0", output_dir)
         return 0
-    step = load_checkpoint(path, adapted, optimizer, lr_scheduler, ema)
+    step = load_checkpoint(path, adapted, optimizer, lr_scheduler, ema, grad_scaler)
     logger.info("resumed from %s at step %d", path, step)
+    built_for = checkpoint_state(path).get("schedule")
+    if built_for and built_for != _schedule(args, max_steps) and "constant" not in {built_for["name"], args.lr_scheduler}:
+        logger.warning("the %s learning-rate schedule of %s was built for %d steps; from step %d it follows a %s "
+                       "schedule for %d steps, so the run is not the one a straight %d-step run would have made",
+                       built_for["name"], path, built_for["steps"], step, args.lr_scheduler, max_steps, max_steps)
     return step
 
 
-def _checkpoint(args, output_dir, step, accelerator, adapted, optimizer, lr_scheduler, ema):
+def _schedule(args, max_steps: int) -> dict:
+    return {"name": args.lr_scheduler, "steps": max_steps}
+
+
+def _checkpoint(args, output_dir, step, accelerator, adapted, optimizer, lr_scheduler, ema, max_steps: int):
+    """Only from finite weights (every process checks its identical copy, so all stop together), so the newest
+    checkpoint is always one to go back to."""
+    if not weights_are_finite(adapted):
+        raise TrainingDiverged(f"the adapter's weights became non-finite by step {step}; checkpoint-{step} was not "
+                               f"written and no adapter was; {last_good_checkpoint(output_dir)}. Lower "
+                               "--learning_rate, or use --mixed_precision bf16 instead of fp16.")
     path = output_dir / f"checkpoint-{step}"
     if accelerator.is_main_process:
         path = save_checkpoint(output_dir, step, adapted, optimizer, lr_scheduler,
                                model_reference(args.pretrained_model_name_or_path), ema,
-                               base_model_sha256(args.pretrained_model_name_or_path))
+                               base_model_sha256(args.pretrained_model_name_or_path), accelerator.scaler,
+                               _schedule(args, max_steps))
         prune_checkpoints(output_dir, args.checkpoints_total_limit)
     accelerator.wait_for_everyone()
     return path

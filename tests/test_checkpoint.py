@@ -70,3 +70,17 @@ def test_latest_pruning_and_bad_paths(tmp_path):
     assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint-4", "checkpoint-10"]
     with pytest.raises(UserInputError, match="not a training checkpoint"):
         resolve_checkpoint(tmp_path, str(tmp_path / "nowhere"))
+
+
+def test_the_fp16_grad_scaler_is_saved_and_restored(tmp_path):
+    """A CPU GradScaler stands in for the CUDA one that fp16 training on a GPU keeps."""
+    model, optimizer, scheduler = _trained()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=3)
+    scaler.scale(torch.ones(()))  # the scale exists from the first scaled loss on
+    scaler.update(new_scale=1024.0)
+    scaler._growth_tracker = torch.tensor(2, dtype=torch.int32)
+    path = save_checkpoint(tmp_path, 3, {"unet": model}, optimizer, scheduler, base_model="tiny", grad_scaler=scaler)
+    other, other_optimizer, other_scheduler = _trained(seed=1)
+    restored = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=3)
+    load_checkpoint(path, {"unet": other}, other_optimizer, other_scheduler, grad_scaler=restored)
+    assert restored.get_scale() == 1024.0 and restored.state_dict() == scaler.state_dict()

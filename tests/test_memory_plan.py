@@ -1,3 +1,4 @@
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,70 @@ def test_a_learned_trigger_keeps_the_text_encoders_on_the_card_and_counts_its_ve
     width = sum(c.hidden_size for c in configs.text_encoders)
     assert learned.adapter - frozen.adapter == width * 4  # one fp32 vector per text encoder
     assert learned.step_peak > frozen.step_peak  # the text encoders' activations, kept for the backward
+
+
+REQUIRED = ["--pretrained_model_name_or_path", "stabilityai/stable-diffusion-xl-base-1.0",
+            "--instance_data_dir", "d", "--instance_prompt", "a photo of sks dog", "--mixed_precision", "bf16"]
+
+
+def test_each_presets_options_give_the_presets_settings():
+    """The benchmark runs the presets by their options: they must be the settings the table plans."""
+    import importlib.util
+
+    from dreambooth_moslora.memory_plan import PRESET_OPTIONS, plan_settings, presets
+
+    planned = presets(plan_settings(parse_args(REQUIRED)))
+    assert PRESET_OPTIONS.keys() == planned.keys()
+    for name, options in PRESET_OPTIONS.items():
+        settings = plan_settings(parse_args(REQUIRED + options))
+        if name.startswith("--low_memory") and importlib.util.find_spec("bitsandbytes") is None:
+            settings = replace(settings, optimizer="adamw8bit")  # --low_memory takes 8-bit AdamW where it can
+        assert settings == planned[name], name
+
+
+def test_the_plan_takes_the_trainers_decisions_from_its_options_and_photos(tiny_sdxl_dir, tmp_path):
+    from dreambooth_moslora.data import read_examples
+    from dreambooth_moslora.memory_plan import plan_settings
+
+    configs = model_configs(str(tiny_sdxl_dir))
+    photos = tmp_path / "photos"
+    write_images(photos, sizes=((96, 64), (64, 96)))  # larger than their buckets: random crops
+    args = parse_args(training_argv(tiny_sdxl_dir, photos, tmp_path / "out", "--mixed_precision", "no"))
+    examples = read_examples(photos, args.instance_prompt, args.resolution, args.bucketing)
+    random_crops = plan_settings(args, examples)
+    assert not random_crops.cache_latents and "VAE" in plan_memory(configs, random_crops).weights
+    centred = plan_settings(parse_args(training_argv(tiny_sdxl_dir, photos, tmp_path / "out", "--center_crop")),
+                            examples)
+    assert centred.cache_latents and "VAE" in plan_memory(configs, centred).offloaded
+    uncached = plan_settings(parse_args(training_argv(tiny_sdxl_dir, photos, tmp_path / "out", "--center_crop",
+                                                      "--no_cache_prompts")), examples)
+    assert "text encoders" in plan_memory(configs, uncached).weights  # the trainer keeps them to encode each step
+
+
+def test_the_moving_average_dropout_and_the_base_model_prior_are_counted(tiny_sdxl_dir, tmp_path):
+    configs = model_configs(str(tiny_sdxl_dir))
+    plain = plan_memory(configs, PlanSettings(resolution=64, mixed_precision="no"))
+    averaged = plan_memory(configs, PlanSettings(resolution=64, mixed_precision="no", ema_on_accelerator=True))
+    assert plain.ema == 0 and averaged.ema == plain.adapter  # an fp32 copy of the fp32 adapter
+    assert averaged.total - plain.total == plain.adapter
+    dropout = plan_memory(configs, PlanSettings(resolution=64, mixed_precision="no", lora_dropout=0.1))
+    assert dropout.step_peak > plain.step_peak  # dropout's masks, kept for the backward
+    prior = plan_memory(configs, PlanSettings(resolution=64, mixed_precision="no", base_model_prior=True))
+    assert prior.step_peak > plain.step_peak  # the base model's own pass beside the kept activations
+
+
+def test_the_emulated_autocast_casts_as_cuda_autocast_does():
+    import torch.nn.functional as F
+
+    from dreambooth_moslora.memory_plan import emulated_autocast
+
+    weight = torch.nn.Parameter(torch.randn(8, 8))
+    x = torch.randn(2, 8)
+    with emulated_autocast(torch.bfloat16):
+        product = F.linear(x, weight)
+        normed = F.layer_norm(product, (8,))
+        grouped = F.group_norm(product.view(2, 8, 1, 1), 2)
+    assert product.dtype == torch.bfloat16  # as CUDA's (and the CPU's) autocast
+    assert normed.dtype == grouped.dtype == torch.float32  # CUDA's fp32 list; the CPU's autocast keeps bf16 here
+    (normed.sum() + grouped.sum()).backward()
+    assert weight.grad.dtype == torch.float32

@@ -1,0 +1,94 @@
+"""Resuming reproduces the uninterrupted run, with every option that touches a step's randomness or state; a
+diverged run names a checkpoint that is really good."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import training_argv
+from dreambooth_moslora import train as train_module
+from dreambooth_moslora.arguments import parse_args
+from dreambooth_moslora.inject import moslora_parameters
+from dreambooth_moslora.train import TrainingDiverged, train
+from helpers import write_images
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
+
+
+@pytest.fixture
+def subject(tmp_path):
+    paths = write_images(tmp_path / "subject", sizes=((64, 64), (80, 64), (64, 72)))
+    (tmp_path / "masks").mkdir()
+    for path in paths:  # the left half is the subject
+        width, height = Image.open(path).size
+        mask = np.zeros((height, width), dtype=np.uint8)
+        mask[:, : width // 2] = 255
+        Image.fromarray(mask).save(tmp_path / "masks" / path.name)
+    return tmp_path / "subject"
+
+
+def run(tiny_sdxl_dir, subject, output_dir, *extra, steps):
+    result = train(parse_args(training_argv(tiny_sdxl_dir, subject, output_dir, *extra, steps=steps)))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return result
+
+
+@pytest.mark.parametrize("options", [
+    ("--caption_dropout", "0.5", "--lr_scheduler", "linear", "--random_flip"),
+    ("--mask_dir", "{masks}", "--lr_scheduler", "cosine", "--lr_warmup_steps", "1"),
+    ("--with_prior_preservation", "--prior_preservation_mode", "base_model", "--class_prompt", "a photo of a dog",
+     "--lr_scheduler", "polynomial", "--train_batch_size", "2"),
+    ("--train_text_encoder", "--text_encoder_lr", "1e-3", "--lr_scheduler", "cosine_with_restarts"),
+], ids=["caption-dropout-linear", "masks-cosine", "base-model-prior-polynomial", "text-encoders"])
+def test_an_interrupted_run_resumed_is_the_straight_run(tiny_sdxl_dir, subject, tmp_path, options):
+    options = tuple(o.format(masks=tmp_path / "masks") for o in options) + ("--checkpointing_steps", "2")
+    straight = run(tiny_sdxl_dir, subject, tmp_path / "straight", *options, "--max_train_steps", "4", steps=None)
+    # the same command, stopped after step 2 (as Ctrl-C or a crash leaves it), then resumed
+    stop_after_two = train_module.TrainingLoop.run
+
+    def interrupted(self, instance, classes, global_step, max_steps, stop, save):
+        return stop_after_two(self, instance, classes, global_step, 2, stop, save)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_module.TrainingLoop, "run", interrupted)
+        run(tiny_sdxl_dir, subject, tmp_path / "split", *options, "--max_train_steps", "4", steps=None)
+    resumed = run(tiny_sdxl_dir, subject, tmp_path / "split", *options, "--max_train_steps", "4",
+                  "--resume_from_checkpoint", "latest", steps=None)
+    assert resumed.losses == pytest.approx(straight.losses[2:], rel=1e-6)
+    a, b = (load_file(tmp_path / d / "moslora.safetensors") for d in ("straight", "split"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+
+
+def test_extending_a_decaying_schedule_says_the_run_is_not_the_straight_one(tiny_sdxl_dir, subject, tmp_path, caplog):
+    options = ("--lr_scheduler", "linear", "--checkpointing_steps", "2")
+    run(tiny_sdxl_dir, subject, tmp_path / "out", *options, steps=2)
+    with caplog.at_level(logging.WARNING, logger="dreambooth_moslora"):
+        run(tiny_sdxl_dir, subject, tmp_path / "out", *options, "--resume_from_checkpoint", "latest", steps=4)
+    assert any("was built for 2 steps" in r.getMessage() and "straight 4-step run" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_a_run_whose_weights_diverge_names_the_last_finite_checkpoint(tiny_sdxl_dir, subject, tmp_path, monkeypatch):
+    """The weights turn non-finite in step 2 while its loss was still finite: checkpoint-2 would hold them."""
+    step = train_module.TrainingLoop.micro_step
+
+    def poisoned(self, number, *rest):
+        loss = step(self, number, *rest)
+        if number == 1:
+            with torch.no_grad():
+                moslora_parameters(self.accelerator.unwrap_model(self.trained["unet"]))[0].fill_(float("nan"))
+        return loss
+
+    monkeypatch.setattr(train_module.TrainingLoop, "micro_step", poisoned)
+    with pytest.raises(TrainingDiverged, match="the last good checkpoint is .*checkpoint-1") as raised:
+        run(tiny_sdxl_dir, subject, tmp_path / "out", "--checkpointing_steps", "1", steps=5)
+    assert "checkpoint-2" not in str(raised.value).replace("checkpoint-2 was not written", "")
+    assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-1"]
+    assert not (tmp_path / "out" / "moslora.safetensors").exists()
