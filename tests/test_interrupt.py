@@ -20,8 +20,9 @@ ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
-# The trainer, with SIGINT sent from inside after micro-step INTERRUPT_AFTER: to this process alone, or, as a
-# terminal's Ctrl-C does, to its whole process group (the DataLoader workers too). Only rank INTERRUPT_RANK is hit.
+# The trainer, with SIGINT sent from inside by rank 0 after its micro-step INTERRUPT_AFTER, to INTERRUPT: "process"
+# (itself alone), "group" (its process group, the DataLoader workers too, as a terminal's Ctrl-C) or "launcher"
+# (torchrun, which passes it on to every rank, each in a session of its own).
 INTERRUPTING_TRAINER = textwrap.dedent("""
     import os, signal, sys
     from dreambooth_moslora import train as training
@@ -32,12 +33,12 @@ INTERRUPTING_TRAINER = textwrap.dedent("""
 
     def micro_step(self, *args, **kwargs):
         losses.append(original(self, *args, **kwargs))
-        if len(losses) == int(os.environ["INTERRUPT_AFTER"]) and \\
-                self.accelerator.process_index == int(os.environ.get("INTERRUPT_RANK", "0")):
-            if os.environ.get("INTERRUPT_GROUP"):
+        if len(losses) == int(os.environ["INTERRUPT_AFTER"]) and self.accelerator.process_index == 0:
+            target = os.environ["INTERRUPT"]
+            if target == "group":
                 os.killpg(os.getpgid(0), signal.SIGINT)
             else:
-                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getppid() if target == "launcher" else os.getpid(), signal.SIGINT)
         return losses[-1]
 
     training.TrainingLoop.micro_step = micro_step
@@ -122,13 +123,31 @@ def test_ctrl_c_on_one_of_two_processes_stops_both_at_the_same_step_with_a_check
                          "--checkpointing_steps", "1000", steps=50)
     _, _, stderr = _interrupted_run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
-         str(tmp_path / "trainer.py"), *argv], {"INTERRUPT_AFTER": "2"}, timeout=90)
+         str(tmp_path / "trainer.py"), *argv], {"INTERRUPT_AFTER": "2", "INTERRUPT": "process"}, timeout=90)
     stopped = re.findall(r"stopped: interrupted at step (\d+); saved (\S+);", stderr)
     assert len(stopped) == 2, stderr[-3000:]  # each rank stops and says so
     assert stopped[0][0] == stopped[1][0] and stopped[0][1] == stopped[1][1]
     assert stopped[0] == ("2", str(out / "checkpoint-2"))  # the step rank 0 was interrupted in
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-2"]
     assert (out / "checkpoint-2" / "moslora.safetensors").is_file()
+    assert not (out / "moslora.safetensors").exists()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo over localhost")
+def test_ctrl_c_to_torchrun_stops_both_processes_at_one_step_with_a_checkpoint(photos, tmp_path):
+    """A Ctrl-C at torchrun: it passes SIGINT to each rank on its own, so they may see it at different steps and
+    must agree (before the fix this passed only when both happened to see it in the same step)."""
+    (tmp_path / "trainer.py").write_text(INTERRUPTING_TRAINER)
+    out = tmp_path / "out"
+    argv = training_argv(ROOT / "assets" / "mini-sdxl", photos, out, "--resolution", "32",
+                         "--checkpointing_steps", "1000", steps=50)
+    _, _, stderr = _interrupted_run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29542",
+         str(tmp_path / "trainer.py"), *argv], {"INTERRUPT_AFTER": "2", "INTERRUPT": "launcher"}, timeout=90)
+    stopped = re.findall(r"stopped: interrupted at step (\d+); saved (\S+);", stderr)
+    assert len(stopped) == 2 and stopped[0] == stopped[1], stderr[-3000:]
+    step = int(stopped[0][0])
+    assert step >= 2 and [p.name for p in out.glob("checkpoint-*")] == [f"checkpoint-{step}"]
     assert not (out / "moslora.safetensors").exists()
 
 
@@ -146,7 +165,7 @@ def test_ctrl_c_to_the_process_group_with_dataloader_workers_saves_a_checkpoint(
                          "--gradient_accumulation_steps", "4", steps=50)
     returncode, _, stderr = _interrupted_run(
         [sys.executable, str(tmp_path / "trainer.py"), *argv],
-        {"INTERRUPT_AFTER": "5", "INTERRUPT_GROUP": "1", "START_METHOD": start_method}, timeout=90)
+        {"INTERRUPT_AFTER": "5", "INTERRUPT": "group", "START_METHOD": start_method}, timeout=90)
     assert returncode == 130, stderr[-3000:]
     assert stderr.count("interrupt: finishing this step") == 1  # the trainer's, not a forked worker's copy
     assert f"stopped: interrupted at step 2; saved {out / 'checkpoint-2'}" in stderr
