@@ -10,8 +10,6 @@ import json
 import logging
 import math
 import resource
-import signal
-import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -36,6 +34,7 @@ from .fp8 import store_frozen_weights_in_fp8
 from .files import check_writable_folder, write_text_atomically
 from .generate import GenerationSettings, generate_images
 from .inject import inject_moslora, moslora_config, moslora_disabled, moslora_parameters
+from .interrupt import StopOnInterrupt, ignore_interrupts
 from .masks import mask_finder, render_mask
 from .adapters import recorded_base_sha256
 from .io import (DIFFUSERS_FILE, KOHYA_FILE, NATIVE_FILE, TRIGGER_FILE, export_diffusers, export_kohya,
@@ -125,7 +124,7 @@ def _train(args, accelerator, output_dir: Path, instance) -> TrainingResult:
                         offloaded)
     start = time.perf_counter()
     first_step = global_step
-    with _StopOnInterrupt() as stop:
+    with StopOnInterrupt() as stop:
         global_step = loop.run(instance, classes, global_step, max_steps, stop, save=lambda step: _checkpoint(
             args, output_dir, step, accelerator, adapted, optimizer, lr_scheduler, ema, max_steps))
     seconds = time.perf_counter() - start
@@ -198,6 +197,7 @@ class TrainingLoop:
                              render_pixels=self.latent_cache is None, caption_dropout=args.caption_dropout,
                              render_mask=render_mask if args.mask_dir or args.alpha_mask else None),
                 batch_size=None, num_workers=args.dataloader_num_workers, collate_fn=keep_as_is,
+                worker_init_fn=ignore_interrupts,
             )
             for number, examples, samples, pixels, masks in loader:
                 micro_losses.append(self.micro_step(number, examples, samples, pixels, masks))
@@ -221,7 +221,7 @@ class TrainingLoop:
                         and global_step < max_steps and accelerator.is_main_process:
                     with averaged_weights(self.ema):
                         self.validate(global_step)
-                if global_step >= max_steps or stop.requested:
+                if global_step >= max_steps or stop.should_stop(accelerator):  # every process at the same step
                     break
         progress.close()
         return global_step
@@ -510,26 +510,6 @@ def _checkpoint(args, output_dir, step, accelerator, adapted, optimizer, lr_sche
         prune_checkpoints(output_dir, args.checkpoints_total_limit)
     accelerator.wait_for_everyone()
     return path
-
-
-class _StopOnInterrupt:
-    """Ctrl-C finishes the current step and saves a checkpoint; a second Ctrl-C stops at once."""
-
-    requested = False
-
-    def __enter__(self):
-        self.previous = signal.getsignal(signal.SIGINT)
-        signal.signal(signal.SIGINT, self._request_stop)
-        return self
-
-    def _request_stop(self, signum, frame):
-        self.requested = True
-        signal.signal(signal.SIGINT, self.previous)
-        print("\ninterrupt: finishing this step and saving a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
-
-    def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
-        return False
 
 
 def _write_outputs(args, output_dir, adapted, steps, images) -> list[Path]:
