@@ -9,6 +9,7 @@ import logging
 
 from .config import MIXER_INITS, UNET_TARGETS
 from .errors import UserInputError
+from .io import KOHYA_UNET_MODULES, kohya_exportable
 from .parser import CommandParser
 from .prompt_words import has_trigger_word, prompt_words, read_prompts
 from .models import check_base_model
@@ -82,7 +83,8 @@ def build_parser(prog: str | None = None, needs_data: bool = True) -> argparse.A
     adapter.add_argument("--freeze_mixer", action="store_true",
                          help="keep the mixer at its initial value (a control for comparing MoSLoRA with LoRA)")
     adapter.add_argument("--target_modules", default=",".join(UNET_TARGETS),
-                         help="comma-separated UNet layer names (default to_q,to_k,to_v,to_out.0)")
+                         help="comma-separated UNet layer names in the attention blocks, which the kohya export can "
+                              "name (default to_q,to_k,to_v,to_out.0)")
     adapter.add_argument("--lora_dropout", type=float, default=0.0)
     adapter.add_argument("--use_rslora", action="store_true", help="scale alpha/sqrt(rank) instead of alpha/rank")
     adapter.add_argument("--train_text_encoder", action="store_true",
@@ -197,6 +199,10 @@ def validate_args(args: argparse.Namespace, needs_data: bool = True) -> argparse
         raise UserInputError(f"--train_trigger_embedding {args.train_trigger_embedding!r} is not a word of "
                              f"--instance_prompt {args.instance_prompt!r}")
     args.target_modules = tuple(t.strip() for t in args.target_modules.split(",") if t.strip())
+    outside = [t for t in args.target_modules if not kohya_exportable(t)]
+    if outside:
+        raise UserInputError(f"--target_modules {','.join(outside)} is outside the UNet's attention blocks, which "
+                             f"the kohya export written at the end needs; use names among {','.join(KOHYA_UNET_MODULES)}")
     return args
 
 

@@ -61,3 +61,11 @@ def test_class_prompts_come_from_a_file_read_before_any_model(tmp_path):
     assert args.class_prompts == ["a photo of a dog", "a dog on the beach"] and args.class_prompt == "a photo of a dog"
     with pytest.raises(UserInputError, match="prompts file not found"):
         parse_args(REQUIRED + ["--class_prompts_file", str(tmp_path / "missing.txt")])
+
+
+def test_target_modules_the_kohya_export_cannot_name_are_refused_before_training():
+    with pytest.raises(UserInputError, match=r"--target_modules time_emb_proj .*kohya.*to_q.*ff\.net\.2") as error:
+        parse_args(REQUIRED + ["--target_modules", "to_q,time_emb_proj"])
+    assert "\n" not in str(error.value)
+    args = parse_args(REQUIRED + ["--target_modules", "to_q,attn2.to_k,proj_in,proj_out,ff.net.0.proj,ff.net.2"])
+    assert args.target_modules == ("to_q", "attn2.to_k", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
