@@ -7,6 +7,8 @@ import argparse
 import importlib.util
 import logging
 
+import torch
+
 from .config import MIXER_INITS, UNET_TARGETS
 from .errors import UserInputError
 from .io import KOHYA_UNET_MODULES, kohya_exportable
@@ -130,8 +132,8 @@ def build_parser(prog: str | None = None, needs_data: bool = True) -> argparse.A
                         help="fp8: the frozen UNet's linear and conv weights stored in float8_e4m3fn, computed in "
                              "the training dtype (half the memory of bf16)")
     memory.add_argument("--low_memory", action="store_true",
-                        help="what fits 1024 px into the least memory: gradient checkpointing, bf16 (unless "
-                             "--mixed_precision says otherwise), fp8 base weights, 8-bit AdamW when bitsandbytes "
+                        help="what fits 1024 px into the least memory: gradient checkpointing, bf16 (fp16 on a GPU "
+                             "without bf16; unless --mixed_precision says otherwise), fp8 base weights, 8-bit AdamW when bitsandbytes "
                              "is installed")
     memory.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
                         help="xformers attention (optional extra); PyTorch's SDPA is the default")
@@ -217,10 +219,19 @@ def check_at_least_one(args: argparse.Namespace, names):
 def apply_low_memory(args: argparse.Namespace):
     args.gradient_checkpointing = True
     args.sample_batch_size = 1  # validation images are sampled mid-training, beside the optimizer state
-    args.mixed_precision = args.mixed_precision or "bf16"
+    args.mixed_precision = args.mixed_precision or low_memory_precision()
     args.base_weights_dtype = "fp8"
     if args.optimizer == "adamw" and importlib.util.find_spec("bitsandbytes") is not None:
         args.optimizer = "adamw8bit"
+
+
+def low_memory_precision() -> str:
+    """bf16, except on a CUDA card without native bf16 (before Ampere), where it would be emulated: fp16 there."""
+    if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        logger.warning("--low_memory: this GPU has no native bf16, so training runs in fp16 "
+                       "(--mixed_precision bf16 to insist)")
+        return "fp16"
+    return "bf16"
 
 
 def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:

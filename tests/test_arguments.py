@@ -1,6 +1,8 @@
 import importlib.util
+import logging
 
 import pytest
+import torch
 
 from dreambooth_moslora.arguments import parse_args
 from dreambooth_moslora.errors import UserInputError
@@ -69,3 +71,16 @@ def test_target_modules_the_kohya_export_cannot_name_are_refused_before_training
     assert "\n" not in str(error.value)
     args = parse_args(REQUIRED + ["--target_modules", "to_q,attn2.to_k,proj_in,proj_out,ff.net.0.proj,ff.net.2"])
     assert args.target_modules == ("to_q", "attn2.to_k", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
+
+
+def test_low_memory_chooses_fp16_on_a_card_without_bf16(monkeypatch, caplog):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    with caplog.at_level(logging.INFO, logger="dreambooth_moslora.arguments"):
+        args = parse_args(REQUIRED + ["--low_memory"])
+    assert args.mixed_precision == "fp16" and "fp16" in caplog.text and "bf16" in caplog.text
+    assert parse_args(REQUIRED + ["--low_memory", "--mixed_precision", "bf16"]).mixed_precision == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert parse_args(REQUIRED + ["--low_memory"]).mixed_precision == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert parse_args(REQUIRED + ["--low_memory"]).mixed_precision == "bf16"
