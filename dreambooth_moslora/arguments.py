@@ -1,5 +1,5 @@
 """The training command's options. Names follow diffusers' train_dreambooth_lora_sdxl.py wherever the feature
-is the same, so its users' commands work here with `--mixer_init` added."""
+is the same; its options without a counterpart are handled in diffusers_options."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import logging
 import torch
 
 from .config import MIXER_INITS, UNET_TARGETS
+from .diffusers_options import add_diffusers_options, apply_diffusers_options
 from .errors import UserInputError
 from .io import KOHYA_UNET_MODULES, kohya_exportable
 from .parser import CommandParser
@@ -109,7 +110,8 @@ def build_parser(prog: str | None = None, needs_data: bool = True) -> argparse.A
     optim.add_argument("--lr_scheduler", default="constant",
                        choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"])
     optim.add_argument("--lr_warmup_steps", type=int, default=0)
-    optim.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit", "prodigy"])
+    optim.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit", "prodigy"], type=str.lower,
+                       help="any case, so diffusers' AdamW works")
     optim.add_argument("--adam_beta1", type=float, default=0.9)
     optim.add_argument("--adam_beta2", type=float, default=0.999)
     optim.add_argument("--adam_weight_decay", type=float, default=1e-4)
@@ -157,11 +159,13 @@ def build_parser(prog: str | None = None, needs_data: bool = True) -> argparse.A
     out.add_argument("--num_inference_steps", type=int, default=25, help="sampling steps of validation images")
     out.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "none"])
     out.add_argument("--logging_dir", default="logs", help="relative to --output_dir")
+    add_diffusers_options(parser)
     return parser
 
 
 def validate_args(args: argparse.Namespace, needs_data: bool = True) -> argparse.Namespace:
     """Refuse combinations that cannot work, before any model is loaded."""
+    apply_diffusers_options(args)
     check_base_model(args.pretrained_model_name_or_path, args.model_config)
     if args.low_memory:
         apply_low_memory(args)

@@ -84,3 +84,33 @@ def test_low_memory_chooses_fp16_on_a_card_without_bf16(monkeypatch, caplog):
     assert parse_args(REQUIRED + ["--low_memory"]).mixed_precision == "bf16"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert parse_args(REQUIRED + ["--low_memory"]).mixed_precision == "bf16"
+
+
+def test_diffusers_harmless_options_are_accepted(caplog):
+    diffusers_only = ["--validation_epochs", "25", "--output_kohya_format", "--local_rank", "0",
+                      "--prior_generation_precision", "fp16"]
+    with caplog.at_level(logging.WARNING):
+        args = parse_args(REQUIRED + ["--use_8bit_adam", "--optimizer", "AdamW"] + diffusers_only)
+    assert args.optimizer == "adamw8bit"
+    assert "--validation_epochs" in caplog.text and "--validation_steps" in caplog.text
+    assert not any(hasattr(args, o.lstrip("-")) for o in diffusers_only + ["--use_8bit_adam"])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert parse_args(REQUIRED + ["--optimizer", "prodigy", "--use_8bit_adam"]).optimizer == "prodigy"
+    assert "--use_8bit_adam" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--push_to_hub"], "hf upload USER/NAME OUTPUT_DIR"),
+        (["--hub_model_id", "me/sks-dog"], "hf upload USER/NAME OUTPUT_DIR"),
+        (["--hub_token", "x"], "hf upload USER/NAME OUTPUT_DIR"),
+        (["--dataset_name", "me/dogs", "--caption_column", "text"], "--instance_data_dir"),
+        (["--crops_coords_top_left_h", "0"], "its own crop"),
+    ],
+)
+def test_diffusers_options_without_a_counterpart_say_what_to_use(extra, message):
+    with pytest.raises(UserInputError, match=rf"^{extra[0]} .*{message}") as error:
+        parse_args(REQUIRED + extra)
+    assert "\n" not in str(error.value)
