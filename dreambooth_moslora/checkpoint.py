@@ -1,7 +1,8 @@
 """Training checkpoints in safetensors and JSON only: the adapter, the optimizer state, the step and LR schedule.
 
 All randomness in training is a function of (seed, micro-batch number, process), so no RNG state needs saving:
-a resumed run draws exactly what an uninterrupted one would.
+a run resumed with the same processes, batch size and accumulation (which number the micro-batches) draws exactly
+what an uninterrupted one would.
 """
 
 from __future__ import annotations
