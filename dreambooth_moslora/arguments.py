@@ -1,5 +1,5 @@
 """The training command's options. Names follow diffusers' train_dreambooth_lora_sdxl.py wherever the feature
-is the same, so its users' commands work here with `--mixer_init` added."""
+is the same; its options without a counterpart are handled in diffusers_options."""
 
 from __future__ import annotations
 
@@ -7,8 +7,12 @@ import argparse
 import importlib.util
 import logging
 
+import torch
+
 from .config import MIXER_INITS, UNET_TARGETS
+from .diffusers_options import add_diffusers_options, apply_diffusers_options
 from .errors import UserInputError
+from .io import KOHYA_UNET_MODULES, kohya_exportable
 from .parser import CommandParser
 from .prompt_words import has_trigger_word, prompt_words, read_prompts
 from .models import check_base_model
@@ -82,7 +86,8 @@ def build_parser(prog: str | None = None, needs_data: bool = True) -> argparse.A
     adapter.add_argument("--freeze_mixer", action="store_true",
                          help="keep the mixer at its initial value (a control for comparing MoSLoRA with LoRA)")
     adapter.add_argument("--target_modules", default=",".join(UNET_TARGETS),
-                         help="comma-separated UNet layer names (default to_q,to_k,to_v,to_out.0)")
+                         help="comma-separated UNet layer names in the attention blocks, which the kohya export can "
+                              "name (default to_q,to_k,to_v,to_out.0)")
     adapter.add_argument("--lora_dropout", type=float, default=0.0)
     adapter.add_argument("--use_rslora", action="store_true", help="scale alpha/sqrt(rank) instead of alpha/rank")
     adapter.add_argument("--train_text_encoder", action="store_true",
@@ -105,7 +110,8 @@ def build_parser(prog: str | None = None, needs_data: bool = True) -> argparse.A
     optim.add_argument("--lr_scheduler", default="constant",
                        choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"])
     optim.add_argument("--lr_warmup_steps", type=int, default=0)
-    optim.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit", "prodigy"])
+    optim.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit", "prodigy"], type=str.lower,
+                       help="any case, so diffusers' AdamW works")
     optim.add_argument("--adam_beta1", type=float, default=0.9)
     optim.add_argument("--adam_beta2", type=float, default=0.999)
     optim.add_argument("--adam_weight_decay", type=float, default=1e-4)
@@ -128,8 +134,8 @@ def build_parser(prog: str | None = None, needs_data: bool = True) -> argparse.A
                         help="fp8: the frozen UNet's linear and conv weights stored in float8_e4m3fn, computed in "
                              "the training dtype (half the memory of bf16)")
     memory.add_argument("--low_memory", action="store_true",
-                        help="what fits 1024 px into the least memory: gradient checkpointing, bf16 (unless "
-                             "--mixed_precision says otherwise), fp8 base weights, 8-bit AdamW when bitsandbytes "
+                        help="what fits 1024 px into the least memory: gradient checkpointing, bf16 (fp16 on a GPU "
+                             "without bf16; unless --mixed_precision says otherwise), fp8 base weights, 8-bit AdamW when bitsandbytes "
                              "is installed")
     memory.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
                         help="xformers attention (optional extra); PyTorch's SDPA is the default")
@@ -153,11 +159,13 @@ def build_parser(prog: str | None = None, needs_data: bool = True) -> argparse.A
     out.add_argument("--num_inference_steps", type=int, default=25, help="sampling steps of validation images")
     out.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "none"])
     out.add_argument("--logging_dir", default="logs", help="relative to --output_dir")
+    add_diffusers_options(parser)
     return parser
 
 
 def validate_args(args: argparse.Namespace, needs_data: bool = True) -> argparse.Namespace:
     """Refuse combinations that cannot work, before any model is loaded."""
+    apply_diffusers_options(args)
     check_base_model(args.pretrained_model_name_or_path, args.model_config)
     if args.low_memory:
         apply_low_memory(args)
@@ -197,6 +205,10 @@ def validate_args(args: argparse.Namespace, needs_data: bool = True) -> argparse
         raise UserInputError(f"--train_trigger_embedding {args.train_trigger_embedding!r} is not a word of "
                              f"--instance_prompt {args.instance_prompt!r}")
     args.target_modules = tuple(t.strip() for t in args.target_modules.split(",") if t.strip())
+    outside = [t for t in args.target_modules if not kohya_exportable(t)]
+    if outside:
+        raise UserInputError(f"--target_modules {','.join(outside)} is outside the UNet's attention blocks, which "
+                             f"the kohya export written at the end needs; use names among {','.join(KOHYA_UNET_MODULES)}")
     return args
 
 
@@ -211,10 +223,19 @@ def check_at_least_one(args: argparse.Namespace, names):
 def apply_low_memory(args: argparse.Namespace):
     args.gradient_checkpointing = True
     args.sample_batch_size = 1  # validation images are sampled mid-training, beside the optimizer state
-    args.mixed_precision = args.mixed_precision or "bf16"
+    args.mixed_precision = args.mixed_precision or low_memory_precision()
     args.base_weights_dtype = "fp8"
     if args.optimizer == "adamw" and importlib.util.find_spec("bitsandbytes") is not None:
         args.optimizer = "adamw8bit"
+
+
+def low_memory_precision() -> str:
+    """bf16, except on a CUDA card without native bf16 (before Ampere), where it would be emulated: fp16 there."""
+    if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        logger.warning("--low_memory: this GPU has no native bf16, so training runs in fp16 "
+                       "(--mixed_precision bf16 to insist)")
+        return "fp16"
+    return "bf16"
 
 
 def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:

@@ -1,8 +1,8 @@
 """Training checkpoints in safetensors and JSON only: the adapter, the optimizer state, the step and LR schedule.
 
 All randomness in training is a function of (seed, micro-batch number, process), so no RNG state needs saving:
-a resumed run draws exactly what an uninterrupted one would, given the same processes, batch and accumulation.
-fp16's GradScaler (its scale and growth tracker) is saved with the schedule.
+a run resumed with the same processes, batch size and accumulation (which number the micro-batches) draws exactly
+what an uninterrupted one would. fp16's GradScaler (its scale and growth tracker) is saved with the schedule.
 """
 
 from __future__ import annotations

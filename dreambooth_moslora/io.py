@@ -46,6 +46,8 @@ KOHYA_FILE = "lora_kohya.safetensors"
 TRIGGER_FILE = "trigger_embedding.safetensors"
 TRIGGER_KEYS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
 KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+KOHYA_UNET_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
+"""The linear layers of the UNet's attention blocks: the only UNet modules kohya's SGM names reach."""
 _PARTS = {"lora_A": "lora_A.weight", "lora_mixer": "lora_mixer.weight", "lora_B": "lora_B.weight"}
 _KEY = re.compile(r"^(unet|text_encoder|text_encoder_2)\.(.+)\.(lora_A|lora_mixer|lora_B)\.weight$")
 
@@ -366,6 +368,12 @@ def _provenance(adapter: NativeAdapter) -> dict[str, str]:
     }
 
 
+def kohya_exportable(target: str) -> bool:
+    """Whether a UNet target (a module name or a suffix of one, as inject matches them) lies in an attention block,
+    so the kohya export can name what it wraps."""
+    return any(t == target or t.endswith("." + target) or target.endswith("." + t) for t in KOHYA_UNET_MODULES)
+
+
 def unet_layers_per_block(unet_config) -> list[int]:
     layers = unet_config.layers_per_block
     count = len(unet_config.down_block_types)
@@ -397,4 +405,5 @@ def _sgm_unet_path(module: str, layers_per_block: list[int]) -> str:
             index = sum(n + 1 for n in list(reversed(layers_per_block))[:block]) + layer
             name = "output_blocks"
         return ".".join([name, str(index), "1", *parts[4:]])
-    raise AdapterFileError(f"kohya export maps UNet attention modules only; {module} is not one")
+    raise AdapterFileError(f"kohya export maps UNet attention modules only ({', '.join(KOHYA_UNET_MODULES)}); "
+                           f"{module} is not one")

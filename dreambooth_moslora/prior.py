@@ -16,6 +16,7 @@ from diffusers import StableDiffusionXLPipeline
 from .data import IMAGE_EXTENSIONS, Example
 from .feedback import progress_bar
 from .files import save_png_atomically, write_text_atomically
+from .prompt_words import prompt_words, trigger_words
 
 
 def count_images(folder) -> int:
@@ -58,11 +59,16 @@ def missing_class_indices(folder, wanted: int) -> list[int]:
 def base_model_prior_examples(instance: list[Example], instance_prompt: str, class_prompt: str,
                               class_prompts: list[str] | None = None) -> list[Example]:
     """The instance images as class examples. Captioned with the class prompts when there are several (image
-    i mod n with prompt i, one example per prompt); else each with its own caption less the trigger words (those of
-    the instance prompt that the class prompt lacks): "a photo of sks dog on a beach" → "a photo of dog on a beach"."""
+    i mod n with prompt i, one example per prompt); else each with its own caption less the trigger words (see
+    trigger_words: ordinary words stay even when the class prompt lacks them, so "dog" survives a class prompt
+    that says "puppy"): "a photo of sks dog on a beach" → "a photo of dog on a beach"."""
     if class_prompts:
         return [replace(instance[i % len(instance)], caption=prompt, is_class=True, mask=None)
                 for i, prompt in enumerate(class_prompts)]
-    trigger = set(instance_prompt.split()) - set(class_prompt.split())
-    return [replace(e, caption=" ".join(w for w in e.caption.split() if w not in trigger), is_class=True, mask=None)
-            for e in instance]
+    trigger = trigger_words(instance_prompt, class_prompt)
+    return [replace(e, caption=without_words(e.caption, trigger), is_class=True, mask=None) for e in instance]
+
+
+def without_words(caption: str, words: set[str]) -> str:
+    """The caption less each whitespace-separated token made only of these words (any case, with its punctuation)."""
+    return " ".join(t for t in caption.split() if not prompt_words(t) or not set(prompt_words(t)) <= words)

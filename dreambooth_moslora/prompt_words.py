@@ -33,10 +33,15 @@ def ordinary_words() -> set[str]:
     return (set(EVERYDAY_WORDS) | prompt_words) - {"token", "noun"}
 
 
+def trigger_words(instance_prompt: str, class_prompt: str | None = None) -> set[str]:
+    """The words of the instance prompt that are neither ordinary nor words of the class prompt: "sks" in "a photo
+    of sks dog" with class "a photo of a puppy" ("dog" is ordinary, so it stays a word of the class)."""
+    known = ordinary_words() | set(prompt_words(class_prompt or ""))
+    return {word for word in prompt_words(instance_prompt) if word not in known}
+
+
 def has_trigger_word(instance_prompt: str, class_prompt: str | None = None) -> bool:
-    """True when some word of the instance prompt is neither ordinary nor a word of the class prompt."""
-    known = ordinary_words() | set(re.findall(r"[a-z]+", (class_prompt or "").lower()))
-    return any(word not in known for word in prompt_words(instance_prompt))
+    return bool(trigger_words(instance_prompt, class_prompt))
 
 
 def prompt_words(prompt: str) -> list[str]:

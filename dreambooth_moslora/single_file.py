@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors import SafetensorError, safe_open
 from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer,
@@ -137,8 +138,10 @@ def open_clip_to_transformers(weights: dict[str, torch.Tensor]) -> dict[str, tor
 
 def _text_encoder(model_class, model_config: str, subfolder: str, weights: dict, path: str) -> PreTrainedModel:
     """The encoder built from its config and given exactly the file's weights: a missing one is an error, not a
-    random layer. Files name layers with or without `text_model.`; the model's own naming decides."""
-    model = model_class(CLIPTextConfig.from_pretrained(model_config, subfolder=subfolder))
+    random layer. Built with empty weights (buffers such as position_ids stay real), since random init of what the
+    file replaces costs seconds. Files name layers with or without `text_model.`; the model's own naming decides."""
+    with init_empty_weights(include_buffers=False):
+        model = model_class(CLIPTextConfig.from_pretrained(model_config, subfolder=subfolder))
     expected = model.state_dict()
     state = {}
     for name, tensor in weights.items():
@@ -154,5 +157,5 @@ def _text_encoder(model_class, model_config: str, subfolder: str, weights: dict,
     if wrong:
         raise UserInputError(f"{path}: {subfolder}.{wrong[0]} is {tuple(state[wrong[0]].shape)} in the file but "
                              f"{tuple(expected[wrong[0]].shape)} in --model_config {model_config}")
-    model.load_state_dict(state, strict=False)
+    model.load_state_dict(state, strict=False, assign=True)
     return model.eval()

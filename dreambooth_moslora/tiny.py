@@ -1,8 +1,9 @@
 """A tiny Stable Diffusion XL pipeline: the real component classes at toy sizes, seeded random weights.
 
-It stands in for `stabilityai/stable-diffusion-xl-base-1.0` where no weights can be downloaded (tests, the
-offline quick start): same classes, same conditioning (two CLIP text encoders, `text_time` micro-conditioning),
-same loading path (`from_pretrained` on a folder). Its images are noise; it exercises the code, not quality.
+It stands in for `stabilityai/stable-diffusion-xl-base-1.0` in the tests, where no weights can be downloaded (the
+quick start uses the pretrained mini model in assets/mini-sdxl instead): same classes, same conditioning (two CLIP
+text encoders, `text_time` micro-conditioning), same loading path (`from_pretrained` on a folder). Its images are
+noise; it exercises the code, not quality.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """DreamBooth training of SDXL with MoSLoRA over accelerate (one GPU, several, or several nodes).
 
 The loop reads top to bottom: latents, noise, timesteps, UNet, loss, backward. Everything random in a step is
-drawn from (seed, micro-batch number, process), so checkpoints resume exactly.
+drawn from (seed, micro-batch number, process), so a checkpoint resumed with the same processes, batch size and
+accumulation continues as the uninterrupted run would.
 """
 
 from __future__ import annotations

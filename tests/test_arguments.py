@@ -1,6 +1,8 @@
 import importlib.util
+import logging
 
 import pytest
+import torch
 
 from dreambooth_moslora.arguments import parse_args
 from dreambooth_moslora.errors import UserInputError
@@ -61,3 +63,54 @@ def test_class_prompts_come_from_a_file_read_before_any_model(tmp_path):
     assert args.class_prompts == ["a photo of a dog", "a dog on the beach"] and args.class_prompt == "a photo of a dog"
     with pytest.raises(UserInputError, match="prompts file not found"):
         parse_args(REQUIRED + ["--class_prompts_file", str(tmp_path / "missing.txt")])
+
+
+def test_target_modules_the_kohya_export_cannot_name_are_refused_before_training():
+    with pytest.raises(UserInputError, match=r"--target_modules time_emb_proj .*kohya.*to_q.*ff\.net\.2") as error:
+        parse_args(REQUIRED + ["--target_modules", "to_q,time_emb_proj"])
+    assert "\n" not in str(error.value)
+    args = parse_args(REQUIRED + ["--target_modules", "to_q,attn2.to_k,proj_in,proj_out,ff.net.0.proj,ff.net.2"])
+    assert args.target_modules == ("to_q", "attn2.to_k", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
+
+
+def test_low_memory_chooses_fp16_on_a_card_without_bf16(monkeypatch, caplog):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    with caplog.at_level(logging.INFO, logger="dreambooth_moslora.arguments"):
+        args = parse_args(REQUIRED + ["--low_memory"])
+    assert args.mixed_precision == "fp16" and "fp16" in caplog.text and "bf16" in caplog.text
+    assert parse_args(REQUIRED + ["--low_memory", "--mixed_precision", "bf16"]).mixed_precision == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert parse_args(REQUIRED + ["--low_memory"]).mixed_precision == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert parse_args(REQUIRED + ["--low_memory"]).mixed_precision == "bf16"
+
+
+def test_diffusers_harmless_options_are_accepted(caplog):
+    diffusers_only = ["--validation_epochs", "25", "--output_kohya_format", "--local_rank", "0",
+                      "--prior_generation_precision", "fp16"]
+    with caplog.at_level(logging.WARNING):
+        args = parse_args(REQUIRED + ["--use_8bit_adam", "--optimizer", "AdamW"] + diffusers_only)
+    assert args.optimizer == "adamw8bit"
+    assert "--validation_epochs" in caplog.text and "--validation_steps" in caplog.text
+    assert not any(hasattr(args, o.lstrip("-")) for o in diffusers_only + ["--use_8bit_adam"])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert parse_args(REQUIRED + ["--optimizer", "prodigy", "--use_8bit_adam"]).optimizer == "prodigy"
+    assert "--use_8bit_adam" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--push_to_hub"], "hf upload USER/NAME OUTPUT_DIR"),
+        (["--hub_model_id", "me/sks-dog"], "hf upload USER/NAME OUTPUT_DIR"),
+        (["--hub_token", "x"], "hf upload USER/NAME OUTPUT_DIR"),
+        (["--dataset_name", "me/dogs", "--caption_column", "text"], "--instance_data_dir"),
+        (["--crops_coords_top_left_h", "0"], "its own crop"),
+    ],
+)
+def test_diffusers_options_without_a_counterpart_say_what_to_use(extra, message):
+    with pytest.raises(UserInputError, match=rf"^{extra[0]} .*{message}") as error:
+        parse_args(REQUIRED + extra)
+    assert "\n" not in str(error.value)

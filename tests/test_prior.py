@@ -40,3 +40,10 @@ def test_base_model_prior_examples_are_the_instance_images_with_the_trigger_take
                                         ["a photo of a dog", "a dog in the snow", "a dog on a sofa"])
     assert [(c.path.name, c.caption) for c in several] == [
         ("a.png", "a photo of a dog"), ("b.png", "a dog in the snow"), ("a.png", "a dog on a sofa")]
+
+
+def test_base_model_prior_takes_out_only_the_trigger_not_the_words_the_class_prompt_lacks():
+    instance = [Example(Path("a.png"), "a photo of sks dog", (64, 64), (64, 64)),
+                Example(Path("b.png"), "Sks dog, on a beach", (64, 64), (64, 64))]
+    classes = base_model_prior_examples(instance, "a photo of sks dog", "a photo of a puppy")
+    assert [c.caption for c in classes] == ["a photo of dog", "dog, on a beach"]

@@ -176,3 +176,13 @@ def test_single_file_problems_are_one_clear_error(single_file, tmp_path, problem
         save_file({"lora_unet_down.lora_up.weight": torch.zeros(2, 2)}, str(path))
     with pytest.raises(UserInputError, match=message):
         check_single_file(path, model_config)
+
+
+def test_the_text_encoders_are_built_without_random_init(single_file):
+    """Random init of weights the file replaces costs seconds for SDXL's OpenCLIP; it would draw random numbers."""
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    components = load_single_file_components(*single_file)
+    assert torch.equal(torch.get_rng_state(), before)
+    for name in ("text_encoder", "text_encoder_2"):
+        assert not any(t.is_meta for t in [*components[name].parameters(), *components[name].buffers()])
