@@ -11,7 +11,7 @@ from dreambooth_moslora.arguments import parse_args
 from dreambooth_moslora.errors import UserInputError
 from dreambooth_moslora.inject import moslora_layers
 from dreambooth_moslora.train import TrainingDiverged, train
-from helpers import write_images
+from helpers import record_training_dtypes, write_images
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
@@ -199,13 +199,19 @@ def test_gradient_checkpointing_gives_the_same_adapter(tiny_sdxl_dir, subject, t
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
 
 
-def test_bf16_mixed_precision_keeps_an_fp32_adapter(tiny_sdxl_dir, subject, tmp_path):
+def test_bf16_mixed_precision_trains_bf16_frozen_weights_and_an_fp32_adapter(tiny_sdxl_dir, subject, tmp_path,
+                                                                              monkeypatch):
+    seen = record_training_dtypes(monkeypatch)
     result = run(tiny_sdxl_dir, subject, tmp_path / "out", "--mixed_precision", "bf16", "--snr_gamma", "5",
                  "--noise_offset", "0.05")
     assert all(math.isfinite(l) for l in result.losses)
+    # during the steps: the frozen UNet and text encoders in bf16, the adapter in fp32, computing under bf16 autocast
+    assert seen["frozen"] == {torch.bfloat16} and seen["frozen_bytes"] == 2 * seen["frozen_numel"]
+    assert seen["text_encoders"] == {torch.bfloat16} and seen["unet_input"] == torch.bfloat16
+    assert seen["adapter"] == {torch.float32}
+    assert seen["autocast"] == torch.bfloat16 and seen["layer_output"] == torch.bfloat16
     native = load_file(tmp_path / "out" / "moslora.safetensors")
     assert {v.dtype for v in native.values()} == {torch.float32}
-
 
 
 def test_adamw_takes_the_fused_kernel_for_the_adapter_and_text_encoders(tiny_sdxl_dir, subject, tmp_path, monkeypatch):
