@@ -187,14 +187,33 @@ def test_epochs_validation_images_and_the_model_card(tiny_sdxl_dir, subject, tmp
     assert "validation/final-step-6/000-0.png" in (tmp_path / "out" / "README.md").read_text()
 
 
-def test_gradient_checkpointing_gives_the_same_adapter(tiny_sdxl_dir, subject, tmp_path, fresh_accelerate):
+def test_gradient_checkpointing_gives_the_same_adapter(tiny_sdxl_dir, subject, tmp_path, fresh_accelerate,
+                                                       monkeypatch):
+    """The same adapters, UNet's and text encoders', with and without checkpointing; and checkpointing did happen
+    in both (the UNet's through torch.utils.checkpoint, the text encoders' through the function transformers
+    binds when it is enabled)."""
+    import transformers.modeling_utils
     from accelerate.state import AcceleratorState
 
-    plain = run(tiny_sdxl_dir, subject, tmp_path / "plain", "--lora_dropout", "0.1")
+    options = ("--lora_dropout", "0.1", "--train_text_encoder", "--text_encoder_lr", "1e-3")
+    plain = run(tiny_sdxl_dir, subject, tmp_path / "plain", *options)
     AcceleratorState._reset_state(reset_partial_state=True)
-    checkpointed = run(tiny_sdxl_dir, subject, tmp_path / "ckpt", "--lora_dropout", "0.1", "--gradient_checkpointing")
+    calls = {"unet": 0, "text encoders": 0}
+
+    def counting(counter, original):
+        def checkpoint(*args, **kwargs):
+            calls[counter] += 1
+            return original(*args, **kwargs)
+        return checkpoint
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting("unet", torch.utils.checkpoint.checkpoint))
+    monkeypatch.setattr(transformers.modeling_utils, "checkpoint",
+                        counting("text encoders", transformers.modeling_utils.checkpoint))
+    checkpointed = run(tiny_sdxl_dir, subject, tmp_path / "ckpt", *options, "--gradient_checkpointing")
+    assert calls["unet"] > 0 and calls["text encoders"] > 0, calls
     assert checkpointed.losses == pytest.approx(plain.losses, rel=1e-5)
     a, b = (load_file(tmp_path / d / "moslora.safetensors") for d in ("plain", "ckpt"))
+    assert a.keys() == b.keys() and any(k.startswith("text_encoder") for k in a)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
 
