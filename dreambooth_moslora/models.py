@@ -139,8 +139,14 @@ def sdxl_pipeline(models: BaseModels, unet=None, text_encoders=None) -> StableDi
 
 
 def enable_text_encoder_checkpointing(encoder):
-    """transformers 5 renamed gradient_checkpointing_enable (and warns on the old name)."""
-    (getattr(encoder, "activation_checkpointing_enable", None) or encoder.gradient_checkpointing_enable)()
+    """Non-reentrant checkpointing whatever the transformers version: 4.x defaults to reentrant, which gives the
+    adapters inside a frozen encoder no gradient (no input of a checkpointed layer needs one). transformers 5
+    renamed gradient_checkpointing_enable (and warns on the old name)."""
+    non_reentrant = {"use_reentrant": False}
+    if hasattr(encoder, "activation_checkpointing_enable"):
+        encoder.activation_checkpointing_enable(activation_checkpointing_kwargs=non_reentrant)
+    else:
+        encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=non_reentrant)
 
 
 def models_to_offload(models: BaseModels, prompts_cached: bool, latents_cached: bool) -> list:

@@ -1,4 +1,5 @@
-"""Small image folders for tests: drawn here, so the tests never depend on files outside the repository."""
+"""Small image folders for tests, drawn here so the tests never depend on files outside the repository; a spy on
+the dtypes a training run really computes in."""
 
 from pathlib import Path
 
@@ -49,3 +50,46 @@ def save_tiny_feature_models(folder) -> tuple[Path, Path]:
     processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     CLIPProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(folder / "clip")
     return folder / "dino", folder / "clip"
+
+
+def record_training_dtypes(monkeypatch) -> dict:
+    """What the UNet sees at its first call in a training step (not what the files written afterwards hold): the
+    dtypes of its frozen linear and conv weights and their bytes, the adapter's, the text encoders' and the VAE's,
+    the UNet's input, and inside the forward an adapted layer's input and output dtypes and the autocast in force."""
+    import torch
+    from torch import nn
+
+    import dreambooth_moslora.train as training
+    from dreambooth_moslora import moslora_parameters
+    from dreambooth_moslora.inject import moslora_layers
+
+    seen = {}
+    original = training.TrainingLoop._predict
+
+    def inside(layer, inputs, output):
+        """Within the UNet's forward, where accelerate's autocast is in force."""
+        device = output.device.type
+        seen.update(layer_input=inputs[0].dtype, layer_output=output.dtype,
+                    autocast=torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None)
+
+    def recording(self, unet, noisy, *args):
+        if seen:
+            return original(self, unet, noisy, *args)
+        model = self.accelerator.unwrap_model(unet)
+        hook = next(iter(moslora_layers(model).values())).register_forward_hook(inside)
+        prediction = original(self, unet, noisy, *args)
+        hook.remove()
+        frozen = [m.weight for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and not m.weight.requires_grad]
+        seen.update(
+            frozen={w.dtype for w in frozen},
+            frozen_bytes=sum(w.untyped_storage().nbytes() for w in frozen),
+            frozen_numel=sum(w.numel() for w in frozen),
+            adapter={p.dtype for p in moslora_parameters(model)},
+            text_encoders={p.dtype for e in self.models.text_encoders for p in e.parameters()},
+            vae={p.dtype for p in self.models.vae.parameters()},
+            unet_input=self.weight_dtype,
+        )
+        return prediction
+
+    monkeypatch.setattr(training.TrainingLoop, "_predict", recording)
+    return seen

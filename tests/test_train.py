@@ -11,7 +11,7 @@ from dreambooth_moslora.arguments import parse_args
 from dreambooth_moslora.errors import UserInputError
 from dreambooth_moslora.inject import moslora_layers
 from dreambooth_moslora.train import TrainingDiverged, train
-from helpers import write_images
+from helpers import record_training_dtypes, write_images
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
@@ -187,25 +187,50 @@ def test_epochs_validation_images_and_the_model_card(tiny_sdxl_dir, subject, tmp
     assert "validation/final-step-6/000-0.png" in (tmp_path / "out" / "README.md").read_text()
 
 
-def test_gradient_checkpointing_gives_the_same_adapter(tiny_sdxl_dir, subject, tmp_path, fresh_accelerate):
+def test_gradient_checkpointing_gives_the_same_adapter(tiny_sdxl_dir, subject, tmp_path, fresh_accelerate,
+                                                       monkeypatch):
+    """The same adapters, UNet's and text encoders', with and without checkpointing; and checkpointing did happen
+    in both (the UNet's through torch.utils.checkpoint, the text encoders' through the function transformers
+    binds when it is enabled)."""
+    import transformers.modeling_utils
     from accelerate.state import AcceleratorState
 
-    plain = run(tiny_sdxl_dir, subject, tmp_path / "plain", "--lora_dropout", "0.1")
+    options = ("--lora_dropout", "0.1", "--train_text_encoder", "--text_encoder_lr", "1e-3")
+    plain = run(tiny_sdxl_dir, subject, tmp_path / "plain", *options)
     AcceleratorState._reset_state(reset_partial_state=True)
-    checkpointed = run(tiny_sdxl_dir, subject, tmp_path / "ckpt", "--lora_dropout", "0.1", "--gradient_checkpointing")
+    calls = {"unet": 0, "text encoders": 0}
+
+    def counting(counter, original):
+        def checkpoint(*args, **kwargs):
+            calls[counter] += 1
+            return original(*args, **kwargs)
+        return checkpoint
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting("unet", torch.utils.checkpoint.checkpoint))
+    monkeypatch.setattr(transformers.modeling_utils, "checkpoint",
+                        counting("text encoders", transformers.modeling_utils.checkpoint))
+    checkpointed = run(tiny_sdxl_dir, subject, tmp_path / "ckpt", *options, "--gradient_checkpointing")
+    assert calls["unet"] > 0 and calls["text encoders"] > 0, calls
     assert checkpointed.losses == pytest.approx(plain.losses, rel=1e-5)
     a, b = (load_file(tmp_path / d / "moslora.safetensors") for d in ("plain", "ckpt"))
+    assert a.keys() == b.keys() and any(k.startswith("text_encoder") for k in a)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
 
 
-def test_bf16_mixed_precision_keeps_an_fp32_adapter(tiny_sdxl_dir, subject, tmp_path):
+def test_bf16_mixed_precision_trains_bf16_frozen_weights_and_an_fp32_adapter(tiny_sdxl_dir, subject, tmp_path,
+                                                                              monkeypatch):
+    seen = record_training_dtypes(monkeypatch)
     result = run(tiny_sdxl_dir, subject, tmp_path / "out", "--mixed_precision", "bf16", "--snr_gamma", "5",
                  "--noise_offset", "0.05")
     assert all(math.isfinite(l) for l in result.losses)
+    # during the steps: the frozen UNet and text encoders in bf16, the adapter in fp32, computing under bf16 autocast
+    assert seen["frozen"] == {torch.bfloat16} and seen["frozen_bytes"] == 2 * seen["frozen_numel"]
+    assert seen["text_encoders"] == {torch.bfloat16} and seen["unet_input"] == torch.bfloat16
+    assert seen["adapter"] == {torch.float32}
+    assert seen["autocast"] == torch.bfloat16 and seen["layer_output"] == torch.bfloat16
     native = load_file(tmp_path / "out" / "moslora.safetensors")
     assert {v.dtype for v in native.values()} == {torch.float32}
-
 
 
 def test_adamw_takes_the_fused_kernel_for_the_adapter_and_text_encoders(tiny_sdxl_dir, subject, tmp_path, monkeypatch):

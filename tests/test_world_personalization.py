@@ -5,6 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dreambooth_moslora.world import personalization
 from dreambooth_moslora.world.personalization import (
     BenchmarkSettings,
     choose_checkpoint,
@@ -22,14 +23,17 @@ ANALYZER_FILE = Path(__file__).resolve().parents[1] / "assets" / "world-analyzer
 
 def test_prompts_name_backgrounds_the_subject_does_not_have():
     subject = SUBJECTS[0]
+    assert (subject.class_noun, subject.colours) == ("star", ("red", "yellow"))
     settings = BenchmarkSettings("m", "a", "o", backgrounds_per_subject=3, images_per_prompt=2)
-    prompts = evaluation_prompts(subject, settings, "sks")
-    assert len(prompts) == 6 and prompts[0] == prompts[1]
-    assert prompts[0][0] == f"a photo of a sks star on a {prompts[0][1]} background"
-    assert not set(subject_backgrounds(subject, 8)) & set(subject.colours)
-    class_prompt, background = evaluation_prompts(subject, settings, None)[0]
-    assert "sks" not in class_prompt and class_prompt.endswith(f"star on a {background} background")
-    assert class_prompt.split()[4] not in (background, *subject.colours)
+    # the world's colours in order (red, orange, yellow, green, blue, ...) less the star's red and yellow
+    assert evaluation_prompts(subject, settings, "sks") == [
+        (f"a photo of a sks star on a {bg} background", bg) for bg in ("orange", "orange", "green", "green", "blue",
+                                                                       "blue")]
+    # the class: a star of another background's colour, never its own background's
+    assert evaluation_prompts(subject, settings, None) == [
+        (f"a photo of a {colour} star on a {bg} background", bg)
+        for colour, bg in (("green", "orange"),) * 2 + (("blue", "green"),) * 2 + (("orange", "blue"),) * 2]
+    assert subject_backgrounds(subject, 8) == ["orange", "green", "blue", "purple", "white", "black"]
 
 
 def test_the_chosen_setting_keeps_the_class_when_any_does():
@@ -46,10 +50,13 @@ def test_a_checkpoint_is_chosen_by_its_validation_measures_not_the_reported_ones
               {"step": 200, "subject_fidelity": 0.1, "validation_subject_fidelity": 0.6, "validation_class_shape_accuracy": 0.95},
               {"step": 400, "subject_fidelity": 0.2, "validation_subject_fidelity": 0.7, "validation_class_shape_accuracy": 0.5}]
     assert choose_checkpoint(points) == 200
-    settings = BenchmarkSettings("m", "a", "o", backgrounds_per_subject=4, validation_backgrounds=2)
-    held_out = validation_backgrounds(SUBJECTS[0], settings)
-    assert len(held_out) == 2 and not set(held_out) & {bg for _, bg in evaluation_prompts(SUBJECTS[0], settings, "sks")}
-    assert not set(held_out) & set(SUBJECTS[0].colours)
+    assert choose_checkpoint(points, min_class_shape_accuracy=0.4) == 400
+    settings = BenchmarkSettings("m", "a", "o", backgrounds_per_subject=4, validation_backgrounds=2, images_per_prompt=1,
+                                 validation_images_per_prompt=1)
+    # the star's backgrounds are orange, green, blue, purple, white, black: the reported measures take four
+    assert [bg for _, bg in evaluation_prompts(SUBJECTS[0], settings, "sks")] == ["orange", "green", "blue", "purple"]
+    assert validation_backgrounds(SUBJECTS[0], settings) == ["white", "black"]
+    assert [bg for _, bg in evaluation_prompts(SUBJECTS[0], settings, "sks", validation=True)] == ["white", "black"]
 
 
 def _settings(base, tmp_path, **changes):
@@ -69,14 +76,19 @@ def test_the_benchmark_runs_end_to_end_and_the_control_keeps_its_mixer(untrained
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["summary"]["paired_vs_lora"].keys() == {"moslora-orthogonal|prior", "fixed-orthogonal|prior"}
     subject = saved["subjects"][SUBJECTS[0].name]
-    assert 0 < subject["oracle"] <= 1 and subject["untrained"]["normalized_fidelity"] == pytest.approx(0)
+    assert 0 < subject["oracle"] <= 1
     assert {(c["method"], c["step"]) for c in saved["curves"]} == {(m, s) for m in ("lora", "moslora-orthogonal")
                                                                    for s in (2, 4)}
     for name in ("results.md", "samples.png", "fidelity-vs-steps.png"):
         assert (tmp_path / name).stat().st_size > 0
-    reported = next(r for r in saved["runs"] if r["method"] == "moslora-orthogonal")
-    at_two = next(c for c in saved["curves"] if c["method"] == "moslora-orthogonal" and c["step"] == 2)
-    assert reported["subject_fidelity"] == at_two["subject_fidelity"]  # reported at its tuned step, a checkpoint
+    reported = {r["method"]: r for r in saved["runs"] if r["prior_preservation"]}
+    # the tuned method at its tuned step (a checkpoint), the others at the runs' end
+    assert {m: r["step"] for m, r in reported.items()} == {"lora": 4, "moslora-orthogonal": 2, "fixed-orthogonal": 4}
+    floor = subject["untrained"]["subject_fidelity"]
+    for run in reported.values():  # 0 at the untrained model, 1 at the ceiling
+        fidelity = run["subject_fidelity"]
+        assert run["normalized_fidelity"] == pytest.approx((fidelity - floor) / (subject["real_vs_real"] - floor))
+        assert run["oracle_normalized_fidelity"] == pytest.approx((fidelity - floor) / (subject["oracle"] - floor))
     runs = tmp_path / "runs" / SUBJECTS[0].name
     state = json.loads((runs / "moslora-orthogonal-lr0.002-seed0-prior" / "checkpoint-2" / "training_state.json").read_text())
     # its own rate; the text encoders' 3x; the trigger's own
@@ -105,18 +117,40 @@ def test_tuning_uses_the_tuning_subject_and_writes_the_grid(untrained_mini_dir, 
     chosen = tuning["chosen"]["lora"]
     assert chosen in [{"learning_rate": r["learning_rate"], "steps": r["step"]} for r in tuning["grid"]]
     assert (tmp_path / "tuning.md").read_text().count("✓") == 1
-    again = tune(settings, (1e-4, 1e-3), subject=subject, log=lambda _: None)  # measured runs are not trained again
+    ticked = next(line for line in (tmp_path / "tuning.md").read_text().splitlines() if "✓" in line)
+    assert ticked.startswith(f"| lora | {chosen['learning_rate']:g} | {chosen['steps']} |")
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("a measured run was trained or measured again")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(personalization, "_train_adapter", refuse)
+        patch.setattr(personalization.SubjectBench, "measure_adapter", refuse)
+        again = tune(settings, (1e-4, 1e-3), subject=subject, log=lambda _: None)
     assert again["grid"] == tuning["grid"]
     assert not (tmp_path / "class-images").exists()  # the base-model prior needs no class images
 
 
-def test_selecting_checkpoints_reports_each_run_at_its_validation_choice(untrained_mini_dir, tmp_path, fresh_accelerate):
+def test_selecting_checkpoints_reports_each_run_at_its_validation_choice(untrained_mini_dir, tmp_path, fresh_accelerate,
+                                                                        monkeypatch):
+    """Measures made up per checkpoint, so the answer is known: validation prefers step 2, the reported measures
+    step 4; the run is reported at step 2, with step 2's reported measures."""
+    reported, chosen_by = {2: 0.1, 4: 0.8}, {2: 0.9, 4: 0.5}
+    measure_adapter = personalization.SubjectBench.measure_adapter
+
+    def measured(self, adapter, validation=False):
+        metrics, samples = measure_adapter(self, adapter, validation)
+        step = 2 if "checkpoint-2" in str(adapter) else 4
+        metrics["subject_fidelity"] = reported[step]
+        if validation:
+            metrics.update(validation_subject_fidelity=chosen_by[step], validation_class_shape_accuracy=1.0)
+        return metrics, samples
+
+    monkeypatch.setattr(personalization.SubjectBench, "measure_adapter", measured)
     settings = _settings(untrained_mini_dir, tmp_path, methods=("lora",), ablation_methods=(), prior_mode="base_model",
                          train_text_encoder=False, select_checkpoint=True, curve_methods=())
     results = run_benchmark(settings, log=lambda _: None)
     (run,) = results["runs"]
+    assert run["step"] == 2 and run["subject_fidelity"] == 0.1
     record = json.loads((tmp_path / "runs" / SUBJECTS[0].name / "lora-lr0.001-seed0-prior" / "metrics.json").read_text())
-    assert [p["step"] for p in record["curve"]] == [2, 4] and all("validation_subject_fidelity" in p for p in record["curve"])
-    assert run["step"] == choose_checkpoint(record["curve"])
-    assert run["subject_fidelity"] == next(p for p in record["curve"] if p["step"] == run["step"])["subject_fidelity"]
+    assert [(p["step"], p["validation_subject_fidelity"]) for p in record["curve"]] == [(2, 0.9), (4, 0.5)]
     assert f"| {SUBJECTS[0].name} |" in (tmp_path / "results.md").read_text()
