@@ -59,12 +59,13 @@ def record_training_dtypes(monkeypatch) -> dict:
     import torch
     from torch import nn
 
+    import dreambooth_moslora.step as step
     import dreambooth_moslora.train as training
     from dreambooth_moslora import moslora_parameters
     from dreambooth_moslora.inject import moslora_layers
 
-    seen = {}
-    original = training.TrainingLoop._predict
+    seen, loop = {}, []
+    original_step, original_predict = training.TrainingLoop.micro_step, step.predict
 
     def inside(layer, inputs, output):
         """Within the UNet's forward, where accelerate's autocast is in force."""
@@ -72,12 +73,17 @@ def record_training_dtypes(monkeypatch) -> dict:
         seen.update(layer_input=inputs[0].dtype, layer_output=output.dtype,
                     autocast=torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None)
 
-    def recording(self, unet, noisy, *args):
+    def micro_step(self, *args):
+        loop[:] = [self]
+        return original_step(self, *args)
+
+    def recording(unet, noisy, timesteps, prompt_embeds, pooled, time_ids, dtype):
         if seen:
-            return original(self, unet, noisy, *args)
+            return original_predict(unet, noisy, timesteps, prompt_embeds, pooled, time_ids, dtype)
+        (self,) = loop
         model = self.accelerator.unwrap_model(unet)
         hook = next(iter(moslora_layers(model).values())).register_forward_hook(inside)
-        prediction = original(self, unet, noisy, *args)
+        prediction = original_predict(unet, noisy, timesteps, prompt_embeds, pooled, time_ids, dtype)
         hook.remove()
         frozen = [m.weight for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and not m.weight.requires_grad]
         seen.update(
@@ -87,9 +93,10 @@ def record_training_dtypes(monkeypatch) -> dict:
             adapter={p.dtype for p in moslora_parameters(model)},
             text_encoders={p.dtype for e in self.models.text_encoders for p in e.parameters()},
             vae={p.dtype for p in self.models.vae.parameters()},
-            unet_input=self.weight_dtype,
+            unet_input=dtype,
         )
         return prediction
 
-    monkeypatch.setattr(training.TrainingLoop, "_predict", recording)
+    monkeypatch.setattr(training.TrainingLoop, "micro_step", micro_step)
+    monkeypatch.setattr(step, "predict", recording)
     return seen
