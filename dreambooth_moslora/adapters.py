@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
@@ -53,6 +54,8 @@ def load_adapter(pipe, path, scale: float = 1.0, fuse: bool = False) -> str:
     if kind == "native":
         load_moslora(pipe, path, scale=scale, fuse=fuse)
         return kind
+    if kind == "diffusers":
+        _check_diffusers_lora_fits(pipe, path)
     try:
         pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="adapter")
     except (RuntimeError, ValueError, KeyError) as error:
@@ -66,6 +69,30 @@ def load_adapter(pipe, path, scale: float = 1.0, fuse: bool = False) -> str:
     else:
         pipe.set_adapters(["adapter"], adapter_weights=[scale])
     return kind
+
+
+def _check_diffusers_lora_fits(pipe, path):
+    """Shapes checked before diffusers touches the pipeline, so a file for another base is refused without being
+    half loaded and unloaded again. Names diffusers maps on loading are left to it."""
+    with safe_open(str(path), framework="pt") as handle:
+        for key in handle.keys():
+            component, _, rest = key.partition(".")
+            module_name, _, part = rest.rpartition(".lora_")
+            module = _submodule(getattr(pipe, component, None), module_name)
+            if not isinstance(module, torch.nn.Linear):
+                continue
+            shape = handle.get_slice(key).get_shape()
+            wanted, got = ((module.in_features, shape[1]) if part == "A.weight" else (module.out_features, shape[0]))
+            if wanted != got:
+                raise AdapterFileError(f"{path} does not fit this pipeline (trained on another base model?): "
+                                       f"{component}.{module_name} is {wanted} wide here, {got} in the file")
+
+
+def _submodule(model, name: str):
+    try:
+        return model.get_submodule(name) if model is not None else None
+    except AttributeError:
+        return None
 
 
 def recorded_base_sha256(path) -> str | None:

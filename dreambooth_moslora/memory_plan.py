@@ -468,8 +468,8 @@ def plan_report(configs: ModelConfigs, settings: PlanSettings) -> str:
     lines += [f"  {label:<52} {size / GIB:7.2f} GiB" for label, size in rows]
     lines += [f"  {'total of a step (torch.cuda.max_memory_allocated)':<52} {plan.total / GIB:7.2f} GiB"]
     lines += [f"  {name} kept off the accelerator once cached: {size / GIB:.2f} GiB" for name, size in plan.offloaded.items()]
-    lines += [f"  {'setup (every model on the card, before caching offloads)':<52} {plan.setup / GIB:7.2f} GiB",
-              f"  {'validation (offloaded models back beside the state)':<52} {plan.validation / GIB:7.2f} GiB",
+    lines += [f"  {'setup (all models on the card, before offloading)':<52} {plan.setup / GIB:7.2f} GiB",
+              f"  {'validation (offloaded models back, with the state)':<52} {plan.validation / GIB:7.2f} GiB",
               "  (setup and validation without sampling's activations, which the plan does not count)"]
     lines += [f"  fits a card of {_fits(plan)} (with ~{CUDA_RESERVE / GIB:.1f} GiB for the CUDA context)", ""]
     lines += [f"presets at {settings.resolution} px:", "",

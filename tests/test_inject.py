@@ -30,7 +30,8 @@ def _unet_inputs(seed=0):
         sample=torch.randn(2, 4, 8, 8, generator=generator),
         timestep=torch.tensor([10, 500]),
         encoder_hidden_states=torch.randn(2, 5, 64, generator=generator),
-        added_cond_kwargs={"text_embeds": torch.randn(2, 32, generator=generator), "time_ids": torch.rand(2, 6) * 64},
+        added_cond_kwargs={"text_embeds": torch.randn(2, 32, generator=generator),
+                           "time_ids": torch.rand(2, 6, generator=generator) * 64},
     )
 
 
@@ -50,8 +51,9 @@ def test_injected_model_equals_base_until_trained_and_only_adapters_train(unet):
     with torch.no_grad():
         base = _out(unet, inputs)
     inject_moslora(unet, MoSLoRAConfig(rank=4))
-    with torch.no_grad():
-        assert torch.equal(_out(unet, inputs), base)
+    with torch.no_grad():  # each adapted layer is exact (test_layer); across the UNet, the CPU's matmul kernels
+        # round the same strided input differently from one call to a later one (~1e-7 per layer)
+        torch.testing.assert_close(_out(unet, inputs), base, rtol=1e-5, atol=1e-5)
     trainable = {id(p) for p in unet.parameters() if p.requires_grad}
     assert trainable == {id(p) for p in moslora_parameters(unet)}
 
