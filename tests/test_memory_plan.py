@@ -92,15 +92,15 @@ def test_checkpointing_and_caching_change_the_plan_as_they_change_a_step(tiny_sd
 
 
 def test_sdxl_configs_are_used_for_a_hub_id_and_count_sdxl_parameters():
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from dreambooth_moslora.sdxl import SDXL_UNET_CONFIG
-
-    configs = model_configs("stabilityai/stable-diffusion-xl-base-1.0")
-    assert configs.unet == SDXL_UNET_CONFIG  # the UNet's 2.567 B parameters are checked in test_sdxl
+    configs = model_configs("stabilityai/stable-diffusion-xl-base-1.0")  # offline: SDXL base 1.0's architecture
     with torch.device("meta"):
-        encoders = CLIPTextModel(configs.text_encoders[0]), CLIPTextModelWithProjection(configs.text_encoders[1])
-    assert [round(sum(p.numel() for p in e.parameters()) / 1e6) for e in encoders] == [123, 695]
+        models = (UNet2DConditionModel.from_config(configs.unet), CLIPTextModel(configs.text_encoders[0]),
+                  CLIPTextModelWithProjection(configs.text_encoders[1]), AutoencoderKL.from_config(configs.vae))
+    # SDXL base 1.0's published sizes: UNet 2.567 B, CLIP ViT-L 123 M, OpenCLIP ViT-bigG 695 M, VAE 84 M
+    assert [round(sum(p.numel() for p in m.parameters()) / 1e6) for m in models] == [2567, 123, 695, 84]
 
 
 def test_low_memory_turns_on_what_fits_the_least_memory():
@@ -118,12 +118,19 @@ def test_low_memory_turns_on_what_fits_the_least_memory():
 
 
 def test_cached_outputs_let_their_models_leave_the_accelerator(tiny_sdxl_dir):
+    """"cuda" on a machine without one: the models are on the CPU already, so each move is one that CUDA would
+    make, and the selection and the return are the accelerator's path, not the CPU's no-op."""
     from dreambooth_moslora.models import load_base_models, models_to_offload, offload_cached_models
 
     models = load_base_models(str(tiny_sdxl_dir))
     assert models_to_offload(models, prompts_cached=True, latents_cached=True) == [*models.text_encoders, models.vae]
     assert models_to_offload(models, prompts_cached=False, latents_cached=True) == [models.vae]
     assert offload_cached_models(models, "cpu", True, True) == []  # on the CPU there is nothing to free
+    moved = []
+    for model in (models.unet, *models.text_encoders, models.vae):
+        model.to = lambda device, model=model: moved.append((model, device))
+    assert offload_cached_models(models, "cuda", prompts_cached=True, latents_cached=False) == [*models.text_encoders]
+    assert moved == [(encoder, "cpu") for encoder in models.text_encoders]  # the UNet and the VAE stay
 
 
 def test_training_on_an_accelerator_logs_the_plan_first(tiny_sdxl_dir, caplog):
