@@ -55,8 +55,11 @@ TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 PLAN_CHUNK = 64  # micro-batches handed to one DataLoader (its workers restart between chunks)
 
 
+DIVERGENCE_ADVICE = "Lower --learning_rate, or use --mixed_precision bf16 instead of fp16."
+
+
 class TrainingDiverged(UserInputError):
-    """The loss stopped being finite; nothing is written for the run, checkpoints are kept."""
+    """The loss or the weights stopped being finite; nothing is written for the run, checkpoints are kept."""
 
 
 @dataclass
@@ -298,8 +301,7 @@ class TrainingLoop:
 
     def _divergence_message(self, loss) -> str:
         return (f"the loss became {loss} ; training stopped and no adapter was written; "
-                f"{last_good_checkpoint(self.args.output_dir)}. "
-                "Lower --learning_rate, or use --mixed_precision bf16 instead of fp16.")
+                f"{last_good_checkpoint(self.args.output_dir)}. {DIVERGENCE_ADVICE}")
 
     @torch.no_grad()
     def validate(self, step: int, final: bool = False) -> list[Path]:
@@ -500,8 +502,7 @@ def _checkpoint(args, output_dir, step, accelerator, adapted, optimizer, lr_sche
     checkpoint is always one to go back to."""
     if not weights_are_finite(adapted):
         raise TrainingDiverged(f"the adapter's weights became non-finite by step {step}; checkpoint-{step} was not "
-                               f"written and no adapter was; {last_good_checkpoint(output_dir)}. Lower "
-                               "--learning_rate, or use --mixed_precision bf16 instead of fp16.")
+                               f"written and no adapter was; {last_good_checkpoint(output_dir)}. {DIVERGENCE_ADVICE}")
     path = output_dir / f"checkpoint-{step}"
     if accelerator.is_main_process:
         path = save_checkpoint(output_dir, step, adapted, optimizer, lr_scheduler,
