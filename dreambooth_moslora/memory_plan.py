@@ -355,7 +355,11 @@ def _step_peak(unet, vae, text_encoders, configs, settings, dtype, parameters) -
     batch, pixels = settings.batch_size, settings.resolution
     side = _latent_side(configs, pixels)
     counter, meta = LiveTensorBytes(), torch.device("meta")
-    autocast = emulated_autocast(dtype) if settings.mixed_precision != "no" else contextlib.nullcontext()
+    tokenizers = [_MetaTokenizer(c.max_position_embeddings) for c in configs.text_encoders]
+
+    def autocast(applies: bool = True):
+        return emulated_autocast(dtype) if applies and settings.mixed_precision != "no" else contextlib.nullcontext()
+
     with fused_attention(), counter:
         if settings.cache_latents:
             mean = std = torch.empty(batch, unet.config.in_channels, side, side, device=meta)
@@ -367,24 +371,27 @@ def _step_peak(unet, vae, text_encoders, configs, settings, dtype, parameters) -
             prompt_embeds = torch.empty(batch, 77, width, dtype=dtype, device=meta)
             pooled = torch.empty(batch, configs.text_encoders[1].projection_dim, dtype=dtype, device=meta)
         else:
-            tokenizers = [_MetaTokenizer(c.max_position_embeddings) for c in configs.text_encoders]
-            with autocast if settings.text_encoders_trained else contextlib.nullcontext():
+            with autocast(applies=settings.text_encoders_trained):  # accelerate wraps only the trained ones
                 prompt_embeds, pooled = encode_prompts(text_encoders, tokenizers, [""] * batch, meta)
-        base_prompt = None
-        if settings.base_model_prior and settings.text_encoders_trained:
-            def base_prompt():
-                with torch.no_grad(), moslora_disabled(text_encoders[0]), moslora_disabled(text_encoders[1]):
-                    return encode_prompts(text_encoders, tokenizers, [""] * batch, meta)
+        base_prompt = (functools.partial(_base_prompt_embeddings, text_encoders, tokenizers, batch)
+                       if settings.base_model_prior and settings.text_encoders_trained else None)
         inputs = StepInputs(latents, torch.empty(latents.shape, device=meta),
                             torch.zeros(batch, dtype=torch.long, device=meta), prompt_embeds, pooled,
                             torch.empty(batch, 6, dtype=torch.long, device=meta), [settings.base_model_prior] * batch)
-        with autocast:
+        with autocast():
             loss = denoising_loss(unet, DDPMScheduler(), inputs, LossSettings(base_model_prior=settings.base_model_prior),
                                   dtype, base_prompt=base_prompt)
         loss.backward()
     for parameter in parameters:
         parameter.grad = None
     return counter.peak
+
+
+@torch.no_grad()
+def _base_prompt_embeddings(text_encoders, tokenizers, batch: int):
+    """The base-model prior's prompts through the text encoders with their adapters off, as the trainer does."""
+    with moslora_disabled(text_encoders[0]), moslora_disabled(text_encoders[1]):
+        return encode_prompts(text_encoders, tokenizers, [""] * batch, torch.device("meta"))
 
 
 def configs_of(models) -> ModelConfigs:
