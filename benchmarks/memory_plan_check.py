@@ -103,7 +103,9 @@ def main():
     parser.add_argument("--mixed_precision", choices=["bf16", "fp16"], default="bf16")
     parser.add_argument("--presets", default=",".join(PRESET_OPTIONS), help="comma-separated, of: " + ", ".join(PRESET_OPTIONS))
     parser.add_argument("--card_gib", type=float, default=None, help="cap this process's share of the card")
-    parser.add_argument("--model", default=None, help="an SDXL-architecture folder; default: random weights, saved once")
+    parser.add_argument("--model", default=None,
+                        help="an SDXL-architecture folder (the mini model's too); one not there yet gets SDXL with "
+                             "random weights saved into it first (default: a temporary one)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("this check needs a CUDA GPU; on the CPU, tests/test_memory_plan.py checks the plan")
@@ -111,7 +113,9 @@ def main():
     if args.card_gib:
         torch.cuda.set_per_process_memory_fraction(args.card_gib * GIB / torch.cuda.get_device_properties(device).total_memory)
     work = Path(tempfile.mkdtemp(prefix="memory-plan-"))
-    base = Path(args.model) if args.model else save_random_sdxl_pipeline(work / "sdxl")
+    base = Path(args.model) if args.model else work / "sdxl"
+    if not base.exists():
+        save_random_sdxl_pipeline(base)
     photos = write_photos(work / "photos", args.resolution)
     common = ["--resolution", str(args.resolution), "--rank", str(args.rank), "--max_train_steps", str(args.steps),
               "--checkpointing_steps", str(args.steps), "--mixed_precision", args.mixed_precision, "--center_crop"]
