@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from .ema import EMA_FILE, adapter_parameters, averaged_weights
 from .errors import UserInputError
-from .files import write_text_atomically
+from .files import write_folder_atomically, write_text_atomically
 from .io import NATIVE_FILE, copy_adapter_weights, read_moslora, save_moslora, write_safetensors
 from .inject import moslora_config, moslora_layers
 from .trigger import trigger_embedding
@@ -38,11 +38,7 @@ def save_checkpoint(output_dir, step: int, models: dict, optimizer, lr_scheduler
                     base_model_sha256: str | None = None, grad_scaler=None, schedule: dict | None = None) -> Path:
     """Written into a temporary folder and renamed, so a crash never leaves a half checkpoint (nor the folder).
     `schedule` records what the LR schedule was built for ({"name", "steps"}), so a resume can tell a change."""
-    final = Path(output_dir) / f"{PREFIX}{step}"
-    staging = Path(output_dir) / f".{PREFIX}{step}.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    def fill(staging: Path):
         with averaged_weights(ema):  # the adapter validation showed at this step, for export and evaluate
             save_moslora(staging / NATIVE_FILE, models["unet"], models.get("text_encoder"),
                          models.get("text_encoder_2"), base_model=base_model, base_model_sha256=base_model_sha256)
@@ -53,12 +49,8 @@ def save_checkpoint(output_dir, step: int, models: dict, optimizer, lr_scheduler
         state = {"global_step": step, "lr_scheduler": lr_scheduler.state_dict(), "schedule": schedule,
                  "grad_scaler": grad_scaler.state_dict() if grad_scaler is not None else None}
         write_text_atomically(staging / STATE_FILE, json.dumps(state, default=float))
-        shutil.rmtree(final, ignore_errors=True)
-        staging.rename(final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return final
+
+    return write_folder_atomically(Path(output_dir) / f"{PREFIX}{step}", fill)
 
 
 def prune_checkpoints(output_dir, keep: int | None):

@@ -1,4 +1,4 @@
-"""Writing files so that a crash or Ctrl-C never leaves a half-written one: write beside, then rename.
+"""Writing files and folders so that a crash or Ctrl-C never leaves a half-written one: write beside, then rename.
 
 Files get the mode `open()` would give them (0666 minus the umask), so a ComfyUI/A1111 server or a colleague
 running as another user can read them; `mkstemp` alone would leave them 0600.
@@ -7,6 +7,7 @@ running as another user can read them; `mkstemp` alone would leave them 0600.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -33,6 +34,31 @@ def write_atomically(path, write: Callable[[str], None]) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
+
+
+def write_folder_atomically(path, fill: Callable[[Path], None]) -> Path:
+    """Call fill(staging folder) beside the target, then swap it in: a failure while filling leaves the old folder
+    as it was. The old one is moved aside, not deleted, until the new one is in place (no rename replaces a
+    non-empty folder), and put back if the swap is interrupted."""
+    path = Path(path)
+    staging, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
+    shutil.rmtree(staging, ignore_errors=True)
+    if old.exists() and not path.exists():  # a crash between the two renames of an earlier swap
+        old.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        fill(staging)
+        if path.exists():
+            path.rename(old)
+        staging.rename(path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if old.exists() and not path.exists():
+            old.rename(path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
     return path
 
 

@@ -71,3 +71,36 @@ def test_a_file_target_must_not_be_a_folder(tmp_path):
     with pytest.raises(UserInputError, match="is a folder"):
         check_writable_file(tmp_path, "--output")
     assert check_writable_file(tmp_path / "x.safetensors", "--output") == tmp_path / "x.safetensors"
+
+
+def test_a_folder_swap_interrupted_between_its_renames_gives_the_old_folder_back(tmp_path, monkeypatch):
+    from dreambooth_moslora.files import write_folder_atomically
+
+    def writer(text):
+        return lambda staging: (staging / "step.json").write_text(text)
+
+    def fail(staging):
+        raise RuntimeError("disk full")
+
+    write_folder_atomically(tmp_path / "best", writer("old"))
+    rename = Path.rename
+
+    def interrupted(self, target):
+        if self.name == ".best.tmp":
+            raise KeyboardInterrupt  # after best/ was moved aside, before the new one took its place
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_folder_atomically(tmp_path / "best", writer("new"))
+    monkeypatch.undo()
+    assert (tmp_path / "best" / "step.json").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+
+    (tmp_path / "best").rename(tmp_path / ".best.old")  # a crash between the renames: only the old one is left
+    with pytest.raises(RuntimeError):
+        write_folder_atomically(tmp_path / "best", fail)
+    assert (tmp_path / "best" / "step.json").read_text() == "old"
+    write_folder_atomically(tmp_path / "best", writer("new"))
+    assert (tmp_path / "best" / "step.json").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]

@@ -1,0 +1,119 @@
+"""Which validated step to keep: the rule over the metric history, early stopping, and the `best/` folder.
+
+A history is a list of records in step order, one per validation, e.g. {"step": 0, "dino": 0.41, "clip_i": 0.70,
+"clip_t": 0.31, "class_similarity": 0.52}; step 0 is the base model before training, the baseline the tolerances
+are measured against. The mini world's analyzer gives "subject" instead of dino/clip_i and no "clip_t"; any
+measure may be missing.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .files import write_folder_atomically
+
+SUBJECT_MEASURES = ("dino", "clip_i", "subject")
+BEST_FOLDER = "best"
+STEP_FILE = "step.json"
+
+
+def _measure(record: dict, key: str) -> float | None:
+    value = record.get(key)
+    return None if value is None else float(value)
+
+
+@dataclass(frozen=True)
+class ChoiceRule:
+    """Highest subject fidelity among steps that keep prompt fidelity and the class."""
+
+    prompt_tolerance: float = 0.10  # a step's clip_t may fall at most this fraction below step 0's
+    class_tolerance: float = 0.10  # class_similarity may rise at most this much (absolute) above step 0's
+
+    def subject_fidelity(self, record: dict) -> float | None:
+        """Mean of the subject measures present; None when there is none, so the step cannot be ranked."""
+        values = [v for v in (_measure(record, key) for key in SUBJECT_MEASURES) if v is not None]
+        return sum(values) / len(values) if values else None
+
+    def eligible(self, record: dict, baseline: dict) -> bool:
+        """Within both tolerances; a tolerance whose measure the step or the baseline lacks is not applied."""
+        clip_t, base_clip_t = _measure(record, "clip_t"), _measure(baseline, "clip_t")
+        if clip_t is not None and base_clip_t is not None:
+            if not clip_t >= base_clip_t - self.prompt_tolerance * abs(base_clip_t):  # `not >=` refuses NaN
+                return False
+        drift, base_drift = _measure(record, "class_similarity"), _measure(baseline, "class_similarity")
+        if drift is not None and base_drift is not None:
+            if not drift <= base_drift + self.class_tolerance:
+                return False
+        return True
+
+    def reason(self, record: dict, baseline: dict) -> str:
+        """One sentence for the model card: the step's fidelity, and what it kept against step 0."""
+        kept = []
+        clip_t, base_clip_t = _measure(record, "clip_t"), _measure(baseline, "clip_t")
+        if clip_t is not None and base_clip_t is not None:
+            kept.append(f"its prompt fidelity (CLIP-T) is {clip_t:.3f} against step 0's {base_clip_t:.3f}, "
+                        f"at most {self.prompt_tolerance:.0%} lower allowed")
+        drift, base_drift = _measure(record, "class_similarity"), _measure(baseline, "class_similarity")
+        if drift is not None and base_drift is not None:
+            kept.append(f"its class samples' similarity to the subject is {drift:.3f} against step 0's "
+                        f"{base_drift:.3f}, at most {self.class_tolerance:.2f} higher allowed")
+        checks = "; ".join(kept) if kept else "no prompt or class measure was there to check"
+        return (f"Step {record['step']} was chosen for the highest subject fidelity "
+                f"({self.subject_fidelity(record):.3f}) among the steps that keep prompt fidelity and the class: "
+                f"{checks}.")
+
+
+@dataclass
+class Choice:
+    step: int | None  # None before any step after 0 is eligible
+    validations_since_best: int
+
+
+def baseline_of(history: list[dict]) -> dict:
+    """Step 0's record; without one (a history that began later) no tolerance can be applied."""
+    return next((record for record in history if record.get("step") == 0), {})
+
+
+def choose(history: list[dict], rule: ChoiceRule = ChoiceRule()) -> Choice:
+    """The eligible step after 0 with the highest subject fidelity; a tie keeps the earlier step, so a plateau
+    counts toward early stopping."""
+    baseline = baseline_of(history)
+    best, best_fidelity = None, float("-inf")
+    for record in history:
+        fidelity = rule.subject_fidelity(record)
+        if record["step"] > 0 and fidelity is not None and rule.eligible(record, baseline):
+            if fidelity > best_fidelity:  # NaN never wins
+                best, best_fidelity = record["step"], fidelity
+    since = sum(1 for record in history if record["step"] > (best or 0))
+    return Choice(step=best, validations_since_best=since)
+
+
+def should_stop_early(choice: Choice, patience: int | None) -> bool:
+    """Only once a best exists: a run whose steps are all ineligible so far has nothing to stop on."""
+    return patience is not None and choice.step is not None and choice.validations_since_best >= patience
+
+
+def write_best(output_dir, step: int, files: dict[str, Callable[[Path], Path]] | list[Path]) -> Path:
+    """Replace <output_dir>/best/ with the step's files and best/step.json, swapped in whole, so a crash or a
+    missing file leaves the previous best. `files` is either existing files to copy (their mode is not copied:
+    diffusers leaves 0600 files) or {name: write(path)} for files made on the spot."""
+    def fill(staging: Path):
+        if isinstance(files, dict):
+            for name, write in files.items():
+                write(staging / name)
+        else:
+            for file in files:
+                shutil.copyfile(file, staging / Path(file).name)
+        (staging / STEP_FILE).write_text(json.dumps({"step": step}), encoding="utf-8")
+
+    return write_folder_atomically(Path(output_dir) / BEST_FOLDER, fill)
+
+
+def read_best_step(output_dir) -> int | None:
+    """The step best/ holds, for resume; None when no best was written."""
+    path = Path(output_dir) / BEST_FOLDER / STEP_FILE
+    return int(json.loads(path.read_text(encoding="utf-8"))["step"]) if path.is_file() else None

@@ -1,0 +1,157 @@
+"""The checkpoint rule on hand-written metric histories, early stopping, and the atomic best/ folder."""
+
+import os
+
+import pytest
+
+from dreambooth_moslora.checkpoint_choice import (
+    Choice,
+    ChoiceRule,
+    choose,
+    read_best_step,
+    should_stop_early,
+    write_best,
+)
+
+BASE = {"step": 0, "dino": 0.40, "clip_i": 0.70, "clip_t": 0.30, "class_similarity": 0.50}
+
+
+def _record(step, dino, clip_i, clip_t=0.30, class_similarity=0.50):
+    return {"step": step, "dino": dino, "clip_i": clip_i, "clip_t": clip_t, "class_similarity": class_similarity}
+
+
+def test_the_highest_fidelity_eligible_step_wins():
+    history = [BASE, _record(100, 0.50, 0.74), _record(200, 0.60, 0.80), _record(300, 0.55, 0.78)]
+    assert choose(history) == Choice(step=200, validations_since_best=1)
+
+
+def test_fidelity_is_the_mean_of_dino_and_clip_i():
+    # by dino alone 100 would win (0.60 > 0.50); by the mean 200 does (0.70 > 0.69)
+    history = [BASE, _record(100, 0.60, 0.78), _record(200, 0.50, 0.90)]
+    assert ChoiceRule().subject_fidelity(history[2]) == pytest.approx(0.70)
+    assert choose(history).step == 200
+
+
+def test_a_step_whose_prompt_fidelity_fell_past_the_tolerance_is_skipped():
+    # 0.26 is 13% below step 0's 0.30 (limit 10%); 0.28 is 7% below
+    history = [BASE, _record(100, 0.50, 0.75, clip_t=0.28), _record(200, 0.70, 0.85, clip_t=0.26)]
+    assert choose(history).step == 100
+    assert choose(history, ChoiceRule(prompt_tolerance=0.15)).step == 200
+
+
+def test_a_step_whose_class_drifted_toward_the_subject_is_skipped():
+    # class similarity 0.65 is 0.15 above step 0's 0.50 (limit 0.10); 0.58 is 0.08 above
+    history = [BASE, _record(100, 0.50, 0.75, class_similarity=0.58), _record(200, 0.70, 0.85, class_similarity=0.65)]
+    assert choose(history).step == 100
+    assert choose(history, ChoiceRule(class_tolerance=0.20)).step == 200
+
+
+def test_analyzer_records_with_only_subject():
+    history = [{"step": 0, "subject": 0.10, "class_similarity": 0.30},
+               {"step": 100, "subject": 0.50, "class_similarity": 0.35},
+               {"step": 200, "subject": 0.80, "class_similarity": 0.45},  # drifted 0.15
+               {"step": 300, "subject": 0.60, "class_similarity": 0.38}]
+    assert ChoiceRule().subject_fidelity(history[1]) == 0.50
+    assert choose(history) == Choice(step=300, validations_since_best=0)
+    # a measure below zero still ranks: -0.05 beats -0.20
+    below_zero = [{"step": 0, "subject": -0.3}, {"step": 1, "subject": -0.2}, {"step": 2, "subject": -0.05}]
+    assert choose(below_zero).step == 2
+
+
+def test_missing_measures():
+    rule = ChoiceRule()
+    assert rule.subject_fidelity({"step": 5, "clip_i": 0.8, "dino": None}) == 0.8
+    assert rule.subject_fidelity({"step": 5, "clip_t": 0.3}) is None
+    # a tolerance whose measure the step or step 0 lacks is not applied
+    assert rule.eligible({"step": 5, "dino": 0.9, "class_similarity": 0.99}, {"step": 0, "dino": 0.4})
+    assert rule.eligible({"step": 5, "dino": 0.9, "clip_t": 0.01}, {"step": 0, "class_similarity": 0.5})
+    assert not rule.eligible({"step": 5, "dino": 0.9, "clip_t": 0.01}, {"step": 0, "clip_t": 0.3})
+    # a step without a subject measure cannot be ranked, however well it keeps the prompt
+    history = [BASE, {"step": 100, "clip_t": 0.31}, _record(200, 0.45, 0.72), {"step": 300, "clip_t": 0.31}]
+    assert choose(history) == Choice(step=200, validations_since_best=1)
+    # no step 0 in the history: no tolerance is applied
+    assert choose([_record(100, 0.5, 0.7), _record(200, 0.9, 0.9, clip_t=0.01)]).step == 200
+
+
+def test_a_tie_keeps_the_earlier_step():
+    history = [BASE, _record(100, 0.60, 0.80), _record(200, 0.60, 0.80), _record(300, 0.60, 0.80)]
+    assert choose(history) == Choice(step=100, validations_since_best=2)
+
+
+def test_nothing_eligible_and_step_0_are_never_chosen():
+    assert choose([]) == Choice(step=None, validations_since_best=0)
+    assert choose([BASE]).step is None  # the baseline is never chosen, however good
+    history = [BASE, _record(100, 0.9, 0.9, clip_t=0.10), _record(200, 0.9, 0.9, class_similarity=0.9)]
+    assert choose(history) == Choice(step=None, validations_since_best=2)
+    assert choose([BASE, _record(100, float("nan"), float("nan"))]).step is None
+
+
+def test_validations_since_best_counts_the_validations_after_the_best():
+    history = [BASE, _record(100, 0.5, 0.8)]
+    counts = []
+    for step, dino in [(200, 0.6), (300, 0.55), (400, 0.58), (500, 0.65), (600, 0.5)]:
+        history.append(_record(step, dino, 0.8))
+        counts.append(choose(history).validations_since_best)
+    assert counts == [0, 1, 2, 0, 1]
+
+
+def test_should_stop_early():
+    assert should_stop_early(Choice(step=100, validations_since_best=3), patience=3)
+    assert not should_stop_early(Choice(step=100, validations_since_best=2), patience=3)
+    assert not should_stop_early(Choice(step=100, validations_since_best=10), patience=None)
+    assert not should_stop_early(Choice(step=None, validations_since_best=10), patience=3)
+    history = [BASE] + [_record(100 * i, d, 0.8) for i, d in enumerate([0.6, 0.5, 0.55, 0.59], 1)]
+    assert should_stop_early(choose(history), patience=3) and not should_stop_early(choose(history), patience=4)
+
+
+def test_the_reason_names_the_step_its_fidelity_and_what_it_kept():
+    rule = ChoiceRule()
+    reason = rule.reason(_record(200, 0.60, 0.80, clip_t=0.29, class_similarity=0.55), BASE)
+    for part in ["Step 200", "0.700", "0.290", "0.300", "10%", "0.550", "0.500"]:
+        assert part in reason
+    assert reason.endswith(".") and ". " not in reason  # one sentence
+    assert "no prompt or class measure" in rule.reason({"step": 3, "subject": 0.5}, {"step": 0, "subject": 0.1})
+
+
+def _adapter_files(folder, contents):
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, text in contents.items():
+        (folder / name).write_text(text)
+        os.chmod(folder / name, 0o600)  # as diffusers leaves its weight files
+        paths.append(folder / name)
+    return paths
+
+
+def test_write_best_replaces_the_old_best_and_a_failure_leaves_it(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        first = _adapter_files(tmp_path / "checkpoint-100", {"a.safetensors": "100", "b.safetensors": "100b"})
+        best = write_best(tmp_path, 100, first)
+        second = _adapter_files(tmp_path / "checkpoint-200", {"a.safetensors": "200"})
+        write_best(tmp_path, 200, second)
+    finally:
+        os.umask(previous)
+    assert best == tmp_path / "best"
+    assert sorted(p.name for p in best.iterdir()) == ["a.safetensors", "step.json"]  # b is not left over
+    assert (best / "a.safetensors").read_text() == "200" and read_best_step(tmp_path) == 200
+    assert {p.stat().st_mode & 0o777 for p in best.iterdir()} == {0o644}
+
+    with pytest.raises(FileNotFoundError):
+        write_best(tmp_path, 300, [second[0], tmp_path / "checkpoint-300" / "missing.safetensors"])
+    assert (best / "a.safetensors").read_text() == "200" and read_best_step(tmp_path) == 200
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "checkpoint-100", "checkpoint-200"]
+
+
+def test_write_best_from_writers(tmp_path):
+    def write(path):
+        path.write_text("made")
+        return path
+
+    write_best(tmp_path, 7, {"pytorch_lora_weights.safetensors": write})
+    assert (tmp_path / "best" / "pytorch_lora_weights.safetensors").read_text() == "made"
+    assert read_best_step(tmp_path) == 7
+
+
+def test_read_best_step_without_a_best(tmp_path):
+    assert read_best_step(tmp_path) is None
