@@ -12,6 +12,7 @@ import torch
 from .config import MIXER_INITS, UNET_TARGETS
 from .diffusers_options import add_diffusers_options, apply_diffusers_options
 from .errors import UserInputError
+from .metrics import DEFAULT_CLIP, DEFAULT_DINO
 from .io import KOHYA_UNET_MODULES, kohya_exportable
 from .parser import CommandParser
 from .prompt_words import has_trigger_word, prompt_words, read_prompts
@@ -158,6 +159,28 @@ def build_parser(prog: str | None = None, needs_data: bool = True) -> argparse.A
                      help="also validate every N steps (always at the end when --validation_prompt is set)")
     out.add_argument("--num_inference_steps", type=int, default=25, help="sampling steps of validation images")
     out.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "none"])
+
+    measured = parser.add_argument_group("measured validation and the chosen step")
+    measured.add_argument("--validation_metrics", choices=("auto", "on", "none"), default="auto",
+                          help="measure each validation (step 0 too) against your photos and choose the best step: "
+                               "auto (default) when the feature models load, else a warning and plain validation; "
+                               "on: they must load; none: off")
+    measured.add_argument("--validation_dino_model", default=DEFAULT_DINO,
+                          help=f"subject fidelity's DINO model: hub id or local folder (default {DEFAULT_DINO})")
+    measured.add_argument("--validation_clip_model", default=DEFAULT_CLIP,
+                          help=f"CLIP-I and CLIP-T's CLIP model: hub id or local folder (default {DEFAULT_CLIP})")
+    measured.add_argument("--validation_metrics_model", default=None,
+                          help="a world analyzer file (assets/world-analyzer.safetensors) in place of DINO and CLIP: "
+                               "the mini world's measure, offline")
+    measured.add_argument("--validation_prompt_tolerance", type=float, default=0.10,
+                          help="a chosen step's prompt fidelity (CLIP-T) may fall at most this fraction below step 0's")
+    measured.add_argument("--validation_class_tolerance", type=float, default=0.10,
+                          help="a chosen step's class samples may move at most this much closer to your photos than "
+                               "step 0's (class drift)")
+    measured.add_argument("--keep", choices=("last", "best"), default="last",
+                          help="which step's adapter the output folder's files hold; best/ always holds the chosen one")
+    measured.add_argument("--early_stopping_patience", type=int, default=None,
+                          help="stop (saving, as Ctrl-C does) when the chosen step has not changed for N validations")
     out.add_argument("--logging_dir", default="logs", help="relative to --output_dir")
     add_diffusers_options(parser)
     return parser
@@ -183,7 +206,11 @@ def validate_args(args: argparse.Namespace, needs_data: bool = True) -> argparse
     check_at_least_one(args, ("train_batch_size", "gradient_accumulation_steps", "repeats", "rank",
                               "checkpointing_steps", "num_validation_images", "sample_batch_size",
                               "num_inference_steps", "max_train_steps", "num_train_epochs", "validation_steps",
-                              "checkpoints_total_limit"))
+                              "checkpoints_total_limit", "early_stopping_patience"))
+    if (args.keep == "best" or args.early_stopping_patience) and not (
+            args.validation_prompt and args.validation_steps and args.validation_metrics != "none"):
+        raise UserInputError("--keep best and --early_stopping_patience choose among measured validations: they need "
+                             "--validation_prompt and --validation_steps (and --validation_metrics not none)")
     if args.freeze_mixer and args.mixer_init == "none":
         raise UserInputError("--freeze_mixer needs a mixer to freeze; --mixer_init none has none")
     if not 0 < args.ema_decay < 1:

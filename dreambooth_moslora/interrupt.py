@@ -23,6 +23,9 @@ class StopOnInterrupt:
 
     interrupted = False
     requested = False
+    stop_early = False
+    """This process's wish to end the run normally at this step (measured validation's early stopping)."""
+    stopped_early = False
 
     def __enter__(self):
         self.previous = signal.getsignal(signal.SIGINT)
@@ -39,13 +42,14 @@ class StopOnInterrupt:
         return False
 
     def should_stop(self, accelerator) -> bool:
-        """Whether any process was interrupted; a collective, so every process must call it at the same step."""
-        if accelerator.num_processes == 1:
-            self.requested = self.interrupted
-        else:
-            flag = torch.tensor([float(self.interrupted)], device=accelerator.device)
-            self.requested = accelerator.reduce(flag, reduction="sum").item() > 0
-        return self.requested
+        """Whether any process was interrupted or wants to stop early; a collective, so every process must call it
+        at the same step. An interrupt wins over an early stop."""
+        flags = [float(self.interrupted), float(self.stop_early)]
+        if accelerator.num_processes > 1:
+            flags = accelerator.reduce(torch.tensor(flags, device=accelerator.device), reduction="sum").tolist()
+        self.requested = flags[0] > 0
+        self.stopped_early = flags[1] > 0 and not self.requested
+        return self.requested or self.stopped_early
 
 
 def ignore_interrupts(worker_id: int) -> None:

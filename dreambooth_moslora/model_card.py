@@ -10,7 +10,9 @@ from .single_file import is_single_file
 
 def model_card(base_model: str, instance_prompt: str, config, steps: int, text_encoders_trained: bool,
                validation_prompt: str | None, validation_images: list[Path], output_dir: Path,
-               ema_decay: float | None = None, model_config: str | None = None, trigger: str | None = None) -> str:
+               ema_decay: float | None = None, model_config: str | None = None, trigger: str | None = None,
+               chosen: str | None = None, kept: str = "last") -> str:
+    """`chosen`: measured validation's chosen step and why (best/ holds it); `kept`: which step the files hold."""
     images = "\n".join(f"![{validation_prompt}]({p.relative_to(output_dir).as_posix()})" for p in validation_images)
     return f"""---
 base_model: {base_model}
@@ -33,6 +35,8 @@ prompt **{instance_prompt}**.
 | text encoders trained | {"yes" if text_encoders_trained else "no"} |
 | trigger embedding learned | {f"`{trigger}` ({TRIGGER_FILE})" if trigger else "no"} |
 | training steps | {steps} |
+| chosen step (`best/`) | {chosen or "not measured"} |
+| these files hold | {"the chosen step's adapter" if kept == "best" and chosen else f"step {steps}'s adapter"} |
 | weights | {f"the exponential moving average of the trained weights (decay {ema_decay:g}), in every file" if ema_decay else "as trained"} |
 
 ## Files

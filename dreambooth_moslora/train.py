@@ -37,6 +37,7 @@ from .generate import GenerationSettings, generate_images
 from .inject import inject_moslora, moslora_config, moslora_disabled, moslora_parameters
 from .interrupt import StopOnInterrupt, ignore_interrupts
 from .masks import mask_finder, render_mask
+from .measured_validation import MeasuredValidation, grouped_by_prompt, load_feature_models
 from .adapters import recorded_base_sha256
 from .io import (DIFFUSERS_FILE, KOHYA_FILE, NATIVE_FILE, TRIGGER_FILE, export_diffusers, export_kohya,
                  export_trigger_embedding, save_moslora)
@@ -92,11 +93,12 @@ def train(args) -> TrainingResult:
     instance = read_examples(args.instance_data_dir, args.instance_prompt, args.resolution, args.bucketing,
                              find_mask=mask_finder(args.mask_dir, args.alpha_mask))
     plan_settings(args, instance)  # refuses --cache_latents with random crops before any model loads
+    feature_models = load_feature_models(args) if accelerator.is_main_process else None
     with output_folder_lock(output_dir, enabled=accelerator.is_main_process):
-        return _train(args, accelerator, output_dir, instance)
+        return _train(args, accelerator, output_dir, instance, feature_models)
 
 
-def _train(args, accelerator, output_dir: Path, instance) -> TrainingResult:
+def _train(args, accelerator, output_dir: Path, instance, feature_models=None) -> TrainingResult:
     _check_resume_base(args, output_dir)
     weight_dtype = training_dtype(accelerator.mixed_precision)
     models, adapted = setup_models(args, accelerator, instance)
@@ -124,8 +126,11 @@ def _train(args, accelerator, output_dir: Path, instance) -> TrainingResult:
     if accelerator.is_main_process:
         accelerator.init_trackers("dreambooth-moslora", config=_tracker_config(args))
 
+    measured = MeasuredValidation(args, feature_models, global_step) if feature_models else None
     loop = TrainingLoop(args, accelerator, models, trained, optimizer, lr_scheduler, caches, weight_dtype, ema,
-                        offloaded)
+                        offloaded, measured, write_adapter=lambda folder: _adapter_files(args, folder, adapted))
+    if measured and not measured.has_baseline:
+        loop.validate(0)  # the base model's own measures, which every later step is held against
     start = time.perf_counter()
     first_step = global_step
     with StopOnInterrupt() as stop:
@@ -138,12 +143,17 @@ def _train(args, accelerator, output_dir: Path, instance) -> TrainingResult:
         raise KeyboardInterrupt(f"interrupted at step {global_step}; saved {path}; "
                                 "continue with --resume_from_checkpoint latest")
 
+    if stop.stopped_early and global_step % args.checkpointing_steps:  # else its checkpoint is saved already
+        _checkpoint(args, output_dir, global_step, accelerator, adapted, optimizer, lr_scheduler, ema, max_steps)
     files = []
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with averaged_weights(ema):  # the exported adapter is the average, as validation shows it
             images = loop.validate(global_step, final=True) if args.validation_prompt else []
-            files = _write_outputs(args, output_dir, adapted, global_step, images)
+            files = _write_outputs(args, output_dir, adapted, global_step, images, measured)
+        if stop.stopped_early:
+            logger.info("stopped early at step %d: the chosen step, %s, has not changed for %d validations",
+                        global_step, measured.choice.step, args.early_stopping_patience)
         _summary(global_step - first_step, seconds, files, accelerator.device)
     accelerator.end_training()
     return TrainingResult(output_dir, global_step, seconds, files, loop.losses)
@@ -173,8 +183,9 @@ class TrainingLoop:
     """One optimizer step after another, with checkpoints, validation and logging in between."""
 
     def __init__(self, args, accelerator, models, trained, optimizer, lr_scheduler, caches, weight_dtype, ema=None,
-                 offloaded=()):
+                 offloaded=(), measured=None, write_adapter=None):
         self.args, self.accelerator, self.models, self.ema = args, accelerator, models, ema
+        self.measured, self.write_adapter = measured, write_adapter
         self.offloaded = list(offloaded)
         self.trained, self.optimizer, self.lr_scheduler = trained, optimizer, lr_scheduler
         self.latent_cache, self.prompt_cache = caches
@@ -194,7 +205,7 @@ class TrainingLoop:
         stream = process_micro_batches(instance, classes, args.repeats, args.train_batch_size, args.seed,
                                        accelerator.num_processes, accelerator.process_index)
         step_start, micro_losses = time.perf_counter(), []
-        while global_step < max_steps and not stop.requested:
+        while global_step < max_steps and not (stop.requested or stop.stopped_early):
             plan = [item for _, item in zip(range(PLAN_CHUNK), stream) if item[0] >= skip]
             loader = DataLoader(
                 MicroBatches(plan, args.seed, accelerator.process_index, args.random_flip, args.center_crop,
@@ -225,6 +236,7 @@ class TrainingLoop:
                         and global_step < max_steps and accelerator.is_main_process:
                     with averaged_weights(self.ema):
                         self.validate(global_step)
+                    stop.stop_early = bool(self.measured and self.measured.should_stop())
                 if global_step >= max_steps or stop.should_stop(accelerator):  # every process at the same step
                     break
         progress.close()
@@ -312,17 +324,22 @@ class TrainingLoop:
         for model in self.trained.values():
             model.eval()
         folder = Path(args.output_dir) / "validation" / (f"final-step-{step}" if final else f"step-{step}")
+        prompts = [p.prompt for p in self.measured.prompts] if self.measured else [args.validation_prompt]
         settings = GenerationSettings(num_images_per_prompt=args.num_validation_images, seed=args.seed,
                                       batch_size=args.sample_batch_size,
                                       num_inference_steps=args.num_inference_steps, height=args.resolution,
                                       width=args.resolution)
         with accelerator.autocast(), decoding_outside_autocast(self.models.vae), \
                 back_on(self.offloaded, accelerator.device):
-            paths = generate_images(pipe, [args.validation_prompt], settings, folder, adapter_name="training",
-                                    show_progress=False)
+            paths = generate_images(pipe, prompts, settings, folder, adapter_name="training", show_progress=False)
         for model in self.trained.values():
             model.train()
         _log_images(accelerator, paths, step)
+        record = self.measured and self.measured.record(
+            step, grouped_by_prompt(paths, self.measured.prompts, args.num_validation_images), self.write_adapter)
+        if record:
+            accelerator.log({f"validation/{name}": value for name, value in record.items() if name != "step"},
+                            step=step)
         return paths
 
 
@@ -514,20 +531,27 @@ def _checkpoint(args, output_dir, step, accelerator, adapted, optimizer, lr_sche
     return path
 
 
-def _write_outputs(args, output_dir, adapted, steps, images) -> list[Path]:
-    """The native file, then both exports of it, then the model card."""
-    base_model = model_reference(args.pretrained_model_name_or_path)
-    native = save_moslora(output_dir / NATIVE_FILE, adapted["unet"], adapted.get("text_encoder"),
-                          adapted.get("text_encoder_2"), base_model=base_model,
+def _adapter_files(args, folder: Path, adapted) -> list[Path]:
+    """The native file, then the exports of it, into folder."""
+    native = save_moslora(folder / NATIVE_FILE, adapted["unet"], adapted.get("text_encoder"),
+                          adapted.get("text_encoder_2"), base_model=model_reference(args.pretrained_model_name_or_path),
                           base_model_sha256=base_model_sha256(args.pretrained_model_name_or_path))
-    files = [native, export_diffusers(native, output_dir / DIFFUSERS_FILE), export_kohya(native, output_dir / KOHYA_FILE)]
+    files = [native, export_diffusers(native, folder / DIFFUSERS_FILE), export_kohya(native, folder / KOHYA_FILE)]
     if args.train_trigger_embedding:
-        files.append(export_trigger_embedding(native, output_dir / TRIGGER_FILE))
-    card = model_card(base_model, args.instance_prompt, moslora_config(adapted["unet"]), steps,
-                      args.train_text_encoder, args.validation_prompt, images, output_dir,
-                      ema_decay=args.ema_decay if args.use_ema else None,
+        files.append(export_trigger_embedding(native, folder / TRIGGER_FILE))
+    return files
+
+
+def _write_outputs(args, output_dir, adapted, steps, images, measured=None) -> list[Path]:
+    """The adapter files (the chosen step's with --keep best), then the model card."""
+    files = (measured.keep_best(output_dir) if measured and args.keep == "best" else []) \
+        or _adapter_files(args, output_dir, adapted)
+    card = model_card(model_reference(args.pretrained_model_name_or_path), args.instance_prompt,
+                      moslora_config(adapted["unet"]), steps, args.train_text_encoder, args.validation_prompt, images,
+                      output_dir, ema_decay=args.ema_decay if args.use_ema else None,
                       model_config=args.model_config and str(Path(args.model_config).expanduser().resolve()),
-                      trigger=args.train_trigger_embedding)
+                      trigger=args.train_trigger_embedding,
+                      chosen=measured.summary() if measured else None, kept=args.keep)
     return files + [write_text_atomically(output_dir / "README.md", card)]
 
 

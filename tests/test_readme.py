@@ -55,8 +55,9 @@ def test_quickstart_and_the_verbs_after_it_run_offline(tmp_path, feature_models,
     (tmp_path / "assets").symlink_to(README.parent / "assets")
     run_commands(shell_commands("example: quickstart"), tmp_path)
     out = tmp_path / "outputs" / "quickstart"
-    for name in ("moslora.safetensors", "pytorch_lora_weights.safetensors", "lora_kohya.safetensors", "README.md"):
-        assert (out / name).is_file()
+    for name in ("moslora.safetensors", "pytorch_lora_weights.safetensors", "lora_kohya.safetensors", "README.md",
+                 "best/step.json", "best/moslora.safetensors", "validation/report.html", "validation/metrics.jsonl"):
+        assert (out / name).is_file(), name
     block = readme_block("example: quickstart")
     steps = re.search(r"--max_train_steps (\d+)", block).group(1)
     every = re.search(r"--validation_steps (\d+)", block).group(1)

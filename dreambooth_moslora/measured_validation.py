@@ -1,0 +1,113 @@
+"""The trainer's measured validation: each validation's samples measured against the photos, the history kept in
+`validation/metrics.jsonl` (resumed with the run), the step the rule chooses written to `best/`, the report
+redrawn, and the verdict for early stopping. The measuring is validation_metrics', the choosing checkpoint_choice's.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from PIL import Image
+
+from .checkpoint_choice import ChoiceRule, baseline_of, choose, read_best_step, should_stop_early, write_best
+from .data import image_files, load_rgb
+from .errors import UserInputError
+from .files import write_atomically
+from .validation_metrics import (FeatureModels, ValidationPrompt, append_metrics, read_metrics, validation_prompts,
+                                 write_report)
+
+logger = logging.getLogger(__name__)
+METRICS_FILE = "metrics.jsonl"
+REPORT_FILE = "report.html"
+
+
+def load_feature_models(args) -> FeatureModels | None:
+    """`auto`: the feature models if they load, else one warning and plain validation; `on`: they must load (one
+    clear error before training); `none`, or validation only at the end (nothing to choose among): none."""
+    if args.validation_metrics == "none" or not (args.validation_prompt and args.validation_steps):
+        if args.validation_metrics == "on":
+            raise UserInputError("--validation_metrics on measures the validations during training: it needs "
+                                 "--validation_prompt and --validation_steps")
+        return None
+    try:
+        return FeatureModels.load(None if args.validation_metrics_model else args.validation_dino_model,
+                                  None if args.validation_metrics_model else args.validation_clip_model,
+                                  args.validation_metrics_model)
+    except UserInputError as error:
+        if args.validation_metrics == "on":
+            raise
+        logger.warning("validation is not measured: %s (--validation_metrics none silences this)", error)
+        return None
+
+
+class MeasuredValidation:
+    def __init__(self, args, feature_models: FeatureModels, resumed_step: int):
+        self.args, self.feature_models = args, feature_models
+        self.folder = Path(args.output_dir) / "validation"
+        self.prompts: list[ValidationPrompt] = validation_prompts(
+            args.instance_prompt, [args.validation_prompt], args.class_prompt if args.with_prior_preservation else None,
+            trigger_words=None)
+        self.instance_paths = image_files(args.instance_data_dir)
+        self.instance_images = [load_rgb(p) for p in self.instance_paths]
+        self.rule = ChoiceRule(args.validation_prompt_tolerance, args.validation_class_tolerance)
+        self.history = read_metrics(self.folder / METRICS_FILE, up_to_step=resumed_step)
+        self.samples = {r["step"]: self._samples_on_disk(r["step"]) for r in self.history}  # a resumed run's too
+        self.choice = choose(self.history, self.rule)
+
+    def _samples_on_disk(self, step: int) -> dict[str, list[Path]]:
+        """A step's samples as validate wrote them (a run's last step in final-step-N)."""
+        folder = next((f for f in (self.folder / f"step-{step}", self.folder / f"final-step-{step}") if f.is_dir()),
+                      self.folder / f"step-{step}")
+        paths = sorted(p for p in folder.glob("*.png") if p.name != "grid.png")
+        return grouped_by_prompt(paths, self.prompts, self.args.num_validation_images)
+
+    @property
+    def has_baseline(self) -> bool:
+        return any(record["step"] == 0 for record in self.history)
+
+    def record(self, step: int, samples: dict[str, list[Path]],
+               write_adapter: Callable[[Path], list[Path]]) -> dict | None:
+        """Measure step's samples, choose again, and when the choice moved to this step write its adapter to best/.
+        A step measured already (the final validation after an early stop) is not measured again."""
+        if any(record["step"] == step for record in self.history):
+            return None
+        images = {prompt: [Image.open(p).convert("RGB") for p in paths] for prompt, paths in samples.items()}
+        record = {"step": step, **self.feature_models.measure(images, self.prompts, self.instance_images)}
+        append_metrics(self.folder / METRICS_FILE, record)
+        self.history.append(record)
+        self.samples[step] = samples
+        self.choice = choose(self.history, self.rule)
+        if self.choice.step == step:
+            with tempfile.TemporaryDirectory(dir=self.folder) as staging:
+                write_best(self.args.output_dir, step, write_adapter(Path(staging)))
+        write_report(self.folder / REPORT_FILE, self.history, self.instance_paths, self.samples, self.prompts,
+                     self.choice.step)
+        return record
+
+    def should_stop(self) -> bool:
+        return should_stop_early(self.choice, self.args.early_stopping_patience)
+
+    def summary(self) -> str | None:
+        """The model card's sentence on the chosen step, when there is one."""
+        if self.choice.step is None:
+            return None
+        record = next(r for r in self.history if r["step"] == self.choice.step)
+        return self.rule.reason(record, baseline_of(self.history))
+
+    def keep_best(self, output_dir) -> list[Path]:
+        """--keep best: the chosen step's files replace the last step's in the output folder."""
+        best = Path(output_dir) / "best"
+        if read_best_step(output_dir) is None:
+            return []
+        return [write_atomically(Path(output_dir) / path.name, lambda tmp, path=path: shutil.copyfile(path, tmp))
+                for path in sorted(best.glob("*.safetensors"))]
+
+
+def grouped_by_prompt(paths: list[Path], prompts: list[ValidationPrompt], per_prompt: int) -> dict[str, list[Path]]:
+    """generate_images' paths (prompt i's images together, in order) by prompt."""
+    return {p.prompt: paths[i * per_prompt:(i + 1) * per_prompt] for i, p in enumerate(prompts)}
+
