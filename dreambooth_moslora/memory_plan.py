@@ -464,7 +464,7 @@ def plan_report(configs: ModelConfigs, settings: PlanSettings) -> str:
     rows = [*((f"{name} weights", size) for name, size in plan.weights.items()),
             ("adapter weights (fp32)", plan.adapter), ("adapter moving average (fp32)", plan.ema),
             (f"optimizer state ({settings.optimizer})", plan.optimizer_state),
-            (f"cached latents and prompts ({settings.cached_images} images)", plan.caches),
+            (f"cached {_cached(settings)} ({settings.cached_images} images)", plan.caches),
             ("activations and gradients (peak of the step)", plan.step_peak)]
     lines = [f"memory plan: {configs.source}, {settings.resolution} px, batch {settings.batch_size}, "
              f"{'fp32' if settings.mixed_precision == 'no' else settings.mixed_precision}, rank {settings.rank} on "
@@ -487,6 +487,12 @@ def plan_report(configs: ModelConfigs, settings: PlanSettings) -> str:
         marks = " | ".join("✓" if planned.fits(gb) else "✗" for gb in CARD_SIZES_GB)
         lines.append(f"| {name} | {planned.peak / GIB:.1f} GiB | {marks} |")
     return "\n".join(lines) + "\n"
+
+
+def _cached(settings: PlanSettings) -> str:
+    kinds = [kind for kind, cached in (("latents", settings.cache_latents), ("prompts", settings.prompts_cached))
+             if cached]
+    return " and ".join(kinds) or "nothing"
 
 
 def _fits(plan: MemoryPlan) -> str:

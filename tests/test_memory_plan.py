@@ -77,6 +77,7 @@ def test_the_plan_verb_breaks_the_peak_down_and_marks_the_presets(tiny_sdxl_dir,
     assert main(["plan", "--pretrained_model_name_or_path", str(tiny_sdxl_dir), "--resolution", "64"]) == 0
     out = capsys.readouterr().out
     for line in ("UNet weights", "optimizer state (adamw)", "activations and gradients", "total",
+                 "cached prompts (20 images)",  # no photos given: random crops assumed, latents encoded each step
                  "text encoders kept off the accelerator once cached", "| bf16 + gradient checkpointing |"):
         assert line in out, line
     assert out.count("| ✓ | ✓ | ✓ | ✓ |") == 5  # the tiny model fits everywhere
