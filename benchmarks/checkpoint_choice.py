@@ -56,18 +56,18 @@ def train_and_measure(settings: BenchmarkSettings, bench: SubjectBench, seed: in
                                  "--validation_metrics_model", settings.analyzer_file,
                                  "--num_validation_images", "4", "--num_inference_steps", str(settings.inference_steps)]
     started = time.perf_counter()
-    _train_adapter(settings, bench.subject, bench.instance_dir, None, METHOD, seed, True, settings.learning_rate,
-                   every, folder)
+    if not (folder / f"checkpoint-{settings.steps}").is_dir():  # a run trained this far already is measured as it is
+        _train_adapter(settings, bench.subject, bench.instance_dir, None, METHOD, seed, True, settings.learning_rate,
+                       every, folder)
     seconds = time.perf_counter() - started
     steps = list(range(every, settings.steps + 1, every))
     reported = {}
-    for step in steps:
-        adapter = folder / ("moslora.safetensors" if step == settings.steps else f"checkpoint-{step}/moslora.safetensors")
-        reported[step] = bench.measure_adapter(adapter)[0]
+    for step in steps:  # every step is checkpointed, the last one too
+        reported[step] = bench.measure_adapter(folder / f"checkpoint-{step}" / "moslora.safetensors")[0]
         log(f"{bench.subject.name} seed {seed} step {step}: normalised fidelity "
             f"{reported[step]['normalized_fidelity']:.3f}, class shape {reported[step]['class_shape_accuracy']:.2f}")
     result = {"subject": bench.subject.name, "seed": seed, "train_seconds": seconds,
-              "history": read_metrics(folder / "validation" / "metrics.jsonl"),
+              "history": read_metrics(folder / "validation" / "metrics.jsonl", up_to_step=settings.steps),
               "reported": {str(step): metrics for step, metrics in reported.items()}}
     write_text_atomically(record, json.dumps(result, indent=2) + "\n")
     return result
