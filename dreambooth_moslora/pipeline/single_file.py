@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer,
                           PreTrainedModel)
 
-from .errors import UserInputError
+from ..adapter.errors import UserInputError
 
 UNET_PREFIX = "model.diffusion_model."
 CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
