@@ -5,9 +5,9 @@ The same as `dreambooth-moslora train`; it also runs under `accelerate launch` a
 
 import sys
 
-from dreambooth_moslora.arguments import parse_args
-from dreambooth_moslora.cli import run_reporting_errors
-from dreambooth_moslora.train import train
+from dreambooth_moslora.trainer.arguments import parse_args
+from dreambooth_moslora.trainer.train import train
+from dreambooth_moslora.verbs.cli import run_reporting_errors
 
 
 def main(args):

@@ -12,7 +12,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from dreambooth_moslora.files import write_text_atomically  # noqa: E402
+from dreambooth_moslora.adapter.files import write_text_atomically  # noqa: E402
 from dreambooth_moslora.world.personalization import BenchmarkSettings, class_prompts  # noqa: E402
 from dreambooth_moslora.world.subjects import subject_by_name, write_instance_images  # noqa: E402
 

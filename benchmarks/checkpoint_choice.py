@@ -27,10 +27,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dreambooth_moslora.checkpoint_choice import ChoiceRule, choose, should_stop_early  # noqa: E402
-from dreambooth_moslora.files import write_text_atomically  # noqa: E402
-from dreambooth_moslora.generate import GenerationSettings  # noqa: E402
-from dreambooth_moslora.validation_metrics import read_metrics  # noqa: E402
+from dreambooth_moslora.adapter.files import write_text_atomically  # noqa: E402
+from dreambooth_moslora.pipeline.generate import GenerationSettings  # noqa: E402
+from dreambooth_moslora.trainer.checkpoint_choice import ChoiceRule, choose, should_stop_early  # noqa: E402
+from dreambooth_moslora.trainer.validation_metrics import read_metrics  # noqa: E402
 from dreambooth_moslora.world.analyzer import load_analyzer  # noqa: E402
 from dreambooth_moslora.world.personalization import (  # noqa: E402
     BenchmarkSettings, SubjectBench, _train_adapter, evaluation_prompts,

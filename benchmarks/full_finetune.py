@@ -24,9 +24,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from diffusers import DDPMScheduler  # noqa: E402
 
-from dreambooth_moslora.conditioning import micro_conditioning  # noqa: E402
-from dreambooth_moslora.data import load_rgb, read_examples  # noqa: E402
-from dreambooth_moslora.generate import GenerationSettings, load_pipeline  # noqa: E402
+from dreambooth_moslora.pipeline.generate import GenerationSettings, load_pipeline  # noqa: E402
+from dreambooth_moslora.trainer.conditioning import micro_conditioning  # noqa: E402
+from dreambooth_moslora.trainer.data import load_rgb, read_examples  # noqa: E402
 from dreambooth_moslora.world.analyzer import load_analyzer  # noqa: E402
 from dreambooth_moslora.world.personalization import BenchmarkSettings, SubjectBench  # noqa: E402
 from dreambooth_moslora.world.render import IMAGE_SIZE, to_pixels  # noqa: E402

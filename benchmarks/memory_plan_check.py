@@ -33,11 +33,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dreambooth_moslora import train as train_module  # noqa: E402
-from dreambooth_moslora.arguments import parse_args  # noqa: E402
-from dreambooth_moslora.data import read_examples  # noqa: E402
-from dreambooth_moslora.errors import UserInputError  # noqa: E402
-from dreambooth_moslora.memory_plan import GIB, PRESET_OPTIONS, model_configs, plan_memory, plan_settings  # noqa: E402
-from dreambooth_moslora.sdxl import save_random_sdxl_pipeline  # noqa: E402
+from dreambooth_moslora.adapter.errors import UserInputError  # noqa: E402
+from dreambooth_moslora.pipeline.sdxl import save_random_sdxl_pipeline  # noqa: E402
+from dreambooth_moslora.trainer.arguments import parse_args  # noqa: E402
+from dreambooth_moslora.trainer.data import read_examples  # noqa: E402
+from dreambooth_moslora.trainer.memory_plan import GIB, PRESET_OPTIONS, model_configs, plan_memory, plan_settings  # noqa: E402
 
 
 class PhasePeaks:

@@ -27,7 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dreambooth_moslora.arguments import PRIOR_MODES  # noqa: E402
+from dreambooth_moslora.trainer.arguments import PRIOR_MODES  # noqa: E402
 from dreambooth_moslora.world.personalization import (  # noqa: E402
     METHODS, BenchmarkSettings, run_benchmark, tune,
 )

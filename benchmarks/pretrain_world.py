@@ -24,12 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffusers import StableDiffusionXLPipeline  # noqa: E402
 
-from dreambooth_moslora.files import write_text_atomically  # noqa: E402
-from dreambooth_moslora.io import write_safetensors  # noqa: E402
+from dreambooth_moslora.adapter.files import write_text_atomically  # noqa: E402
+from dreambooth_moslora.adapter.io import write_safetensors  # noqa: E402
 from dreambooth_moslora.world.analyzer import accuracy, load_analyzer, save_analyzer, train_analyzer  # noqa: E402
+from dreambooth_moslora.world.model import save_mini_sdxl_pipeline  # noqa: E402
 from dreambooth_moslora.world.pretrain import (PretrainSettings, evaluate_world_model, finetune_decoder,  # noqa: E402
                                                learn_patterns, pretrain_world_model)
-from dreambooth_moslora.world.model import save_mini_sdxl_pipeline  # noqa: E402
 from dreambooth_moslora.world.render import render, sample_scene  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"

@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dreambooth_moslora.data import image_files  # noqa: E402
+from dreambooth_moslora.trainer.data import image_files  # noqa: E402
 
 CELL, LABEL, COLUMNS = 128, 14, 4
 

@@ -35,12 +35,12 @@ from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
 from dreambooth_moslora import MoSLoRAConfig, MoSLoRALinear, fuse_moslora, inject_moslora
-from dreambooth_moslora.arguments import parse_args
-from dreambooth_moslora.config import UNET_TARGETS
-from dreambooth_moslora.fp8 import store_frozen_weights_in_fp8
-from dreambooth_moslora.sdxl import SDXL_TEXT_EMBED_DIM, SDXL_UNET_CONFIG
-from dreambooth_moslora.tiny import save_tiny_sdxl_pipeline
-from dreambooth_moslora.train import train
+from dreambooth_moslora.adapter.config import UNET_TARGETS
+from dreambooth_moslora.pipeline.sdxl import SDXL_TEXT_EMBED_DIM, SDXL_UNET_CONFIG
+from dreambooth_moslora.pipeline.tiny import save_tiny_sdxl_pipeline
+from dreambooth_moslora.trainer.arguments import parse_args
+from dreambooth_moslora.trainer.fp8 import store_frozen_weights_in_fp8
+from dreambooth_moslora.trainer.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
 PARTS = ("overhead", "sampling", "layer", "end_to_end", "fp8")  # the adapter overhead always runs: the others use it
@@ -301,8 +301,8 @@ def encoding_profile(base, device):
     """What caching removes from each uncached step: reading an image, the VAE, the two text encoders."""
     from diffusers import StableDiffusionXLPipeline
 
-    from dreambooth_moslora.conditioning import encode_latent_distribution, encode_prompts
-    from dreambooth_moslora.data import center_sample, read_examples, render
+    from dreambooth_moslora.trainer.conditioning import encode_latent_distribution, encode_prompts
+    from dreambooth_moslora.trainer.data import center_sample, read_examples, render
 
     pipe = StableDiffusionXLPipeline.from_pretrained(base).to(device)
     example = read_examples(ROOT / "assets" / "subject", "a photo of sks mug", 128, True)[0]

@@ -21,9 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dreambooth_moslora.files import write_text_atomically  # noqa: E402
-from dreambooth_moslora.generate import GenerationSettings, load_pipeline  # noqa: E402
-from dreambooth_moslora.inject import moslora_disabled  # noqa: E402
+from dreambooth_moslora.adapter.files import write_text_atomically  # noqa: E402
+from dreambooth_moslora.adapter.inject import moslora_disabled  # noqa: E402
+from dreambooth_moslora.pipeline.generate import GenerationSettings, load_pipeline  # noqa: E402
 from dreambooth_moslora.world.analyzer import load_analyzer  # noqa: E402
 from dreambooth_moslora.world.personalization import BenchmarkSettings, SubjectBench, measure  # noqa: E402
 from dreambooth_moslora.world.subjects import ALL_SUBJECTS, subject_by_name  # noqa: E402

@@ -4,23 +4,28 @@ The public names are imported on first use, so `inspect` and `export` start with
 
 import importlib
 
-from .feedback import silence_harmless_dependency_warnings
+from .adapter.feedback import silence_harmless_dependency_warnings
 
 silence_harmless_dependency_warnings()  # before diffusers and transformers are imported
 
 _MODULE_OF = {
-    "MoSLoRAConfig": "config",
-    "MoSLoRALinear": "layer",
-    "AdapterFileError": "errors", "ConfigError": "errors", "UserInputError": "errors",
-    "fuse_moslora": "inject", "inject_moslora": "inject", "merge_moslora": "inject", "moslora_disabled": "inject",
-    "moslora_parameters": "inject", "remove_moslora": "inject", "set_moslora_scale": "inject",
-    "unmerge_moslora": "inject",
-    "load_adapter": "adapters",
-    "evaluate_adapters": "evaluate",
-    "GenerationSettings": "generate", "generate_images": "generate", "load_pipeline": "generate",
-    "export_diffusers": "io", "export_kohya": "io", "load_moslora": "io", "read_moslora": "io", "save_moslora": "io",
-    "format_report": "inspection", "inspect_adapter": "inspection",
-    "save_tiny_sdxl_pipeline": "tiny",
+    # the adapter library
+    "MoSLoRAConfig": "adapter.config",
+    "MoSLoRALinear": "adapter.layer",
+    "AdapterFileError": "adapter.errors", "ConfigError": "adapter.errors", "UserInputError": "adapter.errors",
+    "fuse_moslora": "adapter.inject", "inject_moslora": "adapter.inject", "merge_moslora": "adapter.inject",
+    "moslora_disabled": "adapter.inject", "moslora_parameters": "adapter.inject", "remove_moslora": "adapter.inject",
+    "set_moslora_scale": "adapter.inject", "unmerge_moslora": "adapter.inject",
+    "load_adapter": "adapter.adapters",
+    "export_diffusers": "adapter.io", "export_kohya": "adapter.io", "load_moslora": "adapter.io",
+    "read_moslora": "adapter.io", "save_moslora": "adapter.io",
+    # SDXL pipelines: generating, the tiny stand-in
+    "GenerationSettings": "pipeline.generate", "generate_images": "pipeline.generate",
+    "load_pipeline": "pipeline.generate",
+    "save_tiny_sdxl_pipeline": "pipeline.tiny",
+    # the verbs
+    "evaluate_adapters": "verbs.evaluate",
+    "format_report": "verbs.inspection", "inspect_adapter": "verbs.inspection",
 }
 __all__ = sorted(_MODULE_OF)
 

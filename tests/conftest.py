@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
 
-from dreambooth_moslora.tiny import save_tiny_sdxl_pipeline
+from dreambooth_moslora.pipeline.tiny import save_tiny_sdxl_pipeline
 
 
 @pytest.fixture(scope="session")
@@ -66,8 +66,8 @@ def training_argv(base_dir, instance_dir, output_dir, *extra, steps=2):
 def trained(tmp_path_factory, tiny_sdxl_dir):
     """An adapted pipeline with random non-zero adapters (UNet and both text encoders), saved and exported."""
     from dreambooth_moslora import MoSLoRAConfig, export_diffusers, export_kohya, inject_moslora, save_moslora
-    from dreambooth_moslora.config import TEXT_ENCODER_TARGETS
-    from dreambooth_moslora.io import DIFFUSERS_FILE, KOHYA_FILE, NATIVE_FILE
+    from dreambooth_moslora.adapter.config import TEXT_ENCODER_TARGETS
+    from dreambooth_moslora.adapter.io import DIFFUSERS_FILE, KOHYA_FILE, NATIVE_FILE
 
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
     pipe.set_progress_bar_config(disable=True)

@@ -34,7 +34,7 @@ def save_tiny_feature_models(folder) -> tuple[Path, Path]:
         ViTModel,
     )
 
-    from dreambooth_moslora.tiny import tiny_clip_tokenizer
+    from dreambooth_moslora.pipeline.tiny import tiny_clip_tokenizer
 
     folder = Path(folder)
     torch.manual_seed(0)
@@ -59,10 +59,10 @@ def record_training_dtypes(monkeypatch) -> dict:
     import torch
     from torch import nn
 
-    import dreambooth_moslora.step as step
-    import dreambooth_moslora.train as training
+    import dreambooth_moslora.trainer.step as step
+    import dreambooth_moslora.trainer.train as training
     from dreambooth_moslora import moslora_parameters
-    from dreambooth_moslora.inject import moslora_layers
+    from dreambooth_moslora.adapter.inject import moslora_layers
 
     seen, loop = {}, []
     original_step, original_predict = training.TrainingLoop.micro_step, step.predict

@@ -3,10 +3,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import sample
-from dreambooth_moslora.adapters import detect_format, load_adapter, read_update_factors, resolve_adapter_file
-from dreambooth_moslora.errors import AdapterFileError
-from dreambooth_moslora.inject import moslora_layers
-from dreambooth_moslora.io import DIFFUSERS_FILE, KOHYA_FILE, NATIVE_FILE
+from dreambooth_moslora.adapter.adapters import detect_format, load_adapter, read_update_factors, resolve_adapter_file
+from dreambooth_moslora.adapter.errors import AdapterFileError
+from dreambooth_moslora.adapter.inject import moslora_layers
+from dreambooth_moslora.adapter.io import DIFFUSERS_FILE, KOHYA_FILE, NATIVE_FILE
 
 
 def test_a_folder_means_its_native_file_then_diffusers_then_kohya(trained, tmp_path):

@@ -4,8 +4,8 @@ import logging
 import pytest
 import torch
 
-from dreambooth_moslora.arguments import parse_args
-from dreambooth_moslora.errors import UserInputError
+from dreambooth_moslora.adapter.errors import UserInputError
+from dreambooth_moslora.trainer.arguments import parse_args
 
 REQUIRED = ["--pretrained_model_name_or_path", "stabilityai/stable-diffusion-xl-base-1.0", "--instance_data_dir", "d", "--instance_prompt", "a photo of sks dog"]
 
@@ -76,7 +76,7 @@ def test_target_modules_the_kohya_export_cannot_name_are_refused_before_training
 def test_low_memory_chooses_fp16_on_a_card_without_bf16(monkeypatch, caplog):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    with caplog.at_level(logging.INFO, logger="dreambooth_moslora.arguments"):
+    with caplog.at_level(logging.INFO, logger="dreambooth_moslora.trainer.arguments"):
         args = parse_args(REQUIRED + ["--low_memory"])
     assert args.mixed_precision == "fp16" and "fp16" in caplog.text and "bf16" in caplog.text
     assert parse_args(REQUIRED + ["--low_memory", "--mixed_precision", "bf16"]).mixed_precision == "bf16"

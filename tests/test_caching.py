@@ -2,10 +2,10 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from dreambooth_moslora.caching import cache_latent_distributions, cache_prompt_embeddings, latents_are_cacheable
-from dreambooth_moslora.conditioning import encode_latent_distribution
-from dreambooth_moslora.data import Example, center_sample, render
-from dreambooth_moslora.errors import UserInputError
+from dreambooth_moslora.adapter.errors import UserInputError
+from dreambooth_moslora.trainer.caching import cache_latent_distributions, cache_prompt_embeddings, latents_are_cacheable
+from dreambooth_moslora.trainer.conditioning import encode_latent_distribution
+from dreambooth_moslora.trainer.data import Example, center_sample, render
 from helpers import write_images
 
 

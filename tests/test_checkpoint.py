@@ -5,14 +5,14 @@ import torch
 from torch import nn
 
 from dreambooth_moslora import MoSLoRAConfig, inject_moslora, moslora_parameters
-from dreambooth_moslora.checkpoint import (
+from dreambooth_moslora.adapter.errors import UserInputError
+from dreambooth_moslora.trainer.checkpoint import (
     checkpoints,
     load_checkpoint,
     prune_checkpoints,
     resolve_checkpoint,
     save_checkpoint,
 )
-from dreambooth_moslora.errors import UserInputError
 
 
 class Tiny(nn.Module):

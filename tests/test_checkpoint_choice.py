@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from dreambooth_moslora.checkpoint_choice import (
+from dreambooth_moslora.trainer.checkpoint_choice import (
     Choice,
     ChoiceRule,
     choose,

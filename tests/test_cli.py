@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import sample, training_argv
 from dreambooth_moslora import load_moslora
-from dreambooth_moslora.cli import main
+from dreambooth_moslora.verbs.cli import main
 from helpers import write_images
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -202,7 +202,7 @@ def test_inspect_and_export_verbs(trained, tmp_path, capsys):
 
 
 def test_the_file_verbs_start_without_diffusers_or_transformers(trained, tmp_path):
-    script = ("import sys\nfrom dreambooth_moslora.cli import main\n"
+    script = ("import sys\nfrom dreambooth_moslora.verbs.cli import main\n"
               f"assert main(['inspect', {str(trained['dir'])!r}]) == 0\n"
               f"assert main(['export', {str(trained['dir'] / 'moslora.safetensors')!r}, '--format', 'kohya', '--output', "
               f"{str(tmp_path / 'out.safetensors')!r}]) == 0\n"
@@ -299,7 +299,7 @@ def test_an_output_folder_that_is_a_file_is_refused_before_any_model_is_loaded(t
 
 def test_a_second_run_into_the_same_folder_is_refused_at_start(tiny_sdxl_dir, subject, tmp_path, capsys,
                                                                fresh_accelerate):
-    from dreambooth_moslora.output_lock import output_folder_lock
+    from dreambooth_moslora.trainer.output_lock import output_folder_lock
 
     out = tmp_path / "out"
     with output_folder_lock(out):  # as a first run holds it
@@ -311,7 +311,7 @@ def test_a_second_run_into_the_same_folder_is_refused_at_start(tiny_sdxl_dir, su
 
 def test_ctrl_c_before_the_first_step_exits_130_and_writes_nothing(tiny_sdxl_dir, subject, tmp_path, capsys,
                                                                    monkeypatch, fresh_accelerate):
-    import dreambooth_moslora.train as training
+    import dreambooth_moslora.trainer.train as training
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

@@ -1,7 +1,7 @@
 import torch
 from diffusers import AutoencoderKL
 
-from dreambooth_moslora.conditioning import encode_latent_distribution, encode_prompts, micro_conditioning, sample_latents
+from dreambooth_moslora.trainer.conditioning import encode_latent_distribution, encode_prompts, micro_conditioning, sample_latents
 
 
 def test_prompt_embedding_joins_both_encoders_penultimate_states(tiny_pipe):

@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dreambooth_moslora.data import (
+from dreambooth_moslora.adapter.errors import UserInputError
+from dreambooth_moslora.trainer.data import (
     Example,
     bucket_sizes,
     center_sample,
@@ -20,7 +21,6 @@ from dreambooth_moslora.data import (
     read_examples,
     render,
 )
-from dreambooth_moslora.errors import UserInputError
 from helpers import write_images
 
 

@@ -7,10 +7,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 from conftest import training_argv
-from dreambooth_moslora.arguments import parse_args
-from dreambooth_moslora.ema import AdapterEMA
-from dreambooth_moslora.errors import UserInputError
-from dreambooth_moslora.train import train
+from dreambooth_moslora.adapter.errors import UserInputError
+from dreambooth_moslora.trainer.arguments import parse_args
+from dreambooth_moslora.trainer.ema import AdapterEMA
+from dreambooth_moslora.trainer.train import train
 from helpers import write_images
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")
@@ -54,7 +54,7 @@ def test_checkpoints_and_the_export_hold_the_average_element_for_element(tiny_sd
     kept the trained weights (or an average one step off) fails."""
     from diffusers.training_utils import EMAModel
 
-    from dreambooth_moslora import ema as ema_module
+    from dreambooth_moslora.trainer import ema as ema_module
 
     references, update = {}, ema_module.AdapterEMA.update
 

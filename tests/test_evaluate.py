@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from dreambooth_moslora.errors import UserInputError
-from dreambooth_moslora.evaluate import benchmark_prompts, evaluate_adapters, parse_adapter_specs
-from dreambooth_moslora.generate import GenerationSettings
+from dreambooth_moslora.adapter.errors import UserInputError
+from dreambooth_moslora.pipeline.generate import GenerationSettings
+from dreambooth_moslora.verbs.evaluate import benchmark_prompts, evaluate_adapters, parse_adapter_specs
 from helpers import write_images
 
 

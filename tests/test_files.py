@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from dreambooth_moslora.errors import UserInputError
-from dreambooth_moslora.files import check_writable_file, check_writable_folder, write_text_atomically
+from dreambooth_moslora.adapter.errors import UserInputError
+from dreambooth_moslora.adapter.files import check_writable_file, check_writable_folder, write_text_atomically
 
 
 def _umask() -> int:
@@ -33,7 +33,7 @@ def test_a_failed_write_leaves_no_temporary_file(tmp_path):
         Path(tmp).write_text("half")
         raise RuntimeError("disk full")
 
-    from dreambooth_moslora.files import write_atomically
+    from dreambooth_moslora.adapter.files import write_atomically
 
     with pytest.raises(RuntimeError):
         write_atomically(tmp_path / "x.safetensors", fail)
@@ -74,7 +74,7 @@ def test_a_file_target_must_not_be_a_folder(tmp_path):
 
 
 def test_a_folder_swap_interrupted_between_its_renames_gives_the_old_folder_back(tmp_path, monkeypatch):
-    from dreambooth_moslora.files import write_folder_atomically
+    from dreambooth_moslora.adapter.files import write_folder_atomically
 
     def writer(text):
         return lambda staging: (staging / "step.json").write_text(text)

@@ -7,11 +7,11 @@ from torch import nn
 
 from conftest import perturb_adapters, training_argv
 from dreambooth_moslora import MoSLoRAConfig, inject_moslora, moslora_parameters
-from dreambooth_moslora.arguments import parse_args
-from dreambooth_moslora.fp8 import FP8, Fp8Conv2d, Fp8Linear, store_frozen_weights_in_fp8
-from dreambooth_moslora.io import NATIVE_FILE, read_moslora
-from dreambooth_moslora.memory_plan import PlanSettings, model_configs, plan_memory
-from dreambooth_moslora.train import train
+from dreambooth_moslora.adapter.io import NATIVE_FILE, read_moslora
+from dreambooth_moslora.trainer.arguments import parse_args
+from dreambooth_moslora.trainer.fp8 import FP8, Fp8Conv2d, Fp8Linear, store_frozen_weights_in_fp8
+from dreambooth_moslora.trainer.memory_plan import PlanSettings, model_configs, plan_memory
+from dreambooth_moslora.trainer.train import train
 from helpers import record_training_dtypes, write_images
 
 # float8_e4m3fn keeps 3 mantissa bits: a normal weight rounds to within 2^-4 of itself (relative), and below the

@@ -1,6 +1,6 @@
 import torch
 
-from dreambooth_moslora.functional import delta_weight, fold_mixer, low_rank_forward, low_rank_svd, truncate_lora
+from dreambooth_moslora.adapter.functional import delta_weight, fold_mixer, low_rank_forward, low_rank_svd, truncate_lora
 
 
 def _factors(rank=3, features_in=7, features_out=5, mixer=True):

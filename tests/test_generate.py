@@ -3,8 +3,8 @@ import json
 import pytest
 from PIL import Image
 
-from dreambooth_moslora.errors import UserInputError
-from dreambooth_moslora.generate import GenerationSettings, generate_images, load_pipeline
+from dreambooth_moslora.adapter.errors import UserInputError
+from dreambooth_moslora.pipeline.generate import GenerationSettings, generate_images, load_pipeline
 
 SETTINGS = GenerationSettings(num_images_per_prompt=2, seed=7, num_inference_steps=2, scheduler="euler_a")
 

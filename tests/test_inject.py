@@ -15,8 +15,8 @@ from dreambooth_moslora import (
     remove_moslora,
     unmerge_moslora,
 )
-from dreambooth_moslora.config import TEXT_ENCODER_TARGETS
-from dreambooth_moslora.inject import moslora_config
+from dreambooth_moslora.adapter.config import TEXT_ENCODER_TARGETS
+from dreambooth_moslora.adapter.inject import moslora_config
 
 
 @pytest.fixture

@@ -4,9 +4,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dreambooth_moslora.inject import moslora_layers
-from dreambooth_moslora.inspection import effective_rank, format_report, inspect_adapter
-from dreambooth_moslora.io import DIFFUSERS_FILE, KOHYA_FILE, NATIVE_FILE
+from dreambooth_moslora.adapter.inject import moslora_layers
+from dreambooth_moslora.adapter.io import DIFFUSERS_FILE, KOHYA_FILE, NATIVE_FILE
+from dreambooth_moslora.verbs.inspection import effective_rank, format_report, inspect_adapter
 
 
 def test_effective_rank_known_cases():

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from conftest import training_argv
-from dreambooth_moslora.interrupt import StopOnInterrupt, ignore_interrupts
+from dreambooth_moslora.trainer.interrupt import StopOnInterrupt, ignore_interrupts
 from helpers import write_images
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,9 +25,9 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_TH
 # (torchrun, which passes it on to every rank, each in a session of its own).
 INTERRUPTING_TRAINER = textwrap.dedent("""
     import os, signal, sys
-    from dreambooth_moslora import train as training
-    from dreambooth_moslora.arguments import parse_args
-    from dreambooth_moslora.cli import run_reporting_errors
+    from dreambooth_moslora.trainer import train as training
+    from dreambooth_moslora.trainer.arguments import parse_args
+    from dreambooth_moslora.verbs.cli import run_reporting_errors
 
     original, losses = training.TrainingLoop.micro_step, []
 

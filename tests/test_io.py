@@ -8,8 +8,8 @@ from safetensors.torch import load_file, save_file
 
 from conftest import perturb_adapters, sample
 from dreambooth_moslora import MoSLoRAConfig, inject_moslora, merge_moslora
-from dreambooth_moslora.inject import moslora_layers
-from dreambooth_moslora.io import (
+from dreambooth_moslora.adapter.inject import moslora_layers
+from dreambooth_moslora.adapter.io import (
     DIFFUSERS_FILE,
     KOHYA_FILE,
     NATIVE_FILE,

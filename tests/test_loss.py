@@ -1,7 +1,7 @@
 import torch
 from diffusers import DDPMScheduler
 
-from dreambooth_moslora.loss import diffusion_target, min_snr_weights
+from dreambooth_moslora.pipeline.loss import diffusion_target, min_snr_weights
 
 
 def _scheduler(prediction_type="epsilon"):

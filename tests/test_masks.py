@@ -8,11 +8,11 @@ import torch
 from PIL import Image
 
 from conftest import training_argv
-from dreambooth_moslora.arguments import parse_args
-from dreambooth_moslora.data import draw_sample, read_examples, render
-from dreambooth_moslora.errors import UserInputError
-from dreambooth_moslora.masks import loss_weights, mask_finder, render_mask
-from dreambooth_moslora.train import train
+from dreambooth_moslora.adapter.errors import UserInputError
+from dreambooth_moslora.trainer.arguments import parse_args
+from dreambooth_moslora.trainer.data import draw_sample, read_examples, render
+from dreambooth_moslora.trainer.masks import loss_weights, mask_finder, render_mask
+from dreambooth_moslora.trainer.train import train
 from helpers import write_images
 
 

@@ -9,10 +9,10 @@ from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
 from conftest import training_argv
-from dreambooth_moslora import train as train_module
-from dreambooth_moslora import validation_metrics
-from dreambooth_moslora.arguments import parse_args
-from dreambooth_moslora.errors import UserInputError
+from dreambooth_moslora.adapter.errors import UserInputError
+from dreambooth_moslora.trainer import train as train_module
+from dreambooth_moslora.trainer import validation_metrics
+from dreambooth_moslora.trainer.arguments import parse_args
 from helpers import write_images
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")

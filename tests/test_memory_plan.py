@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from conftest import training_argv
-from dreambooth_moslora import train as train_module
-from dreambooth_moslora.arguments import parse_args
-from dreambooth_moslora.memory_plan import LiveTensorBytes, PlanSettings, model_configs, plan_memory
+from dreambooth_moslora.trainer import train as train_module
+from dreambooth_moslora.trainer.arguments import parse_args
+from dreambooth_moslora.trainer.memory_plan import LiveTensorBytes, PlanSettings, model_configs, plan_memory
 from helpers import write_images
 
 MINI_SDXL = Path(__file__).resolve().parents[1] / "assets" / "mini-sdxl"
@@ -55,8 +55,8 @@ def measured_training_step(monkeypatch, argv) -> dict:
 def test_the_plan_is_within_ten_percent_of_a_real_step(tiny_sdxl_dir, tmp_path, monkeypatch, fresh_accelerate,
                                                        base, resolution, extra):
     """The plan's settings come from the same options and photos (plan_settings), as the trainer's decisions do."""
-    from dreambooth_moslora.data import read_examples
-    from dreambooth_moslora.memory_plan import plan_settings
+    from dreambooth_moslora.trainer.data import read_examples
+    from dreambooth_moslora.trainer.memory_plan import plan_settings
 
     folder = tiny_sdxl_dir if base == "tiny" else MINI_SDXL
     instance = tmp_path / "instance"
@@ -72,7 +72,7 @@ def test_the_plan_is_within_ten_percent_of_a_real_step(tiny_sdxl_dir, tmp_path, 
 
 
 def test_the_plan_verb_breaks_the_peak_down_and_marks_the_presets(tiny_sdxl_dir, capsys):
-    from dreambooth_moslora.cli import main
+    from dreambooth_moslora.verbs.cli import main
 
     assert main(["plan", "--pretrained_model_name_or_path", str(tiny_sdxl_dir), "--resolution", "64"]) == 0
     out = capsys.readouterr().out
@@ -107,7 +107,7 @@ def test_sdxl_configs_are_used_for_a_hub_id_and_count_sdxl_parameters():
 def test_low_memory_turns_on_what_fits_the_least_memory():
     import importlib.util
 
-    from dreambooth_moslora.arguments import parse_args
+    from dreambooth_moslora.trainer.arguments import parse_args
 
     required = ["--pretrained_model_name_or_path", "stabilityai/stable-diffusion-xl-base-1.0",
                 "--instance_data_dir", "d", "--instance_prompt", "a photo of sks dog"]
@@ -121,7 +121,7 @@ def test_low_memory_turns_on_what_fits_the_least_memory():
 def test_cached_outputs_let_their_models_leave_the_accelerator(tiny_sdxl_dir):
     """"cuda" on a machine without one: the models are on the CPU already, so each move is one that CUDA would
     make, and the selection and the return are the accelerator's path, not the CPU's no-op."""
-    from dreambooth_moslora.models import load_base_models, models_to_offload, offload_cached_models
+    from dreambooth_moslora.pipeline.models import load_base_models, models_to_offload, offload_cached_models
 
     models = load_base_models(str(tiny_sdxl_dir))
     assert models_to_offload(models, prompts_cached=True, latents_cached=True) == [*models.text_encoders, models.vae]
@@ -138,7 +138,7 @@ def test_training_on_an_accelerator_logs_the_plan_first(tiny_sdxl_dir, caplog):
     import logging
     from types import SimpleNamespace
 
-    from dreambooth_moslora.models import load_base_models
+    from dreambooth_moslora.pipeline.models import load_base_models
 
     args = parse_args(training_argv(tiny_sdxl_dir, "photos", "out"))
     models = load_base_models(str(tiny_sdxl_dir))
@@ -167,7 +167,7 @@ def test_each_presets_options_give_the_presets_settings():
     """The benchmark runs the presets by their options: they must be the settings the table plans."""
     import importlib.util
 
-    from dreambooth_moslora.memory_plan import PRESET_OPTIONS, plan_settings, presets
+    from dreambooth_moslora.trainer.memory_plan import PRESET_OPTIONS, plan_settings, presets
 
     planned = presets(plan_settings(parse_args(REQUIRED)))
     assert PRESET_OPTIONS.keys() == planned.keys()
@@ -179,8 +179,8 @@ def test_each_presets_options_give_the_presets_settings():
 
 
 def test_the_plan_takes_the_trainers_decisions_from_its_options_and_photos(tiny_sdxl_dir, tmp_path):
-    from dreambooth_moslora.data import read_examples
-    from dreambooth_moslora.memory_plan import plan_settings
+    from dreambooth_moslora.trainer.data import read_examples
+    from dreambooth_moslora.trainer.memory_plan import plan_settings
 
     configs = model_configs(str(tiny_sdxl_dir))
     photos = tmp_path / "photos"
@@ -212,7 +212,7 @@ def test_the_moving_average_dropout_and_the_base_model_prior_are_counted(tiny_sd
 def test_the_emulated_autocast_casts_as_cuda_autocast_does():
     import torch.nn.functional as F
 
-    from dreambooth_moslora.memory_plan import emulated_autocast
+    from dreambooth_moslora.trainer.memory_plan import emulated_autocast
 
     weight = torch.nn.Parameter(torch.randn(8, 8))
     x = torch.randn(2, 8)

@@ -3,8 +3,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dreambooth_moslora.errors import UserInputError
-from dreambooth_moslora.metrics import (
+from dreambooth_moslora.adapter.errors import UserInputError
+from dreambooth_moslora.pipeline.metrics import (
     ClipEmbedder,
     DinoEmbedder,
     mean_cross_similarity,

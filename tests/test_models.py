@@ -10,9 +10,9 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from conftest import perturb_adapters
 from dreambooth_moslora import MoSLoRAConfig, inject_moslora
-from dreambooth_moslora.config import TEXT_ENCODER_TARGETS
-from dreambooth_moslora.inject import moslora_layers
-from dreambooth_moslora.models import enable_text_encoder_checkpointing, load_base_models
+from dreambooth_moslora.adapter.config import TEXT_ENCODER_TARGETS
+from dreambooth_moslora.adapter.inject import moslora_layers
+from dreambooth_moslora.pipeline.models import enable_text_encoder_checkpointing, load_base_models
 
 
 def test_a_separate_vae_replaces_the_bases_without_the_bases_being_read(tiny_sdxl_dir, tmp_path):

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from dreambooth_moslora.errors import UserInputError
-from dreambooth_moslora.output_lock import LOCK_FILE, output_folder_lock
+from dreambooth_moslora.adapter.errors import UserInputError
+from dreambooth_moslora.trainer.output_lock import LOCK_FILE, output_folder_lock
 
 HOLD = """
 import sys
-from dreambooth_moslora.errors import UserInputError
-from dreambooth_moslora.output_lock import output_folder_lock
+from dreambooth_moslora.adapter.errors import UserInputError
+from dreambooth_moslora.trainer.output_lock import output_folder_lock
 try:
     with output_folder_lock(sys.argv[1]):
         print("held", flush=True)

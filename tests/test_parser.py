@@ -2,8 +2,8 @@
 
 import pytest
 
-from dreambooth_moslora.arguments import build_parser
-from dreambooth_moslora.cli import build_parser as build_cli_parser
+from dreambooth_moslora.trainer.arguments import build_parser
+from dreambooth_moslora.verbs.cli import build_parser as build_cli_parser
 
 
 def test_an_abbreviated_flag_is_refused_with_the_flag_it_resembles(capsys):

@@ -2,8 +2,8 @@ from PIL import Image
 
 from pathlib import Path
 
-from dreambooth_moslora.data import Example
-from dreambooth_moslora.prior import base_model_prior_examples, count_images, generate_class_images, missing_class_indices
+from dreambooth_moslora.trainer.data import Example
+from dreambooth_moslora.trainer.prior import base_model_prior_examples, count_images, generate_class_images, missing_class_indices
 from helpers import write_images
 
 

@@ -1,7 +1,7 @@
 import pytest
 
-from dreambooth_moslora.errors import UserInputError
-from dreambooth_moslora.prompt_words import has_trigger_word, read_prompts
+from dreambooth_moslora.adapter.errors import UserInputError
+from dreambooth_moslora.trainer.prompt_words import has_trigger_word, read_prompts
 
 
 def test_a_rare_word_is_a_trigger_and_ordinary_words_are_not():

@@ -87,7 +87,7 @@ def test_quickstart_and_the_verbs_after_it_run_offline(tmp_path, feature_models,
 
 
 def test_every_training_option_is_documented():
-    from dreambooth_moslora.arguments import build_parser
+    from dreambooth_moslora.trainer.arguments import build_parser
 
     text = (ROOT / "docs" / "training.md").read_text()
     options = [o for action in build_parser()._actions for o in action.option_strings if o.startswith("--")]

@@ -11,10 +11,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import training_argv
-from dreambooth_moslora import train as train_module
-from dreambooth_moslora.arguments import parse_args
-from dreambooth_moslora.inject import moslora_parameters
-from dreambooth_moslora.train import TrainingDiverged, train
+from dreambooth_moslora.adapter.inject import moslora_parameters
+from dreambooth_moslora.trainer import train as train_module
+from dreambooth_moslora.trainer.arguments import parse_args
+from dreambooth_moslora.trainer.train import TrainingDiverged, train
 from helpers import write_images
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")

@@ -1,8 +1,8 @@
 """The real SDXL UNet architecture, built on the meta device (no memory, no download)."""
 
 from dreambooth_moslora import MoSLoRAConfig, inject_moslora
-from dreambooth_moslora.io import unet_layers_per_block, kohya_module_name
-from dreambooth_moslora.sdxl import build_sdxl_unet
+from dreambooth_moslora.adapter.io import unet_layers_per_block, kohya_module_name
+from dreambooth_moslora.pipeline.sdxl import build_sdxl_unet
 
 
 def test_sdxl_unet_has_the_published_size_and_560_attention_projections():

@@ -12,14 +12,14 @@ from original_layout import save_original_sdxl
 from safetensors.torch import load_file, save_file
 
 from conftest import sample, training_argv
-from dreambooth_moslora.arguments import parse_args
-from dreambooth_moslora.errors import UserInputError
-from dreambooth_moslora.generate import GenerationSettings, load_pipeline
-from dreambooth_moslora.inspection import format_report, inspect_adapter
-from dreambooth_moslora.io import NATIVE_FILE, read_moslora
-from dreambooth_moslora.single_file import (base_model_sha256, check_single_file, load_single_file_components,
-                                            open_clip_to_transformers)
-from dreambooth_moslora.train import train
+from dreambooth_moslora.adapter.errors import UserInputError
+from dreambooth_moslora.adapter.io import NATIVE_FILE, read_moslora
+from dreambooth_moslora.pipeline.generate import GenerationSettings, load_pipeline
+from dreambooth_moslora.pipeline.single_file import (base_model_sha256, check_single_file, load_single_file_components,
+                                                     open_clip_to_transformers)
+from dreambooth_moslora.trainer.arguments import parse_args
+from dreambooth_moslora.trainer.train import train
+from dreambooth_moslora.verbs.inspection import format_report, inspect_adapter
 
 MINI_SDXL = Path(__file__).resolve().parents[1] / "assets" / "mini-sdxl"
 

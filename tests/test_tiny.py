@@ -4,7 +4,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from conftest import sample
-from dreambooth_moslora.tiny import save_tiny_sdxl_pipeline
+from dreambooth_moslora.pipeline.tiny import save_tiny_sdxl_pipeline
 
 
 def test_tiny_pipeline_has_the_sdxl_layout(tiny_sdxl_dir):

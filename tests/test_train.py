@@ -7,10 +7,10 @@ from safetensors.torch import load_file
 
 from conftest import sample, training_argv
 from dreambooth_moslora import load_moslora
-from dreambooth_moslora.arguments import parse_args
-from dreambooth_moslora.errors import UserInputError
-from dreambooth_moslora.inject import moslora_layers
-from dreambooth_moslora.train import TrainingDiverged, train
+from dreambooth_moslora.adapter.errors import UserInputError
+from dreambooth_moslora.adapter.inject import moslora_layers
+from dreambooth_moslora.trainer.arguments import parse_args
+from dreambooth_moslora.trainer.train import TrainingDiverged, train
 from helpers import record_training_dtypes, write_images
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")
@@ -55,7 +55,7 @@ def test_random_crops_refuse_latent_caching(tiny_sdxl_dir, subject, tmp_path):
 
 def test_per_image_captions_reach_the_text_encoders(tiny_sdxl_dir, subject, tmp_path, monkeypatch):
     (subject / "01.txt").write_text("a photo of sks dog wearing a hat")
-    import dreambooth_moslora.caching as caching
+    import dreambooth_moslora.trainer.caching as caching
 
     seen = []
     original = caching.encode_prompts
@@ -70,7 +70,7 @@ def test_per_image_captions_reach_the_text_encoders(tiny_sdxl_dir, subject, tmp_
 
 
 def test_caption_dropout_trains_on_the_empty_prompt_sometimes(tiny_sdxl_dir, subject, tmp_path, monkeypatch):
-    import dreambooth_moslora.train as training
+    import dreambooth_moslora.trainer.train as training
 
     seen = []
     original = training.TrainingLoop._prompt_embeddings
@@ -86,7 +86,7 @@ def test_caption_dropout_trains_on_the_empty_prompt_sometimes(tiny_sdxl_dir, sub
 
 def test_buckets_train_at_each_images_aspect_ratio(tiny_sdxl_dir, tmp_path, monkeypatch):
     write_images(tmp_path / "subject", sizes=((256, 128), (128, 256)))
-    import dreambooth_moslora.train as training
+    import dreambooth_moslora.trainer.train as training
 
     shapes = set()
     original = training.sample_latents
@@ -234,7 +234,7 @@ def test_bf16_mixed_precision_trains_bf16_frozen_weights_and_an_fp32_adapter(tin
 
 
 def test_adamw_takes_the_fused_kernel_for_the_adapter_and_text_encoders(tiny_sdxl_dir, subject, tmp_path, monkeypatch):
-    import dreambooth_moslora.train as training
+    import dreambooth_moslora.trainer.train as training
 
     build, built = training._build_optimizer, []
     monkeypatch.setattr(training, "_build_optimizer", lambda *a: built.append(build(*a)) or built[-1])

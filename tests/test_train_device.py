@@ -7,12 +7,12 @@ import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
 from conftest import training_argv
-from dreambooth_moslora import train as train_module
-from dreambooth_moslora.arguments import parse_args
-from dreambooth_moslora.data import read_examples
-from dreambooth_moslora.fp8 import FP8
-from dreambooth_moslora.inject import moslora_parameters
-from dreambooth_moslora.memory_plan import LiveTensorBytes, configs_of, plan_memory, plan_settings
+from dreambooth_moslora.adapter.inject import moslora_parameters
+from dreambooth_moslora.trainer import train as train_module
+from dreambooth_moslora.trainer.arguments import parse_args
+from dreambooth_moslora.trainer.data import read_examples
+from dreambooth_moslora.trainer.fp8 import FP8
+from dreambooth_moslora.trainer.memory_plan import LiveTensorBytes, configs_of, plan_memory, plan_settings
 from helpers import write_images
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")

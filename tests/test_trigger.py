@@ -9,12 +9,12 @@ from torch import nn
 
 from conftest import training_argv
 from dreambooth_moslora import load_moslora
-from dreambooth_moslora.arguments import parse_args
-from dreambooth_moslora.errors import AdapterFileError, UserInputError
-from dreambooth_moslora.inject import moslora_layers
-from dreambooth_moslora.io import NATIVE_FILE, TRIGGER_FILE, read_moslora
-from dreambooth_moslora.train import train
-from dreambooth_moslora.trigger import TriggerEmbedding, install_trigger_embedding, trigger_token
+from dreambooth_moslora.adapter.errors import AdapterFileError, UserInputError
+from dreambooth_moslora.adapter.inject import moslora_layers
+from dreambooth_moslora.adapter.io import NATIVE_FILE, TRIGGER_FILE, read_moslora
+from dreambooth_moslora.adapter.trigger import TriggerEmbedding, install_trigger_embedding, trigger_token
+from dreambooth_moslora.trainer.arguments import parse_args
+from dreambooth_moslora.trainer.train import train
 from helpers import write_images
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")
@@ -145,7 +145,7 @@ def test_a_trigger_the_pipeline_has_no_token_for_is_refused_untouched(subject, t
 
 
 def test_the_verbs_show_and_export_the_trigger(subject, tmp_path, trained, capsys):
-    from dreambooth_moslora.cli import main
+    from dreambooth_moslora.verbs.cli import main
 
     run(MINI_SDXL, subject, tmp_path / "out", "--max_train_steps", "1")
     capsys.readouterr()

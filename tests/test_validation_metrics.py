@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dreambooth_moslora.errors import UserInputError
-from dreambooth_moslora.validation_metrics import (
+from dreambooth_moslora.adapter.errors import UserInputError
+from dreambooth_moslora.trainer.validation_metrics import (
     CONTEXTS,
     FeatureModels,
     ValidationPrompt,

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from dreambooth_moslora.errors import UserInputError
+from dreambooth_moslora.adapter.errors import UserInputError
 from dreambooth_moslora.world.analyzer import (
     ATTRIBUTES,
     FEATURES,

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..errors import UserInputError
+from ..adapter.errors import UserInputError
 from .render import COLOURS, IMAGE_SIZE, SHAPES, render, sample_scene, to_pixels
 
 ATTRIBUTES = {"shape": tuple(SHAPES), "colour": tuple(COLOURS), "background": tuple(COLOURS)}

@@ -14,8 +14,8 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from ..files import save_pretrained_readable, write_text_atomically
-from ..tiny import sdxl_scheduler
+from ..adapter.files import save_pretrained_readable, write_text_atomically
+from ..pipeline.tiny import sdxl_scheduler
 from .render import IMAGE_SIZE
 from .vocabulary import build_world_tokenizer
 

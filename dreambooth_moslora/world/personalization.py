@@ -27,11 +27,11 @@ import torch
 from accelerate.state import AcceleratorState
 from PIL import Image
 
-from ..arguments import parse_args
-from ..files import save_png_atomically, write_text_atomically
-from ..generate import GenerationSettings, load_pipeline
-from ..metrics import mean_cross_similarity, mean_self_similarity
-from ..train import train
+from ..adapter.files import save_png_atomically, write_text_atomically
+from ..pipeline.generate import GenerationSettings, load_pipeline
+from ..pipeline.metrics import mean_cross_similarity, mean_self_similarity
+from ..trainer.arguments import parse_args
+from ..trainer.train import train
 from .analyzer import analyze, embed, load_analyzer
 from .pretrain import sample_world, vae_round_trip
 from .render import COLOURS, IMAGE_SIZE

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
-from ..conditioning import encode_prompts, micro_conditioning
-from ..loss import min_snr_weights
+from ..pipeline.loss import min_snr_weights
+from ..trainer.conditioning import encode_prompts, micro_conditioning
 from .analyzer import WorldAnalyzer, accuracy
 from .model import build_mini_sdxl_pipeline
 from .render import (COLOURS, IMAGE_SIZE, SHAPES, TEXTURE_WORDS, Scene, render, render_patterned, sample_scene,

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..files import save_png_atomically, write_text_atomically
+from ..adapter.files import save_png_atomically, write_text_atomically
 from .render import (COLOURS, IMAGE_SIZE, TEXTURE_WORDS, Scene, _ellipse, _heart, _star, render_patterned, sample_scene,
                      shape_mask)
 

@@ -12,8 +12,8 @@ import math
 
 from transformers import CLIPTokenizer
 
-from ..prompt_words import ordinary_words
-from ..tiny import byte_unicode_map
+from ..pipeline.tiny import byte_unicode_map
+from ..trainer.prompt_words import ordinary_words
 from .render import COLOURS, SHAPES, TEXTURE_WORDS
 
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")

@@ -11,14 +11,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from .data import image_files, load_rgb
-from .dreambooth_prompts import LIVE_SUBJECT_PROMPTS, OBJECT_PROMPTS
-from .errors import UserInputError
-from .files import write_text_atomically
-from .generate import GenerationSettings, generate_images, load_pipeline
-from .models import check_base_model
-from .prompt_words import read_prompts
-from .metrics import (
+from ..adapter.errors import UserInputError
+from ..adapter.files import write_text_atomically
+from ..pipeline.generate import GenerationSettings, generate_images, load_pipeline
+from ..pipeline.metrics import (
     DEFAULT_CLIP,
     DEFAULT_DINO,
     ClipEmbedder,
@@ -27,6 +23,10 @@ from .metrics import (
     mean_paired_similarity,
     mean_self_similarity,
 )
+from ..pipeline.models import check_base_model
+from ..trainer.data import image_files, load_rgb
+from ..trainer.dreambooth_prompts import LIVE_SUBJECT_PROMPTS, OBJECT_PROMPTS
+from ..trainer.prompt_words import read_prompts
 
 PROMPT_LISTS = {"object": OBJECT_PROMPTS, "live": LIVE_SUBJECT_PROMPTS}
 

@@ -12,7 +12,7 @@ import transformers
 from diffusers import AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from .errors import UserInputError
+from ..adapter.errors import UserInputError
 from .loss import PREDICTION_TYPES
 from .single_file import check_single_file, is_single_file, load_single_file_components
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .files import write_folder_atomically
+from ..adapter.files import write_folder_atomically
 
 SUBJECT_MEASURES = ("dino", "clip_i", "subject")
 BEST_FOLDER = "best"

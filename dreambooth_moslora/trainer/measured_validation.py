@@ -13,10 +13,10 @@ from typing import Callable
 
 from PIL import Image
 
+from ..adapter.errors import UserInputError
+from ..adapter.files import write_atomically
 from .checkpoint_choice import ChoiceRule, baseline_of, choose, read_best_step, should_stop_early, write_best
 from .data import image_files, load_rgb
-from .errors import UserInputError
-from .files import write_atomically
 from .validation_metrics import (FeatureModels, ValidationPrompt, append_metrics, read_metrics, validation_prompts,
                                  write_report)
 

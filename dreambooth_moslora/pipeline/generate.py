@@ -21,10 +21,10 @@ from diffusers import (
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from .adapters import load_adapter, recorded_base_sha256
-from .errors import UserInputError
-from .feedback import progress_bar
-from .files import write_atomically
+from ..adapter.adapters import load_adapter, recorded_base_sha256
+from ..adapter.errors import UserInputError
+from ..adapter.feedback import progress_bar
+from ..adapter.files import write_atomically
 from .models import check_base_model, dtype_option, model_load_error
 from .single_file import check_same_base, is_single_file, load_single_file_components
 

@@ -65,7 +65,7 @@ def save_random_sdxl_pipeline(path, seed: int = 0) -> Path:
     are the tiny pipeline's (every id they give is in the encoders' range)."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from .files import save_pretrained_readable
+    from ..adapter.files import save_pretrained_readable
     from .tiny import sdxl_scheduler, tiny_clip_tokenizer
 
     unet = build_sdxl_unet(dtype=torch.bfloat16, seed=seed)

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import torch
 
+from ..adapter.errors import UserInputError
+from ..adapter.feedback import progress_bar
 from .conditioning import encode_latent_distribution, encode_prompts
 from .data import Example, center_sample, has_crop_slack, render
-from .errors import UserInputError
-from .feedback import progress_bar
 
 
 def latents_are_cacheable(requested: bool | None, center_crop: bool, examples: list[Example]) -> bool:

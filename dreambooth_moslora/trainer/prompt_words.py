@@ -9,8 +9,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from ..adapter.errors import UserInputError
 from .dreambooth_prompts import LIVE_SUBJECT_PROMPTS, OBJECT_PROMPTS
-from .errors import UserInputError
 
 EVERYDAY_WORDS = """
 a an the of on in at to with and or but for from by as is are was be it its this that these those my your

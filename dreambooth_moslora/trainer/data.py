@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import Dataset
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import UserInputError
+from ..adapter.errors import UserInputError
 
 logger = logging.getLogger(__name__)
 

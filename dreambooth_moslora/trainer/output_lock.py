@@ -16,7 +16,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import UserInputError
+from ..adapter.errors import UserInputError
 
 logger = logging.getLogger(__name__)
 LOCK_FILE = ".dreambooth-moslora.lock"

@@ -14,7 +14,7 @@ import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from .files import save_pretrained_readable
+from ..adapter.files import save_pretrained_readable
 
 TEXT_HIDDEN = 32
 TEXT_2_HIDDEN = 32

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from .errors import UserInputError
+from ..adapter.errors import UserInputError
 
 logger = logging.getLogger(__name__)
 

@@ -21,35 +21,35 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from torch.utils.data import DataLoader
 
+from ..adapter.adapters import recorded_base_sha256
+from ..adapter.config import TEXT_ENCODER_TARGETS, MoSLoRAConfig
+from ..adapter.errors import UserInputError
+from ..adapter.feedback import progress_bar
+from ..adapter.files import check_writable_folder, write_text_atomically
+from ..adapter.inject import inject_moslora, moslora_config, moslora_disabled, moslora_parameters
+from ..adapter.io import (DIFFUSERS_FILE, KOHYA_FILE, NATIVE_FILE, TRIGGER_FILE, export_diffusers, export_kohya,
+                          export_trigger_embedding, save_moslora)
+from ..adapter.trigger import install_trigger_embedding, trigger_parameters, trigger_token
+from ..pipeline.generate import GenerationSettings, generate_images
+from ..pipeline.models import (back_on, decoding_outside_autocast, enable_text_encoder_checkpointing, load_base_models,
+                               model_reference, native_resolution, offload_cached_models, place_models, sdxl_pipeline)
+from ..pipeline.single_file import base_model_sha256, check_same_base
 from .arguments import DEFAULT_MAX_TRAIN_STEPS
+from .caching import cache_latent_distributions, cache_prompt_embeddings
 from .checkpoint import (checkpoint_state, last_good_checkpoint, load_checkpoint, prune_checkpoints,
                          resolve_checkpoint, save_checkpoint, weights_are_finite)
-from .caching import cache_latent_distributions, cache_prompt_embeddings
 from .conditioning import encode_latent_distribution, encode_prompts, micro_conditioning, sample_latents
-from .config import TEXT_ENCODER_TARGETS, MoSLoRAConfig
 from .data import MicroBatches, Sample, epoch_batches, epoch_examples, keep_as_is, process_micro_batches, read_examples
 from .ema import AdapterEMA, adapter_parameters, averaged_weights
-from .errors import UserInputError
-from .feedback import progress_bar
 from .fp8 import store_frozen_weights_in_fp8
-from .files import check_writable_folder, write_text_atomically
-from .generate import GenerationSettings, generate_images
-from .inject import inject_moslora, moslora_config, moslora_disabled, moslora_parameters
 from .interrupt import StopOnInterrupt, ignore_interrupts
 from .masks import mask_finder, render_mask
 from .measured_validation import MeasuredValidation, grouped_by_prompt, load_feature_models
-from .adapters import recorded_base_sha256
-from .io import (DIFFUSERS_FILE, KOHYA_FILE, NATIVE_FILE, TRIGGER_FILE, export_diffusers, export_kohya,
-                 export_trigger_embedding, save_moslora)
-from .model_card import model_card
 from .memory_plan import CUDA_RESERVE, GIB, configs_of, plan_memory, plan_settings, planned_class_examples
-from .models import (back_on, decoding_outside_autocast, enable_text_encoder_checkpointing, load_base_models,
-                     model_reference, native_resolution, offload_cached_models, place_models, sdxl_pipeline)
+from .model_card import model_card
 from .output_lock import output_folder_lock
 from .prior import base_model_prior_examples, generate_class_images, missing_class_indices
-from .single_file import base_model_sha256, check_same_base
 from .step import LossSettings, StepInputs, denoising_loss
-from .trigger import install_trigger_embedding, trigger_parameters, trigger_token
 
 logger = logging.getLogger(__name__)
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")

@@ -32,16 +32,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from ..adapter.config import TEXT_ENCODER_TARGETS, MoSLoRAConfig
+from ..adapter.inject import inject_moslora, moslora_disabled, moslora_parameters
+from ..adapter.trigger import install_trigger_embedding, trigger_parameters
+from ..pipeline.models import enable_text_encoder_checkpointing
+from ..pipeline.sdxl import SDXL_TEXT_ENCODER_CONFIGS, SDXL_UNET_CONFIG, SDXL_VAE_CONFIG
+from ..pipeline.single_file import is_single_file
 from .caching import latents_are_cacheable
 from .conditioning import encode_latent_distribution, encode_prompts, sample_latents
-from .config import TEXT_ENCODER_TARGETS, MoSLoRAConfig
 from .fp8 import store_frozen_weights_in_fp8
-from .inject import inject_moslora, moslora_disabled, moslora_parameters
-from .models import enable_text_encoder_checkpointing
-from .sdxl import SDXL_TEXT_ENCODER_CONFIGS, SDXL_UNET_CONFIG, SDXL_VAE_CONFIG
 from .step import LossSettings, StepInputs, denoising_loss
-from .trigger import install_trigger_embedding, trigger_parameters
-from .single_file import is_single_file
 
 GIB = 2**30
 CARD_SIZES_GB = (8, 12, 16, 24)

@@ -8,30 +8,30 @@ import logging
 import sys
 from pathlib import Path
 
-from .errors import UserInputError
-from .feedback import quiet_dependency_progress_bars
-from .files import check_writable_file, check_writable_folder
-from .parser import CommandParser
+from ..adapter.errors import UserInputError
+from ..adapter.feedback import quiet_dependency_progress_bars
+from ..adapter.files import check_writable_file, check_writable_folder
+from ..trainer.parser import CommandParser
 
 
 def _tiny_pipeline(args):
-    from .tiny import save_tiny_sdxl_pipeline
+    from ..pipeline.tiny import save_tiny_sdxl_pipeline
 
     path = save_tiny_sdxl_pipeline(args.output_dir, seed=args.seed)
     print(f"wrote a tiny random-weight SDXL pipeline to {path}")
 
 
 def _train(argv: list[str]):
-    from .arguments import parse_args
-    from .train import train
+    from ..trainer.arguments import parse_args
+    from ..trainer.train import train
 
     train(parse_args(argv, prog="dreambooth-moslora train"))
 
 
 def _plan(argv: list[str]):
-    from .arguments import build_parser, validate_args
-    from .data import read_examples
-    from .memory_plan import CACHED_IMAGES, model_configs, plan_report, plan_settings, planned_class_examples
+    from ..trainer.arguments import build_parser, validate_args
+    from ..trainer.data import read_examples
+    from ..trainer.memory_plan import CACHED_IMAGES, model_configs, plan_report, plan_settings, planned_class_examples
 
     args = validate_args(build_parser("dreambooth-moslora plan", needs_data=False).parse_args(argv), needs_data=False)
     instance = (read_examples(args.instance_data_dir, args.instance_prompt or "", args.resolution, args.bucketing)
@@ -42,8 +42,8 @@ def _plan(argv: list[str]):
 
 
 def _settings(args):
-    from .arguments import check_at_least_one
-    from .generate import GenerationSettings
+    from ..pipeline.generate import GenerationSettings
+    from ..trainer.arguments import check_at_least_one
 
     check_at_least_one(args, ("num_images_per_prompt", "batch_size", "num_inference_steps"))
     return GenerationSettings(
@@ -55,8 +55,8 @@ def _settings(args):
 
 
 def _generate(args):
-    from .generate import generate_images, load_pipeline
-    from .prompt_words import read_prompts
+    from ..pipeline.generate import generate_images, load_pipeline
+    from ..trainer.prompt_words import read_prompts
 
     prompts = read_prompts(args.prompt, args.prompts_file)
     check_writable_folder(args.output_dir, "--output_dir")
@@ -88,8 +88,8 @@ def _inspect(args):
 
 
 def _export(args):
-    from .io import (DIFFUSERS_FILE, KOHYA_FILE, TRIGGER_FILE, export_diffusers, export_kohya,
-                     export_trigger_embedding, read_moslora)
+    from ..adapter.io import (DIFFUSERS_FILE, KOHYA_FILE, TRIGGER_FILE, export_diffusers, export_kohya,
+                              export_trigger_embedding, read_moslora)
 
     exporter, default_name = {"kohya": (export_kohya, KOHYA_FILE), "diffusers": (export_diffusers, DIFFUSERS_FILE),
                               "trigger": (export_trigger_embedding, TRIGGER_FILE)}[args.format]

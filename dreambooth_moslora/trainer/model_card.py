@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .io import DIFFUSERS_FILE, KOHYA_FILE, NATIVE_FILE, TRIGGER_FILE
-from .single_file import is_single_file
+from ..adapter.io import DIFFUSERS_FILE, KOHYA_FILE, NATIVE_FILE, TRIGGER_FILE
+from ..pipeline.single_file import is_single_file
 
 
 def model_card(base_model: str, instance_prompt: str, config, steps: int, text_encoders_trained: bool,

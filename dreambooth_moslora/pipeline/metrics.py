@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoImageProcessor, AutoModel, AutoProcessor, CLIPModel
 
-from .errors import UserInputError
+from ..adapter.errors import UserInputError
 
 DEFAULT_DINO = "facebook/dino-vits16"
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"

@@ -7,8 +7,8 @@ import math
 
 import torch
 
-from .adapters import read_update_factors, resolve_adapter_file
-from .functional import low_rank_svd
+from ..adapter.adapters import read_update_factors, resolve_adapter_file
+from ..adapter.functional import low_rank_svd
 
 TOP_SINGULAR_VALUES = 4
 

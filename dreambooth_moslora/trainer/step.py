@@ -9,8 +9,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .inject import moslora_disabled
-from .loss import diffusion_target, min_snr_weights
+from ..adapter.inject import moslora_disabled
+from ..pipeline.loss import diffusion_target, min_snr_weights
 from .masks import loss_weights
 
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from .errors import UserInputError
-from .files import write_text_atomically
-from .metrics import (
+from ..adapter.errors import UserInputError
+from ..adapter.files import write_text_atomically
+from ..pipeline.metrics import (
     DEFAULT_CLIP,
     DEFAULT_DINO,
     ClipEmbedder,
@@ -27,9 +27,9 @@ from .metrics import (
     mean_cross_similarity,
     mean_paired_similarity,
 )
+from ..world.analyzer import embed, load_analyzer
 from .prior import without_words
 from .prompt_words import trigger_words as find_trigger_words
-from .world.analyzer import embed, load_analyzer
 
 CONTEXTS = (", on a beach", ", in the snow", ", on a wooden table")
 THUMBNAIL = 128

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from ..adapter.errors import UserInputError
 from .data import IMAGE_EXTENSIONS, Example, Sample, place
-from .errors import UserInputError
 
 
 def mask_finder(mask_dir=None, alpha_mask: bool = False):

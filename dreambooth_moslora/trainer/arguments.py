@@ -9,14 +9,14 @@ import logging
 
 import torch
 
-from .config import MIXER_INITS, UNET_TARGETS
+from ..adapter.config import MIXER_INITS, UNET_TARGETS
+from ..adapter.errors import UserInputError
+from ..adapter.io import KOHYA_UNET_MODULES, kohya_exportable
+from ..pipeline.metrics import DEFAULT_CLIP, DEFAULT_DINO
+from ..pipeline.models import check_base_model
 from .diffusers_options import add_diffusers_options, apply_diffusers_options
-from .errors import UserInputError
-from .metrics import DEFAULT_CLIP, DEFAULT_DINO
-from .io import KOHYA_UNET_MODULES, kohya_exportable
 from .parser import CommandParser
 from .prompt_words import has_trigger_word, prompt_words, read_prompts
-from .models import check_base_model
 
 logger = logging.getLogger(__name__)
 

@@ -16,12 +16,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
+from ..adapter.errors import UserInputError
+from ..adapter.files import write_folder_atomically, write_text_atomically
+from ..adapter.inject import moslora_config, moslora_layers
+from ..adapter.io import NATIVE_FILE, copy_adapter_weights, read_moslora, save_moslora, write_safetensors
+from ..adapter.trigger import trigger_embedding
 from .ema import EMA_FILE, adapter_parameters, averaged_weights
-from .errors import UserInputError
-from .files import write_folder_atomically, write_text_atomically
-from .io import NATIVE_FILE, copy_adapter_weights, read_moslora, save_moslora, write_safetensors
-from .inject import moslora_config, moslora_layers
-from .trigger import trigger_embedding
 
 PREFIX = "checkpoint-"
 OPTIMIZER_FILE = "optimizer.safetensors"

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionXLPipeline
 
+from ..adapter.feedback import progress_bar
+from ..adapter.files import save_png_atomically, write_text_atomically
 from .data import IMAGE_EXTENSIONS, Example
-from .feedback import progress_bar
-from .files import save_png_atomically, write_text_atomically
 from .prompt_words import prompt_words, trigger_words
 
 

@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .errors import UserInputError
-from .inject import moslora_parameters
-from .io import write_safetensors
-from .trigger import trigger_parameters
+from ..adapter.errors import UserInputError
+from ..adapter.inject import moslora_parameters
+from ..adapter.io import write_safetensors
+from ..adapter.trigger import trigger_parameters
 
 EMA_FILE = "ema.safetensors"
 TRAINED_FILE = "trained_weights.safetensors"
