@@ -32,7 +32,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dreambooth_moslora import train as train_module  # noqa: E402
+from dreambooth_moslora.trainer import train as train_module  # noqa: E402
 from dreambooth_moslora.adapter.errors import UserInputError  # noqa: E402
 from dreambooth_moslora.pipeline.sdxl import save_random_sdxl_pipeline  # noqa: E402
 from dreambooth_moslora.trainer.arguments import parse_args  # noqa: E402
