@@ -144,11 +144,10 @@ def test_write_best_replaces_the_old_best_and_a_failure_leaves_it(tmp_path):
 
 
 def test_write_best_from_writers(tmp_path):
-    def write(path):
-        path.write_text("made")
-        return path
+    def write(folder):
+        (folder / "pytorch_lora_weights.safetensors").write_text("made")
 
-    write_best(tmp_path, 7, {"pytorch_lora_weights.safetensors": write})
+    write_best(tmp_path, 7, write)
     assert (tmp_path / "best" / "pytorch_lora_weights.safetensors").read_text() == "made"
     assert read_best_step(tmp_path) == 7
 

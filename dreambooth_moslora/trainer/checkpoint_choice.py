@@ -97,14 +97,13 @@ def should_stop_early(choice: Choice, patience: int | None) -> bool:
     return patience is not None and choice.step is not None and choice.validations_since_best >= patience
 
 
-def write_best(output_dir, step: int, files: dict[str, Callable[[Path], Path]] | list[Path]) -> Path:
+def write_best(output_dir, step: int, files: Callable[[Path], object] | list[Path]) -> Path:
     """Replace <output_dir>/best/ with the step's files and best/step.json, swapped in whole, so a crash or a
     missing file leaves the previous best. `files` is either existing files to copy (their mode is not copied:
-    diffusers leaves 0600 files) or {name: write(path)} for files made on the spot."""
+    diffusers leaves 0600 files) or a function that writes the step's files into the folder it is given."""
     def fill(staging: Path):
-        if isinstance(files, dict):
-            for name, write in files.items():
-                write(staging / name)
+        if callable(files):
+            files(staging)
         else:
             for file in files:
                 shutil.copyfile(file, staging / Path(file).name)

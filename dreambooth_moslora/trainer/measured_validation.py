@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -82,8 +81,7 @@ class MeasuredValidation:
         self.samples[step] = samples
         self.choice = choose(self.history, self.rule)
         if self.choice.step == step:
-            with tempfile.TemporaryDirectory(dir=self.folder) as staging:
-                write_best(self.args.output_dir, step, write_adapter(Path(staging)))
+            write_best(self.args.output_dir, step, write_adapter)
         write_report(self.folder / REPORT_FILE, self.history, self.instance_paths, self.samples, self.prompts,
                      self.choice.step)
         return record
