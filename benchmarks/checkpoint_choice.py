@@ -3,9 +3,10 @@ best step in hindsight and the fixed-step recipe: the measurement issue 26 asks 
 chosen (on the tuning subjects, never on the reported ones).
 
     python benchmarks/checkpoint_choice.py --subjects checked-kite blue-heart    # the tuning subjects: choose
-    python benchmarks/checkpoint_choice.py --subjects striped-hexagram dotted-egg checked-house --seeds 0 1 2 --class_tolerance 0.05
+    python benchmarks/checkpoint_choice.py --subjects striped-hexagram dotted-egg checked-house --seeds 0 1 2 \
+        --methods lora moslora-orthogonal
 
-Each run trains the quick start's recipe (MoSLoRA, base-model prior, text-encoder adapters, lr 1e-3) for --steps
+Each run trains the quick start's recipe (--methods: MoSLoRA or LoRA, base-model prior, text-encoder adapters, lr 1e-3) for --steps
 with a checkpoint and a measured validation (the world analyzer) every --every steps; then every checkpoint is
 measured with the benchmark's reported measures (other backgrounds and seeds than validation's): normalised subject
 fidelity, class shape accuracy, prompt fidelity. The rule is then replayed on the run's validation/metrics.jsonl for
@@ -33,21 +34,21 @@ from dreambooth_moslora.trainer.checkpoint_choice import ChoiceRule, choose, sho
 from dreambooth_moslora.trainer.validation_metrics import read_metrics  # noqa: E402
 from dreambooth_moslora.world.analyzer import load_analyzer  # noqa: E402
 from dreambooth_moslora.world.personalization import (  # noqa: E402
-    BenchmarkSettings, SubjectBench, _train_adapter, evaluation_prompts,
+    METHODS, BenchmarkSettings, SubjectBench, _train_adapter, evaluation_prompts,
 )
 from dreambooth_moslora.world.subjects import ALL_SUBJECTS, subject_by_name  # noqa: E402
 
-METHOD = "moslora-orthogonal"
 CLASS_SHAPE_GOAL = 0.95
 
 
-def run_dir(settings: BenchmarkSettings, subject, seed: int) -> Path:
-    return Path(settings.output_dir) / "runs" / subject.name / f"{METHOD}-seed{seed}"
+def run_dir(settings: BenchmarkSettings, subject, method: str, seed: int) -> Path:
+    return Path(settings.output_dir) / "runs" / subject.name / f"{method}-seed{seed}"
 
 
-def train_and_measure(settings: BenchmarkSettings, bench: SubjectBench, seed: int, every: int, log) -> dict:
+def train_and_measure(settings: BenchmarkSettings, bench: SubjectBench, method: str, seed: int, every: int,
+                      log) -> dict:
     """The run's trainer history and the reported measures of each of its checkpoints (cached in measures.json)."""
-    folder = run_dir(settings, bench.subject, seed)
+    folder = run_dir(settings, bench.subject, method, seed)
     record = folder / "measures.json"
     if record.is_file():
         return json.loads(record.read_text())
@@ -57,16 +58,16 @@ def train_and_measure(settings: BenchmarkSettings, bench: SubjectBench, seed: in
                                  "--num_validation_images", "4", "--num_inference_steps", str(settings.inference_steps)]
     started = time.perf_counter()
     if not (folder / f"checkpoint-{settings.steps}").is_dir():  # a run trained this far already is measured as it is
-        _train_adapter(settings, bench.subject, bench.instance_dir, None, METHOD, seed, True, settings.learning_rate,
+        _train_adapter(settings, bench.subject, bench.instance_dir, None, method, seed, True, settings.learning_rate,
                        every, folder)
     seconds = time.perf_counter() - started
     steps = list(range(every, settings.steps + 1, every))
     reported = {}
     for step in steps:  # every step is checkpointed, the last one too
         reported[step] = bench.measure_adapter(folder / f"checkpoint-{step}" / "moslora.safetensors")[0]
-        log(f"{bench.subject.name} seed {seed} step {step}: normalised fidelity "
+        log(f"{bench.subject.name} {method} seed {seed} step {step}: normalised fidelity "
             f"{reported[step]['normalized_fidelity']:.3f}, class shape {reported[step]['class_shape_accuracy']:.2f}")
-    result = {"subject": bench.subject.name, "seed": seed, "train_seconds": seconds,
+    result = {"subject": bench.subject.name, "method": method, "seed": seed, "train_seconds": seconds,
               "history": read_metrics(folder / "validation" / "metrics.jsonl", up_to_step=settings.steps),
               "reported": {str(step): metrics for step, metrics in reported.items()}}
     write_text_atomically(record, json.dumps(result, indent=2) + "\n")
@@ -130,11 +131,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--subjects", nargs="+", default=["checked-kite", "blue-heart"], choices=[s.name for s in ALL_SUBJECTS])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--methods", nargs="+", default=["moslora-orthogonal"], choices=list(METHODS))
     parser.add_argument("--steps", type=int, default=1600)
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--fixed_step", type=int, default=400, help="the recipe's fixed step (the benchmark's tuned one)")
     parser.add_argument("--tolerances", nargs="+", type=float, default=[0.02, 0.05, 0.1, 0.2, 1.0])
     parser.add_argument("--patiences", nargs="+", type=int, default=[0, 3, 5], help="0: no early stopping")
+    parser.add_argument("--results_name", default="results", help="results.json/.md: tuning and reported apart")
     parser.add_argument("--output_dir", default=str(ROOT / "benchmarks" / "personalization" / "checkpoint-choice"))
     args = parser.parse_args(argv)
     settings = BenchmarkSettings(base_model=str(ROOT / "assets" / "mini-sdxl"),
@@ -146,14 +149,22 @@ def main(argv=None):
     for name in args.subjects:
         bench = SubjectBench(subject_by_name(name), settings, analyzer, GenerationSettings())
         for seed in args.seeds:
-            runs.append(train_and_measure(settings, bench, seed, args.every, log))
-            log(f"{name} seed {seed} done")
+            for method in args.methods:
+                runs.append(train_and_measure(settings, bench, method, seed, args.every, log))
+                log(f"{name} {method} seed {seed} done")
     patiences = [p or None for p in args.patiences]
-    rows, table = summary_table(runs, args.tolerances, patiences, args.fixed_step)
+    tables = []
+    for method in args.methods:
+        rows, table = summary_table([r for r in runs if r["method"] == method], args.tolerances, patiences,
+                                    args.fixed_step)
+        tables.append((method, rows, table))
     output = Path(args.output_dir)
-    write_text_atomically(output / "results.json", json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
-    write_text_atomically(output / "results.md", f"`python {' '.join(sys.argv)}`\n\n{table}")
-    print(table)
+    stem = args.results_name
+    write_text_atomically(output / f"{stem}.json", json.dumps(
+        {"args": vars(args), "methods": {method: rows for method, rows, _ in tables}}, indent=2) + "\n")
+    markdown = "".join(f"\n{method}:\n\n{table}" for method, _, table in tables)
+    write_text_atomically(output / f"{stem}.md", f"`python {' '.join(sys.argv)}`\n{markdown}")
+    print(markdown)
 
 
 if __name__ == "__main__":

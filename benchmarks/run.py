@@ -89,13 +89,17 @@ def saved_activation_bytes(fn, module: nn.Module) -> int:
 
 
 def peak_memory(fn, device) -> int | None:
+    """What fn adds at its peak to what was allocated before it: the variants live side by side in one process, so
+    the allocator's absolute peak would count the others' weights and gradients too (the first GPU run did)."""
     if device.type != "cuda":
         return None
     torch.cuda.empty_cache()
+    synchronize(device)
+    before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     fn()
     synchronize(device)
-    return torch.cuda.max_memory_allocated(device)
+    return torch.cuda.max_memory_allocated(device) - before
 
 
 def unet_inputs(config, resolution, batch, device, dtype):
@@ -342,7 +346,7 @@ def markdown(results) -> str:
     lines.append("| saved activations (MiB) | " + " | ".join(
         f"{overhead[n]['saved_activation_bytes'] / 2**20:.1f}" for n in ("moslora", "moslora_none", "peft_lora")) + " |")
     if overhead["peft_lora"]["peak_bytes"]:
-        lines.append("| peak memory (GiB) | " + " | ".join(
+        lines.append("| peak memory the step adds (GiB) | " + " | ".join(
             f"{overhead[n]['peak_bytes'] / 2**30:.2f}" for n in ("moslora", "moslora_none", "peft_lora")) + " |")
     lines.append("")
     if "sampling" in results:
