@@ -311,12 +311,12 @@ def test_a_second_run_into_the_same_folder_is_refused_at_start(tiny_sdxl_dir, su
 
 def test_ctrl_c_before_the_first_step_exits_130_and_writes_nothing(tiny_sdxl_dir, subject, tmp_path, capsys,
                                                                    monkeypatch, fresh_accelerate):
-    import dreambooth_moslora.trainer.train as training
+    import dreambooth_moslora.trainer.setup as trainer_setup
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(training, "cache_prompt_embeddings", interrupted)  # Ctrl-C while caching
+    monkeypatch.setattr(trainer_setup, "cache_prompt_embeddings", interrupted)  # Ctrl-C while caching
     out = tmp_path / "out"
     assert main(["train", *training_argv(tiny_sdxl_dir, subject, out)]) == 130
     assert not out.exists()

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from conftest import training_argv
 from dreambooth_moslora.adapter.errors import UserInputError
+from dreambooth_moslora.trainer import setup as trainer_setup
 from dreambooth_moslora.trainer import train as train_module
 from dreambooth_moslora.trainer import validation_metrics
 from dreambooth_moslora.trainer.arguments import parse_args
@@ -95,7 +96,7 @@ def test_resume_keeps_the_history_and_the_best_so_far(tiny_sdxl_dir, subject, tm
 
 def test_feature_models_asked_for_but_missing_are_one_error_before_training(tiny_sdxl_dir, subject, tmp_path,
                                                                            feature_models, monkeypatch):
-    monkeypatch.setattr(train_module, "load_base_models", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(trainer_setup, "load_base_models", lambda *a, **k: pytest.fail("a model was loaded"))
     with pytest.raises(UserInputError, match="--validation_dino_model"):
         run(tiny_sdxl_dir, subject, tmp_path / "out", (tmp_path / "no-dino", feature_models[1]),
             "--validation_metrics", "on")

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import training_argv
+from dreambooth_moslora.trainer import setup as trainer_setup
 from dreambooth_moslora.trainer import train as train_module
 from dreambooth_moslora.trainer.arguments import parse_args
 from dreambooth_moslora.trainer.memory_plan import LiveTensorBytes, PlanSettings, model_configs, plan_memory
@@ -144,9 +145,9 @@ def test_training_on_an_accelerator_logs_the_plan_first(tiny_sdxl_dir, caplog):
     models = load_base_models(str(tiny_sdxl_dir))
     on = SimpleNamespace(is_main_process=True, device=torch.device("meta"), mixed_precision="no")
     with caplog.at_level(logging.INFO, logger="dreambooth_moslora"):
-        train_module._report_memory_plan(args, SimpleNamespace(**{**vars(on), "device": torch.device("cpu")}), models, [])
+        trainer_setup.report_memory_plan(args, SimpleNamespace(**{**vars(on), "device": torch.device("cpu")}), models, [])
         assert not caplog.records  # no card to fit on the CPU
-        train_module._report_memory_plan(args, on, models, [])
+        trainer_setup.report_memory_plan(args, on, models, [])
     assert [r.getMessage()[:30] for r in caplog.records] == ["predicted peak training memory"]
 
 

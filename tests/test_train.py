@@ -236,8 +236,8 @@ def test_bf16_mixed_precision_trains_bf16_frozen_weights_and_an_fp32_adapter(tin
 def test_adamw_takes_the_fused_kernel_for_the_adapter_and_text_encoders(tiny_sdxl_dir, subject, tmp_path, monkeypatch):
     import dreambooth_moslora.trainer.train as training
 
-    build, built = training._build_optimizer, []
-    monkeypatch.setattr(training, "_build_optimizer", lambda *a: built.append(build(*a)) or built[-1])
+    build, built = training.build_optimizer, []
+    monkeypatch.setattr(training, "build_optimizer", lambda *a: built.append(build(*a)) or built[-1])
     result = run(tiny_sdxl_dir, subject, tmp_path / "out", "--train_text_encoder", "--max_train_steps", "2")
     (optimizer,) = built
     assert optimizer.defaults["fused"] and len(optimizer.param_groups) == 2

@@ -8,6 +8,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from conftest import training_argv
 from dreambooth_moslora.adapter.inject import moslora_parameters
+from dreambooth_moslora.trainer import setup as trainer_setup
 from dreambooth_moslora.trainer import train as train_module
 from dreambooth_moslora.trainer.arguments import parse_args
 from dreambooth_moslora.trainer.data import read_examples
@@ -37,20 +38,20 @@ def test_setup_moves_each_model_to_the_device_once_already_in_its_training_dtype
     args = parse_args(training_argv(tiny_sdxl_dir, subject, tmp_path / "out", "--mixed_precision", "bf16", *extra))
     accelerator = SimpleNamespace(device=META, mixed_precision="bf16", is_main_process=True)
     on_device_when_planned = []
-    monkeypatch.setattr(train_module, "_report_memory_plan", lambda args, accelerator, models, examples:
+    monkeypatch.setattr(trainer_setup, "report_memory_plan", lambda args, accelerator, models, examples:
                         on_device_when_planned.append(any(p.is_meta for m in _frozen_models(models)
                                                           for p in m.parameters())))
-    load = train_module.load_base_models
+    load = trainer_setup.load_base_models
 
     def load_uncounted(*args, **kwargs):  # loaders build skeletons on the meta device: not the card's bytes
         with _disable_current_modes():
             return load(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "load_base_models", load_uncounted)
+    monkeypatch.setattr(trainer_setup, "load_base_models", load_uncounted)
     instance = read_examples(subject, args.instance_prompt, args.resolution, args.bucketing)
     counter = LiveTensorBytes(device="meta")
     with counter:
-        models, adapted = train_module.setup_models(args, accelerator, instance)
+        models, adapted = trainer_setup.setup_models(args, accelerator, instance)
 
     assert on_device_when_planned == [False]  # the card check runs before anything reaches the card
     assert all(p.is_meta for m in _frozen_models(models) for p in m.parameters())
@@ -69,14 +70,14 @@ def test_validation_images_decode_outside_the_trainings_autocast(tiny_sdxl_dir, 
     """Under fp16 autocast the stock VAE overflows: sampling keeps the autocast, the decoder runs without it in
     its own fp32 (bf16 autocast is what a CPU runs, and shows the same dtype path)."""
     decoded = []
-    load = train_module.load_base_models
+    load = trainer_setup.load_base_models
 
     def load_and_watch_the_decoder(*args, **kwargs):
         models = load(*args, **kwargs)
         models.vae.decoder.conv_in.register_forward_hook(lambda module, inputs, output: decoded.append(output.dtype))
         return models
 
-    monkeypatch.setattr(train_module, "load_base_models", load_and_watch_the_decoder)
+    monkeypatch.setattr(trainer_setup, "load_base_models", load_and_watch_the_decoder)
     train_module.train(parse_args(training_argv(
         tiny_sdxl_dir, subject, tmp_path / "out", "--mixed_precision", "bf16", "--validation_prompt", "sks dog",
         "--num_validation_images", "1", "--num_inference_steps", "2", steps=1)))

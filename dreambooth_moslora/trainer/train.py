@@ -1,8 +1,10 @@
 """DreamBooth training of SDXL with MoSLoRA over accelerate (one GPU, several, or several nodes).
 
-The loop reads top to bottom: latents, noise, timesteps, UNet, loss, backward. Everything random in a step is
-drawn from (seed, micro-batch number, process), so a checkpoint resumed with the same processes, batch size and
-accumulation continues as the uninterrupted run would.
+`train` reads top to bottom: set up (setup.py), resume, cache, then `TrainingLoop.run`, whose steps are
+`micro_step`'s latents, noise, timesteps, UNet, loss, backward, with checkpoints and validation as named hooks
+between them; outputs.py writes what a run leaves. Everything random in a step is drawn from (seed, micro-batch
+number, process), so a checkpoint resumed with the same processes, batch size and accumulation continues as the
+uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -10,57 +12,40 @@ from __future__ import annotations
 import json
 import logging
 import math
-import resource
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration
 from diffusers.optimization import get_scheduler
 from torch.utils.data import DataLoader
 
-from ..adapter.adapters import recorded_base_sha256
-from ..adapter.config import TEXT_ENCODER_TARGETS, MoSLoRAConfig
-from ..adapter.errors import UserInputError
 from ..adapter.feedback import progress_bar
-from ..adapter.files import check_writable_folder, write_text_atomically
-from ..adapter.inject import inject_moslora, moslora_config, moslora_disabled, moslora_parameters
-from ..adapter.io import (DIFFUSERS_FILE, KOHYA_FILE, NATIVE_FILE, TRIGGER_FILE, export_diffusers, export_kohya,
-                          export_trigger_embedding, save_moslora)
-from ..adapter.trigger import install_trigger_embedding, trigger_parameters, trigger_token
+from ..adapter.files import check_writable_folder
+from ..adapter.inject import moslora_disabled
 from ..pipeline.generate import GenerationSettings, generate_images
-from ..pipeline.models import (back_on, decoding_outside_autocast, enable_text_encoder_checkpointing, load_base_models,
-                               model_reference, native_resolution, offload_cached_models, place_models, sdxl_pipeline)
-from ..pipeline.single_file import base_model_sha256, check_same_base
+from ..pipeline.models import back_on, decoding_outside_autocast, offload_cached_models, sdxl_pipeline
 from .arguments import DEFAULT_MAX_TRAIN_STEPS
-from .caching import cache_latent_distributions, cache_prompt_embeddings
-from .checkpoint import (checkpoint_state, last_good_checkpoint, load_checkpoint, prune_checkpoints,
-                         resolve_checkpoint, save_checkpoint, weights_are_finite)
+from .checkpoint import last_good_checkpoint
 from .conditioning import encode_latent_distribution, encode_prompts, micro_conditioning, sample_latents
-from .data import MicroBatches, Sample, epoch_batches, epoch_examples, keep_as_is, process_micro_batches, read_examples
+from .data import MicroBatches, Sample, keep_as_is, process_micro_batches, read_examples
 from .ema import AdapterEMA, adapter_parameters, averaged_weights
-from .fp8 import store_frozen_weights_in_fp8
 from .interrupt import StopOnInterrupt, ignore_interrupts
 from .masks import mask_finder, render_mask
 from .measured_validation import MeasuredValidation, grouped_by_prompt, load_feature_models
-from .memory_plan import CUDA_RESERVE, GIB, configs_of, plan_memory, plan_settings, planned_class_examples
-from .model_card import model_card
+from .memory_plan import plan_settings
 from .output_lock import output_folder_lock
-from .prior import base_model_prior_examples, generate_class_images, missing_class_indices
+from .outputs import (DIVERGENCE_ADVICE, TrainingDiverged, adapter_files, check_resume_base, print_summary, resume,
+                      write_checkpoint, write_outputs)
+from .setup import (TEXT_ENCODERS, build_caches, build_optimizer, class_examples, micro_batches_per_epoch,
+                    setup_models, training_dtype)
 from .step import LossSettings, StepInputs, denoising_loss
 
 logger = logging.getLogger(__name__)
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 PLAN_CHUNK = 64  # micro-batches handed to one DataLoader (its workers restart between chunks)
-
-
-DIVERGENCE_ADVICE = "Lower --learning_rate, or use --mixed_precision bf16 instead of fp16."
-
-
-class TrainingDiverged(UserInputError):
-    """The loss or the weights stopped being finite; nothing is written for the run, checkpoints are kept."""
+__all__ = ["TrainingDiverged", "TrainingLoop", "TrainingResult", "train"]
 
 
 @dataclass
@@ -99,84 +84,69 @@ def train(args) -> TrainingResult:
 
 
 def _train(args, accelerator, output_dir: Path, instance, feature_models=None) -> TrainingResult:
-    _check_resume_base(args, output_dir)
-    weight_dtype = training_dtype(accelerator.mixed_precision)
+    # set up: models, class examples, optimizer and schedule, the run resumed, the caches
+    check_resume_base(args, output_dir)
     models, adapted = setup_models(args, accelerator, instance)
-    classes = _class_examples(args, accelerator, models, instance) if args.with_prior_preservation else []
+    classes = class_examples(args, accelerator, models, instance) if args.with_prior_preservation else []
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
-    optimizer = _build_optimizer(args, adapted, accelerator.num_processes)
-    micro_batches_per_epoch = _micro_batches_per_epoch(args, instance, classes, accelerator.num_processes)
-    max_steps = args.max_train_steps or (
-        args.num_train_epochs * math.ceil(micro_batches_per_epoch / args.gradient_accumulation_steps)
-        if args.num_train_epochs else DEFAULT_MAX_TRAIN_STEPS
-    )
+    optimizer = build_optimizer(args, adapted, accelerator.num_processes)
+    max_steps = _max_steps(args, micro_batches_per_epoch(args, instance, classes, accelerator.num_processes))
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
                                  num_training_steps=max_steps)
     prepared = accelerator.prepare(*adapted.values(), optimizer)
     trained, optimizer = dict(zip(adapted, prepared[:-1])), prepared[-1]
     ema = AdapterEMA(adapter_parameters(adapted), args.ema_decay,
                      "cpu" if args.ema_device == "cpu" else accelerator.device) if args.use_ema else None
-
-    global_step = _resume(args, output_dir, adapted, optimizer, lr_scheduler, ema, accelerator.scaler, max_steps)
+    global_step = resume(args, output_dir, adapted, optimizer, lr_scheduler, ema, accelerator.scaler, max_steps)
     settings = plan_settings(args, instance + classes, mixed_precision=accelerator.mixed_precision)
-    caches = _build_caches(args, accelerator, models, instance + classes, settings, samples=(max_steps - global_step)
-                           * args.train_batch_size * args.gradient_accumulation_steps)
+    caches = build_caches(args, accelerator, models, instance + classes, settings,
+                          samples=(max_steps - global_step) * args.train_batch_size * args.gradient_accumulation_steps)
     offloaded = offload_cached_models(models, accelerator.device, settings.prompts_cached, settings.cache_latents)
     if accelerator.is_main_process:
         accelerator.init_trackers("dreambooth-moslora", config=_tracker_config(args))
-
     measured = MeasuredValidation(args, feature_models, global_step) if feature_models else None
-    loop = TrainingLoop(args, accelerator, models, trained, optimizer, lr_scheduler, caches, weight_dtype, ema,
-                        offloaded, measured, write_adapter=lambda folder: _adapter_files(args, folder, adapted))
+    loop = TrainingLoop(args, accelerator, models, trained, optimizer, lr_scheduler, caches,
+                        training_dtype(accelerator.mixed_precision), ema, offloaded, measured,
+                        write_adapter=lambda folder: adapter_files(args, folder, adapted))
+
+    def save(step):
+        return write_checkpoint(args, output_dir, step, accelerator, adapted, optimizer, lr_scheduler, ema, max_steps)
+
+    # train
     if measured and not measured.has_baseline:
         loop.validate(0)  # the base model's own measures, which every later step is held against
-    start = time.perf_counter()
-    first_step = global_step
+    start, first_step = time.perf_counter(), global_step
     with StopOnInterrupt() as stop:
-        global_step = loop.run(instance, classes, global_step, max_steps, stop, save=lambda step: _checkpoint(
-            args, output_dir, step, accelerator, adapted, optimizer, lr_scheduler, ema, max_steps))
+        global_step = loop.run(instance, classes, global_step, max_steps, stop, save)
     seconds = time.perf_counter() - start
     if stop.requested:
-        path = _checkpoint(args, output_dir, global_step, accelerator, adapted, optimizer, lr_scheduler, ema,
-                           max_steps)
-        raise KeyboardInterrupt(f"interrupted at step {global_step}; saved {path}; "
+        raise KeyboardInterrupt(f"interrupted at step {global_step}; saved {save(global_step)}; "
                                 "continue with --resume_from_checkpoint latest")
 
+    # finish: the last checkpoint, the final validation, the adapter files and model card
     if stop.stopped_early and global_step % args.checkpointing_steps:  # else its checkpoint is saved already
-        _checkpoint(args, output_dir, global_step, accelerator, adapted, optimizer, lr_scheduler, ema, max_steps)
+        save(global_step)
     files = []
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with averaged_weights(ema):  # the exported adapter is the average, as validation shows it
             images = loop.validate(global_step, final=True) if args.validation_prompt else []
-            files = _write_outputs(args, output_dir, adapted, global_step, images, measured)
+            files = write_outputs(args, output_dir, adapted, global_step, images, measured)
         if stop.stopped_early:
             logger.info("stopped early at step %d: the chosen step, %s, has not changed for %d validations",
                         global_step, measured.choice.step, args.early_stopping_patience)
-        _summary(global_step - first_step, seconds, files, accelerator.device)
+        print_summary(global_step - first_step, seconds, files, accelerator.device)
     accelerator.end_training()
     return TrainingResult(output_dir, global_step, seconds, files, loop.losses)
 
 
-def training_dtype(mixed_precision: str) -> torch.dtype:
-    """The frozen weights' dtype; the adapter stays fp32."""
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
-
-
-def setup_models(args, accelerator, instance) -> tuple:
-    """The base models read on the CPU in the training dtype, the plan checked against the card, the adapters
-    injected and fp8 applied there too, and only then each model moved to the accelerator, once: the card never
-    holds more than the run's own frozen weights. Returns the models and the adapted ones by component."""
-    models = load_base_models(args.pretrained_model_name_or_path, args.revision, args.variant,
-                              args.pretrained_vae_model_name_or_path, args.model_config,
-                              dtype=training_dtype(accelerator.mixed_precision))
-    _warn_about_resolution(args.resolution, models, args.pretrained_model_name_or_path)
-    _report_memory_plan(args, accelerator, models, instance)
-    set_seed(args.seed)  # the adapter's initial A and mixer, drawn on the CPU whatever the accelerator
-    adapted = _inject_adapters(args, models)
-    place_models(models, accelerator.device)
-    return models, adapted
+def _max_steps(args, batches_per_epoch: int) -> int:
+    if args.max_train_steps:
+        return args.max_train_steps
+    if args.num_train_epochs:
+        return args.num_train_epochs * math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    return DEFAULT_MAX_TRAIN_STEPS
 
 
 class TrainingLoop:
@@ -197,50 +167,67 @@ class TrainingLoop:
         self.adapter_parameters = [p for group in optimizer.param_groups for p in group["params"]]
 
     def run(self, instance, classes, global_step: int, max_steps: int, stop, save) -> int:
+        """Micro-steps until max_steps; after each optimizer step its hooks: log, checkpoint, validate, and the
+        stop every process agrees on (Ctrl-C, early stopping)."""
         args, accelerator = self.args, self.accelerator
         for model in self.trained.values():
             model.train()
         progress = progress_bar(total=max_steps, initial=global_step, desc="steps", show=accelerator.is_local_main_process)
-        skip = global_step * args.gradient_accumulation_steps
         stream = process_micro_batches(instance, classes, args.repeats, args.train_batch_size, args.seed,
                                        accelerator.num_processes, accelerator.process_index)
-        step_start, micro_losses = time.perf_counter(), []
+        skip = global_step * args.gradient_accumulation_steps  # the micro-batches a resumed run has done
+        self.step_start, micro_losses = time.perf_counter(), []
         while global_step < max_steps and not (stop.requested or stop.stopped_early):
-            plan = [item for _, item in zip(range(PLAN_CHUNK), stream) if item[0] >= skip]
-            loader = DataLoader(
-                MicroBatches(plan, args.seed, accelerator.process_index, args.random_flip, args.center_crop,
-                             render_pixels=self.latent_cache is None, caption_dropout=args.caption_dropout,
-                             render_mask=render_mask if args.mask_dir or args.alpha_mask else None),
-                batch_size=None, num_workers=args.dataloader_num_workers, collate_fn=keep_as_is,
-                worker_init_fn=ignore_interrupts,
-            )
-            for number, examples, samples, pixels, masks in loader:
+            for number, examples, samples, pixels, masks in self._loader(stream, skip):
                 micro_losses.append(self.micro_step(number, examples, samples, pixels, masks))
                 if not accelerator.sync_gradients:
                     continue
-                loss = sum(micro_losses) / len(micro_losses)
-                micro_losses.clear()
                 global_step += 1
-                if self.ema is not None:
-                    self.ema.update(global_step)
-                self.losses.append(loss)
-                seconds = time.perf_counter() - step_start
-                step_start = time.perf_counter()
-                lr = self.lr_scheduler.get_last_lr()[0]
-                progress.update(1)
-                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", s_per_step=f"{seconds:.2f}")
-                accelerator.log({"loss": loss, "lr": lr}, step=global_step)
+                self.after_optimizer_step(global_step, sum(micro_losses) / len(micro_losses), progress)
+                micro_losses.clear()
                 if global_step % args.checkpointing_steps == 0 or global_step == max_steps:
                     save(global_step)  # the last one too, so a finished run can be extended
-                if args.validation_prompt and args.validation_steps and global_step % args.validation_steps == 0 \
-                        and global_step < max_steps and accelerator.is_main_process:
-                    with averaged_weights(self.ema):
-                        self.validate(global_step)
-                    stop.stop_early = bool(self.measured and self.measured.should_stop())
+                if self.validation_due(global_step, max_steps):
+                    self.validate_mid_run(global_step, stop)
                 if global_step >= max_steps or stop.should_stop(accelerator):  # every process at the same step
                     break
         progress.close()
         return global_step
+
+    def _loader(self, stream, skip: int) -> DataLoader:
+        """The next PLAN_CHUNK micro-batches of the stream, rendered by DataLoader workers."""
+        args = self.args
+        plan = [item for _, item in zip(range(PLAN_CHUNK), stream) if item[0] >= skip]
+        return DataLoader(
+            MicroBatches(plan, args.seed, self.accelerator.process_index, args.random_flip, args.center_crop,
+                         render_pixels=self.latent_cache is None, caption_dropout=args.caption_dropout,
+                         render_mask=render_mask if args.mask_dir or args.alpha_mask else None),
+            batch_size=None, num_workers=args.dataloader_num_workers, collate_fn=keep_as_is,
+            worker_init_fn=ignore_interrupts,
+        )
+
+    def after_optimizer_step(self, step: int, loss: float, progress):
+        """The moving average, the loss history, the progress bar and the tracker."""
+        if self.ema is not None:
+            self.ema.update(step)
+        self.losses.append(loss)
+        seconds, self.step_start = time.perf_counter() - self.step_start, time.perf_counter()
+        lr = self.lr_scheduler.get_last_lr()[0]
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", s_per_step=f"{seconds:.2f}")
+        self.accelerator.log({"loss": loss, "lr": lr}, step=step)
+
+    def validation_due(self, step: int, max_steps: int) -> bool:
+        """Every --validation_steps, on the main process; the last step's validation is the final one."""
+        args = self.args
+        return bool(args.validation_prompt and args.validation_steps and step % args.validation_steps == 0
+                    and step < max_steps and self.accelerator.is_main_process)
+
+    def validate_mid_run(self, step: int, stop):
+        """Validation with the averaged weights, and measured validation's verdict on stopping early."""
+        with averaged_weights(self.ema):
+            self.validate(step)
+        stop.stop_early = bool(self.measured and self.measured.should_stop())
 
     def micro_step(self, number: int, examples, samples: list[Sample], pixels, masks=None) -> float:
         """One forward and backward; steps the optimizer when accumulation is complete. Returns the mean loss."""
@@ -350,220 +337,6 @@ def _log_images(accelerator, paths, step):
 
         images = np.stack([np.asarray(Image.open(p)) for p in paths])
         accelerator.get_tracker("tensorboard").writer.add_images("validation", images, step, dataformats="NHWC")
-
-
-def _report_memory_plan(args, accelerator, models, examples):
-    """Before any model reaches the device: the plan's one line on an accelerator, and a warning when its peak
-    exceeds the card (on the CPU there is no card to fit, and planning costs seconds)."""
-    if not accelerator.is_main_process or accelerator.device.type == "cpu":
-        return
-    settings = plan_settings(args, examples, planned_class_examples(args, len(examples)), accelerator.mixed_precision)
-    plan = plan_memory(configs_of(models), settings)
-    logger.info(plan.line())
-    if accelerator.device.type == "cuda":
-        card = torch.cuda.get_device_properties(accelerator.device)
-        if plan.peak + CUDA_RESERVE > card.total_memory:
-            logger.warning("that is more than the %.1f GiB of this %s: expect out-of-memory errors or a crawl "
-                           "through shared memory; --low_memory, --gradient_checkpointing or a lower --resolution "
-                           "fit less (dreambooth-moslora plan shows what each saves)", card.total_memory / GIB, card.name)
-
-
-def _warn_about_resolution(resolution: int, models, name: str):
-    native = native_resolution(models.unet.config, models.vae.config)
-    if not native / 2 <= resolution <= native * 2:
-        logger.warning("--resolution %d is far from the %d px that %s was trained at: expect poor results and, "
-                       "above it, much slower steps", resolution, native, name)
-
-
-def _class_examples(args, accelerator, models, instance):
-    """The class images, generating the missing ones with the base pipeline first (processes share the work).
-
-    With the base-model prior there are no class images: see base_model_prior_examples.
-    """
-    if args.prior_preservation_mode == "base_model":
-        return base_model_prior_examples(instance, args.instance_prompt, args.class_prompt, args.class_prompts)
-    missing = missing_class_indices(args.class_data_dir, args.num_class_images)
-    if missing:
-        logger.info("generating %d class images for %r", len(missing), args.class_prompt)
-        with accelerator.split_between_processes(missing) as mine, accelerator.autocast(), \
-                decoding_outside_autocast(models.vae):
-            generate_class_images(sdxl_pipeline(models), args.class_data_dir, args.class_prompts or [args.class_prompt],
-                                  mine, args.sample_batch_size, args.resolution, args.num_inference_steps, args.seed,
-                                  show_progress=accelerator.is_local_main_process)
-        accelerator.wait_for_everyone()
-    return read_examples(args.class_data_dir, args.class_prompt, args.resolution, args.bucketing, is_class=True)
-
-
-def _inject_adapters(args, models) -> dict:
-    """The UNet with its MoSLoRA layers; the text encoders with theirs (--train_text_encoder) and the trigger's
-    learned embedding (--train_trigger_embedding)."""
-    unet_config = MoSLoRAConfig(rank=args.rank, alpha=args.lora_alpha, mixer_init=args.mixer_init,
-                                target_modules=args.target_modules, dropout=args.lora_dropout,
-                                use_rslora=args.use_rslora, train_mixer=not args.freeze_mixer)
-    inject_moslora(models.unet, unet_config)
-    adapted = {"unet": models.unet}
-    if args.train_text_encoder:
-        text_config = replace(unet_config, target_modules=TEXT_ENCODER_TARGETS)
-        for name, encoder in zip(TEXT_ENCODERS, models.text_encoders):
-            inject_moslora(encoder, text_config)
-            adapted[name] = encoder
-    if args.train_trigger_embedding:
-        for name, encoder, tokenizer in zip(TEXT_ENCODERS, models.text_encoders, models.tokenizers):
-            token = trigger_token(tokenizer, args.train_trigger_embedding)
-            install_trigger_embedding(encoder, token, tokenizer.convert_tokens_to_ids(token))
-            adapted[name] = encoder
-    if args.base_weights_dtype == "fp8":
-        store_frozen_weights_in_fp8(models.unet)
-    if args.gradient_checkpointing:
-        models.unet.enable_gradient_checkpointing()
-        for name in TEXT_ENCODERS:
-            if name in adapted:
-                enable_text_encoder_checkpointing(adapted[name])
-    if args.enable_xformers_memory_efficient_attention:
-        try:
-            models.unet.enable_xformers_memory_efficient_attention()
-        except (ImportError, ModuleNotFoundError, ValueError) as error:
-            raise UserInputError(f"--enable_xformers_memory_efficient_attention: {error}") from None
-    return adapted
-
-
-def _build_optimizer(args, adapted, num_processes):
-    scale = args.train_batch_size * args.gradient_accumulation_steps * num_processes if args.scale_lr else 1
-    groups = [{"params": moslora_parameters(adapted["unet"]), "lr": args.learning_rate * scale}]
-    text_params = [p for name in TEXT_ENCODERS if name in adapted for p in moslora_parameters(adapted[name])]
-    if text_params:
-        groups.append({"params": text_params, "lr": args.text_encoder_lr * scale})
-    trigger_params = [p for name in TEXT_ENCODERS if name in adapted for p in trigger_parameters(adapted[name])]
-    if trigger_params:
-        groups.append({"params": trigger_params, "lr": args.trigger_embedding_lr * scale})
-    common = dict(betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
-    if args.optimizer == "adamw":
-        return torch.optim.AdamW(groups, **common, fused=_fused_kernel_available(groups))
-    if args.optimizer == "adamw8bit":
-        try:
-            import bitsandbytes
-        except ImportError:
-            raise UserInputError("--optimizer adamw8bit needs bitsandbytes: pip install 'dreambooth-moslora[bnb]'") from None
-        return bitsandbytes.optim.AdamW8bit(groups, **common)
-    try:
-        from prodigyopt import Prodigy
-    except ImportError:
-        raise UserInputError("--optimizer prodigy needs prodigyopt: pip install prodigyopt") from None
-    return Prodigy(groups, **common)
-
-
-def _fused_kernel_available(groups) -> bool:
-    """PyTorch's one-kernel AdamW where it has one: hundreds of small adapter tensors make the per-tensor loop a
-    tenth of a small model's step on a CPU (the fused kernel takes a fifth of that)."""
-    return all(p.device.type in ("cpu", "cuda") for group in groups for p in group["params"])
-
-
-def _micro_batches_per_epoch(args, instance, classes, num_processes) -> int:
-    examples = epoch_examples(instance, classes, args.repeats, 0)
-    return len(epoch_batches(examples, args.train_batch_size, args.seed, 0)) // num_processes
-
-
-def _build_caches(args, accelerator, models, examples, settings, samples: int):
-    """What `settings` (plan_settings, the plan's own decisions) say to cache."""
-    start = time.perf_counter()
-    show = accelerator.is_local_main_process
-    latents = None
-    if settings.cache_latents:
-        latents = cache_latent_distributions(models.vae, examples, args.random_flip, show_progress=show)
-    prompts = None
-    if settings.prompts_cached:
-        captions = [e.caption for e in examples] + ([""] if args.caption_dropout else [])
-        prompts = cache_prompt_embeddings(models.text_encoders, models.tokenizers, captions,
-                                          accelerator.device, show_progress=show)
-    if accelerator.is_main_process:
-        logger.info(
-            "caching took %.1f s: %s; %s", time.perf_counter() - start,
-            f"{len(latents)} VAE encodings replace {samples} (one per sample per step)" if latents is not None
-            else "latents are encoded every step (random crops; --center_crop allows caching)",
-            f"{len(prompts)} prompt encodings replace {samples}" if prompts is not None
-            else "prompts are encoded every step",
-        )
-    return latents, prompts
-
-
-def _check_resume_base(args, output_dir):
-    """Resuming on another single-file base is caught before any model is loaded."""
-    path = resolve_checkpoint(output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
-    if path is not None:
-        check_same_base(recorded_base_sha256(path / NATIVE_FILE), args.pretrained_model_name_or_path, path)
-
-
-def _resume(args, output_dir, adapted, optimizer, lr_scheduler, ema, grad_scaler, max_steps: int) -> int:
-    if not args.resume_from_checkpoint:
-        return 0
-    path = resolve_checkpoint(output_dir, args.resume_from_checkpoint)
-    if path is None:
-        logger.info("no checkpoint in %s yet; starting from step 0", output_dir)
-        return 0
-    step = load_checkpoint(path, adapted, optimizer, lr_scheduler, ema, grad_scaler)
-    logger.info("resumed from %s at step %d", path, step)
-    built_for = checkpoint_state(path).get("schedule")
-    if built_for and built_for != _schedule(args, max_steps) and "constant" not in {built_for["name"], args.lr_scheduler}:
-        logger.warning("the %s learning-rate schedule of %s was built for %d steps; from step %d it follows a %s "
-                       "schedule for %d steps, so the run is not the one a straight %d-step run would have made",
-                       built_for["name"], path, built_for["steps"], step, args.lr_scheduler, max_steps, max_steps)
-    return step
-
-
-def _schedule(args, max_steps: int) -> dict:
-    return {"name": args.lr_scheduler, "steps": max_steps}
-
-
-def _checkpoint(args, output_dir, step, accelerator, adapted, optimizer, lr_scheduler, ema, max_steps: int):
-    """Only from finite weights (every process checks its identical copy, so all stop together), so the newest
-    checkpoint is always one to go back to."""
-    if not weights_are_finite(adapted):
-        raise TrainingDiverged(f"the adapter's weights became non-finite by step {step}; checkpoint-{step} was not "
-                               f"written and no adapter was; {last_good_checkpoint(output_dir)}. {DIVERGENCE_ADVICE}")
-    path = output_dir / f"checkpoint-{step}"
-    if accelerator.is_main_process:
-        path = save_checkpoint(output_dir, step, adapted, optimizer, lr_scheduler,
-                               model_reference(args.pretrained_model_name_or_path), ema,
-                               base_model_sha256(args.pretrained_model_name_or_path), accelerator.scaler,
-                               _schedule(args, max_steps))
-        prune_checkpoints(output_dir, args.checkpoints_total_limit)
-    accelerator.wait_for_everyone()
-    return path
-
-
-def _adapter_files(args, folder: Path, adapted) -> list[Path]:
-    """The native file, then the exports of it, into folder."""
-    native = save_moslora(folder / NATIVE_FILE, adapted["unet"], adapted.get("text_encoder"),
-                          adapted.get("text_encoder_2"), base_model=model_reference(args.pretrained_model_name_or_path),
-                          base_model_sha256=base_model_sha256(args.pretrained_model_name_or_path))
-    files = [native, export_diffusers(native, folder / DIFFUSERS_FILE), export_kohya(native, folder / KOHYA_FILE)]
-    if args.train_trigger_embedding:
-        files.append(export_trigger_embedding(native, folder / TRIGGER_FILE))
-    return files
-
-
-def _write_outputs(args, output_dir, adapted, steps, images, measured=None) -> list[Path]:
-    """The adapter files (the chosen step's with --keep best), then the model card."""
-    files = (measured.keep_best(output_dir) if measured and args.keep == "best" else []) \
-        or _adapter_files(args, output_dir, adapted)
-    card = model_card(model_reference(args.pretrained_model_name_or_path), args.instance_prompt,
-                      moslora_config(adapted["unet"]), steps, args.train_text_encoder, args.validation_prompt, images,
-                      output_dir, ema_decay=args.ema_decay if args.use_ema else None,
-                      model_config=args.model_config and str(Path(args.model_config).expanduser().resolve()),
-                      trigger=args.train_trigger_embedding,
-                      chosen=measured.summary() if measured else None, kept=args.keep)
-    return files + [write_text_atomically(output_dir / "README.md", card)]
-
-
-def _summary(steps, seconds, files, device):
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) / 2**30
-        memory = f"peak GPU memory {peak:.2f} GiB"
-    else:
-        memory = f"peak process memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
-    per_step = seconds / steps if steps else float("nan")
-    print(f"trained {steps} steps in {seconds:.1f} s ({per_step:.2f} s/step), {memory}; "
-          f"wrote {', '.join(str(f) for f in files)}", flush=True)
 
 
 def _tracker_config(args) -> dict:
