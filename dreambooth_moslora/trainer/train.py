@@ -39,16 +39,17 @@ from .caching import cache_latent_distributions, cache_prompt_embeddings
 from .checkpoint import (checkpoint_state, last_good_checkpoint, load_checkpoint, prune_checkpoints,
                          resolve_checkpoint, save_checkpoint, weights_are_finite)
 from .conditioning import encode_latent_distribution, encode_prompts, micro_conditioning, sample_latents
-from .data import MicroBatches, Sample, epoch_batches, epoch_examples, keep_as_is, process_micro_batches, read_examples
+from .concepts import read_concepts
+from .data import MicroBatches, Sample, epoch_batches, keep_as_is, process_micro_batches
 from .ema import AdapterEMA, adapter_parameters, averaged_weights
 from .fp8 import store_frozen_weights_in_fp8
 from .interrupt import StopOnInterrupt, ignore_interrupts
-from .masks import mask_finder, render_mask
+from .masks import render_mask
 from .measured_validation import MeasuredValidation, grouped_by_prompt, load_feature_models
 from .memory_plan import CUDA_RESERVE, GIB, configs_of, plan_memory, plan_settings, planned_class_examples
 from .model_card import model_card
 from .output_lock import output_folder_lock
-from .prior import base_model_prior_examples, generate_class_images, missing_class_indices
+from .prior import generate_class_images, missing_class_indices
 from .step import LossSettings, StepInputs, denoising_loss
 
 logger = logging.getLogger(__name__)
@@ -90,23 +91,22 @@ def train(args) -> TrainingResult:
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.train_text_encoder)],
         cpu=not torch.accelerator.is_available(),  # so torchrun on CPUs gives gloo processes, not lone ones
     )
-    instance = read_examples(args.instance_data_dir, args.instance_prompt, args.resolution, args.bucketing,
-                             find_mask=mask_finder(args.mask_dir, args.alpha_mask))
-    plan_settings(args, instance)  # refuses --cache_latents with random crops before any model loads
+    data = read_concepts(args.dataset, args.resolution, args.bucketing)
+    plan_settings(args, data.instance_examples)  # refuses --cache_latents with random crops before any model loads
     feature_models = load_feature_models(args) if accelerator.is_main_process else None
     with output_folder_lock(output_dir, enabled=accelerator.is_main_process):
-        return _train(args, accelerator, output_dir, instance, feature_models)
+        return _train(args, accelerator, output_dir, data, feature_models)
 
 
-def _train(args, accelerator, output_dir: Path, instance, feature_models=None) -> TrainingResult:
+def _train(args, accelerator, output_dir: Path, data, feature_models=None) -> TrainingResult:
     _check_resume_base(args, output_dir)
     weight_dtype = training_dtype(accelerator.mixed_precision)
-    models, adapted = setup_models(args, accelerator, instance)
-    classes = _class_examples(args, accelerator, models, instance) if args.with_prior_preservation else []
+    models, adapted = setup_models(args, accelerator, data.instance_examples)
+    training_set = data.training_set(lambda concept: _generate_class_images(args, accelerator, models, concept))
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     optimizer = _build_optimizer(args, adapted, accelerator.num_processes)
-    micro_batches_per_epoch = _micro_batches_per_epoch(args, instance, classes, accelerator.num_processes)
+    micro_batches_per_epoch = _micro_batches_per_epoch(args, training_set, accelerator.num_processes)
     max_steps = args.max_train_steps or (
         args.num_train_epochs * math.ceil(micro_batches_per_epoch / args.gradient_accumulation_steps)
         if args.num_train_epochs else DEFAULT_MAX_TRAIN_STEPS
@@ -119,8 +119,8 @@ def _train(args, accelerator, output_dir: Path, instance, feature_models=None) -
                      "cpu" if args.ema_device == "cpu" else accelerator.device) if args.use_ema else None
 
     global_step = _resume(args, output_dir, adapted, optimizer, lr_scheduler, ema, accelerator.scaler, max_steps)
-    settings = plan_settings(args, instance + classes, mixed_precision=accelerator.mixed_precision)
-    caches = _build_caches(args, accelerator, models, instance + classes, settings, samples=(max_steps - global_step)
+    settings = plan_settings(args, training_set.examples(), mixed_precision=accelerator.mixed_precision)
+    caches = _build_caches(args, accelerator, models, training_set.examples(), settings, samples=(max_steps - global_step)
                            * args.train_batch_size * args.gradient_accumulation_steps)
     offloaded = offload_cached_models(models, accelerator.device, settings.prompts_cached, settings.cache_latents)
     if accelerator.is_main_process:
@@ -134,7 +134,7 @@ def _train(args, accelerator, output_dir: Path, instance, feature_models=None) -
     start = time.perf_counter()
     first_step = global_step
     with StopOnInterrupt() as stop:
-        global_step = loop.run(instance, classes, global_step, max_steps, stop, save=lambda step: _checkpoint(
+        global_step = loop.run(training_set, global_step, max_steps, stop, save=lambda step: _checkpoint(
             args, output_dir, step, accelerator, adapted, optimizer, lr_scheduler, ema, max_steps))
     seconds = time.perf_counter() - start
     if stop.requested:
@@ -190,27 +190,27 @@ class TrainingLoop:
         self.trained, self.optimizer, self.lr_scheduler = trained, optimizer, lr_scheduler
         self.latent_cache, self.prompt_cache = caches
         self.weight_dtype = weight_dtype
-        self.loss_settings = LossSettings(args.prior_loss_weight, args.snr_gamma, args.unmasked_weight,
-                                          args.with_prior_preservation and args.prior_preservation_mode == "base_model")
+        self.loss_settings = LossSettings(args.snr_gamma, args.unmasked_weight, args.dataset.base_model_prior)
         self.num_timesteps = len(models.noise_scheduler.alphas_cumprod)
         self.losses: list[float] = []
         self.adapter_parameters = [p for group in optimizer.param_groups for p in group["params"]]
 
-    def run(self, instance, classes, global_step: int, max_steps: int, stop, save) -> int:
+    def run(self, training_set, global_step: int, max_steps: int, stop, save) -> int:
         args, accelerator = self.args, self.accelerator
         for model in self.trained.values():
             model.train()
         progress = progress_bar(total=max_steps, initial=global_step, desc="steps", show=accelerator.is_local_main_process)
         skip = global_step * args.gradient_accumulation_steps
-        stream = process_micro_batches(instance, classes, args.repeats, args.train_batch_size, args.seed,
-                                       accelerator.num_processes, accelerator.process_index)
+        stream = process_micro_batches(training_set, args.train_batch_size, args.seed, accelerator.num_processes,
+                                       accelerator.process_index)
+        masked = any(e.mask is not None for e in training_set.examples())
         step_start, micro_losses = time.perf_counter(), []
         while global_step < max_steps and not (stop.requested or stop.stopped_early):
             plan = [item for _, item in zip(range(PLAN_CHUNK), stream) if item[0] >= skip]
             loader = DataLoader(
                 MicroBatches(plan, args.seed, accelerator.process_index, args.random_flip, args.center_crop,
                              render_pixels=self.latent_cache is None, caption_dropout=args.caption_dropout,
-                             render_mask=render_mask if args.mask_dir or args.alpha_mask else None),
+                             render_mask=render_mask if masked else None),
                 batch_size=None, num_workers=args.dataloader_num_workers, collate_fn=keep_as_is,
                 worker_init_fn=ignore_interrupts,
             )
@@ -265,7 +265,7 @@ class TrainingLoop:
                 device=device,
             )
             inputs = StepInputs(latents, noise, timesteps, prompt_embeds, pooled, time_ids,
-                                [e.is_class for e in examples], masks)
+                                [e.base_model_target for e in examples], masks, [e.loss_weight for e in examples])
             loss = denoising_loss(unet, self.models.noise_scheduler, inputs, self.loss_settings, self.weight_dtype,
                                   base_unet=accelerator.unwrap_model(unet),
                                   base_prompt=self._base_prompt(captions) if len(self.trained) > 1 else None)
@@ -375,23 +375,18 @@ def _warn_about_resolution(resolution: int, models, name: str):
                        "above it, much slower steps", resolution, native, name)
 
 
-def _class_examples(args, accelerator, models, instance):
-    """The class images, generating the missing ones with the base pipeline first (processes share the work).
-
-    With the base-model prior there are no class images: see base_model_prior_examples.
-    """
-    if args.prior_preservation_mode == "base_model":
-        return base_model_prior_examples(instance, args.instance_prompt, args.class_prompt, args.class_prompts)
-    missing = missing_class_indices(args.class_data_dir, args.num_class_images)
+def _generate_class_images(args, accelerator, models, concept):
+    """A concept's missing class images, made with the base pipeline (processes share the work)."""
+    missing = missing_class_indices(concept.class_data_dir, concept.num_class_images)
     if missing:
-        logger.info("generating %d class images for %r", len(missing), args.class_prompt)
+        logger.info("generating %d class images for %r", len(missing), concept.class_prompt)
         with accelerator.split_between_processes(missing) as mine, accelerator.autocast(), \
                 decoding_outside_autocast(models.vae):
-            generate_class_images(sdxl_pipeline(models), args.class_data_dir, args.class_prompts or [args.class_prompt],
-                                  mine, args.sample_batch_size, args.resolution, args.num_inference_steps, args.seed,
+            generate_class_images(sdxl_pipeline(models), concept.class_data_dir,
+                                  list(concept.class_prompts) or [concept.class_prompt], mine, args.sample_batch_size,
+                                  args.resolution, args.num_inference_steps, args.seed,
                                   show_progress=accelerator.is_local_main_process)
         accelerator.wait_for_everyone()
-    return read_examples(args.class_data_dir, args.class_prompt, args.resolution, args.bucketing, is_class=True)
 
 
 def _inject_adapters(args, models) -> dict:
@@ -458,9 +453,8 @@ def _fused_kernel_available(groups) -> bool:
     return all(p.device.type in ("cpu", "cuda") for group in groups for p in group["params"])
 
 
-def _micro_batches_per_epoch(args, instance, classes, num_processes) -> int:
-    examples = epoch_examples(instance, classes, args.repeats, 0)
-    return len(epoch_batches(examples, args.train_batch_size, args.seed, 0)) // num_processes
+def _micro_batches_per_epoch(args, training_set, num_processes) -> int:
+    return len(epoch_batches(training_set.epoch(0), args.train_batch_size, args.seed, 0)) // num_processes
 
 
 def _build_caches(args, accelerator, models, examples, settings, samples: int):
@@ -546,7 +540,7 @@ def _write_outputs(args, output_dir, adapted, steps, images, measured=None) -> l
     """The adapter files (the chosen step's with --keep best), then the model card."""
     files = (measured.keep_best(output_dir) if measured and args.keep == "best" else []) \
         or _adapter_files(args, output_dir, adapted)
-    card = model_card(model_reference(args.pretrained_model_name_or_path), args.instance_prompt,
+    card = model_card(model_reference(args.pretrained_model_name_or_path), "; ".join(args.dataset.instance_prompts),
                       moslora_config(adapted["unet"]), steps, args.train_text_encoder, args.validation_prompt, images,
                       output_dir, ema_decay=args.ema_decay if args.use_ema else None,
                       model_config=args.model_config and str(Path(args.model_config).expanduser().resolve()),
@@ -568,4 +562,4 @@ def _summary(steps, seconds, files, device):
 
 def _tracker_config(args) -> dict:
     """Tracker hyperparameters must be plain scalars."""
-    return {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v)) for k, v in vars(args).items()}
+    return {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v, default=str)) for k, v in vars(args).items()}

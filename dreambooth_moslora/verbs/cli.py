@@ -33,7 +33,7 @@ def _plan(argv: list[str]):
     from ..trainer.data import read_examples
     from ..trainer.memory_plan import CACHED_IMAGES, model_configs, plan_report, plan_settings, planned_class_examples
 
-    args = validate_args(build_parser("dreambooth-moslora plan", needs_data=False).parse_args(argv), needs_data=False)
+    args = validate_args(build_parser("dreambooth-moslora plan").parse_args(argv), needs_data=False)
     instance = (read_examples(args.instance_data_dir, args.instance_prompt or "", args.resolution, args.bucketing)
                 if args.instance_data_dir else None)
     classes = planned_class_examples(args, len(instance) if instance is not None else CACHED_IMAGES)
