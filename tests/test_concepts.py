@@ -127,7 +127,7 @@ prior_loss_weight = 0.5
 def test_a_folder_without_photos_names_its_concept(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "dataset.toml").write_text('[[concept]]\nname = "dog"\nimage_dir = "empty"\ninstance_prompt = "sks"\n')
-    with pytest.raises(UserInputError, match="concept 'dog': no images in"):
+    with pytest.raises(UserInputError, match="dataset.toml: concept 'dog': no images in"):
         read_concepts(load_dataset_config(tmp_path / "dataset.toml"), 64, False)
 
 

@@ -65,15 +65,15 @@ class TrainingData:
 
 def read_concepts(dataset: DatasetConfig, resolution: int, bucketing: bool) -> TrainingData:
     """Every instance and class concept's photos (validation concepts' stay out of training)."""
-    subjects = tuple(tuple(_read(c, c.instance_prompt, resolution, bucketing, is_class=False,
+    subjects = tuple(tuple(_read(dataset, c, c.instance_prompt, resolution, bucketing, is_class=False,
                                  find_mask=mask_finder(c.mask_dir, c.alpha_mask)))
                      for c in dataset.of_role("instance"))
     shared = tuple(e for c in dataset.of_role("class")
-                   for e in _read(c, c.class_prompt, resolution, bucketing, is_class=True) * c.repeats)
+                   for e in _read(dataset, c, c.class_prompt, resolution, bucketing, is_class=True) * c.repeats)
     return TrainingData(dataset, subjects, shared, resolution, bucketing)
 
 
-def _read(concept: Concept, caption: str, resolution: int, bucketing: bool, is_class: bool,
+def _read(dataset: DatasetConfig, concept: Concept, caption: str, resolution: int, bucketing: bool, is_class: bool,
           find_mask=None) -> list[Example]:
     """read_examples with the concept's captions and weight; its errors name the concept."""
     extension = None if concept.caption_extension == NO_CAPTIONS else concept.caption_extension
@@ -81,5 +81,5 @@ def _read(concept: Concept, caption: str, resolution: int, bucketing: bool, is_c
         return read_examples(concept.image_dir, caption, resolution, bucketing, is_class=is_class, find_mask=find_mask,
                              caption_extension=extension, loss_weight=concept.loss_weight)
     except UserInputError as error:
-        raise UserInputError(f"concept {concept.name!r}: {error}") from None
+        raise UserInputError(f"{dataset.where(concept)}{error}") from None
 

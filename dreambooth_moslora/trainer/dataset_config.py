@@ -15,7 +15,7 @@ import argparse
 import dataclasses
 import difflib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..adapter.errors import UserInputError
@@ -84,6 +84,12 @@ class MeasuredSubject:
 @dataclass(frozen=True)
 class DatasetConfig:
     concepts: tuple[Concept, ...]
+    source: str | None = field(default=None, compare=False)
+    """"--dataset_config FILE", which errors found later name; None for the single-folder flags."""
+
+    def where(self, concept: Concept) -> str:
+        """How an error names a concept: by the file and its name (the flags' folder names itself)."""
+        return f"{self.source}: concept {concept.name!r}: " if self.source else ""
 
     def of_role(self, role: str) -> list[Concept]:
         return [c for c in self.concepts if c.role == role]
@@ -213,7 +219,7 @@ def check_dataset(dataset: DatasetConfig, source: str) -> DatasetConfig:
             raise UserInputError(f"{source}: concept {concept.name!r}: validates {concept.validates!r} is not an "
                                  f"instance concept{_did_you_mean(concept.validates, [c.name for c in subjects])}")
     return DatasetConfig(tuple(dataclasses.replace(c, validates=c.validates or subjects[0].name)
-                               if c.role == "validation" else c for c in dataset.concepts))
+                               if c.role == "validation" else c for c in dataset.concepts), source)
 
 
 def _check_concept(concept: Concept, where: str):
