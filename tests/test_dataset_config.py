@@ -65,7 +65,7 @@ def test_a_file_reads_every_key_with_paths_relative_to_it(folders):
     assert (reg.role, reg.repeats, reg.class_prompt) == ("class", 2, "a photo of a cat")
     assert (held_out.role, held_out.validates) == ("validation", "cat")
     assert dataset.instance_prompts == ["a photo of sks dog", "a photo of zwx cat"]
-    assert dataset.base_model_prior and dataset.has_prior
+    assert dataset.base_model_prior
     subject = dataset.measured_subject()  # the first subject; the cat's held-out photos are for the cat
     assert (subject.instance_prompt, subject.reference_dir, subject.class_prompt) == (
         "a photo of sks dog", folders / "dog", "a photo of a dog")

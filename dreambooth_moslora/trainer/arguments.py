@@ -231,8 +231,8 @@ def validate_args(args: argparse.Namespace, needs_data: bool = True) -> argparse
         raise UserInputError(f"--report_to {args.report_to} needs the {args.report_to} package: "
                              f"pip install {args.report_to} (or --report_to none)")
     parser = build_parser()
-    args.dataset = dataset_from_args(args, {name: parser.get_default(name) for name in DATA_FLAGS}) if needs_data \
-        else None
+    args.dataset = (dataset_from_args(args, {name: parser.get_default(name) for name in DATA_FLAGS})
+                    if needs_data or args.dataset_config else None)
     for prompt, class_prompt in _subject_prompts(args.dataset):
         if not has_trigger_word(prompt, class_prompt):
             logger.warning("every word of the instance prompt %r is an ordinary word: the subject gets no name of its "

@@ -99,10 +99,6 @@ class DatasetConfig:
         return [c.instance_prompt for c in self.of_role("instance")]
 
     @property
-    def has_prior(self) -> bool:
-        return bool(self.of_role("class")) or any(c.prior != "none" for c in self.of_role("instance"))
-
-    @property
     def base_model_prior(self) -> bool:
         return any(c.prior == "base_model" for c in self.of_role("instance"))
 
