@@ -67,15 +67,15 @@ def test_an_interrupted_run_resumed_is_the_straight_run(tiny_sdxl_dir, subject, 
 
 
 def test_a_multi_concept_run_resumed_is_the_straight_run(tiny_sdxl_dir, tmp_path):
-    """Two subjects, repeats, a base-model prior, masks and a shared class concept, with random crops and flips:
-    a file's run stopped after step 2 and resumed is the straight run."""
+    """Two subjects, repeats, a base-model prior, masks and a shared class concept, with random crops, flips and
+    EMA: a file's run stopped after step 2 and resumed is the straight run."""
     dataset = write_two_subjects(tmp_path)
 
     def argv(output, *extra):
         return ["--pretrained_model_name_or_path", str(tiny_sdxl_dir), "--output_dir", str(tmp_path / output),
                 "--dataset_config", str(dataset), "--resolution", "64", "--learning_rate", "1e-3",
                 "--report_to", "none", "--max_train_steps", "4", "--checkpointing_steps", "2", "--random_flip",
-                "--train_batch_size", "2", "--lr_scheduler", "cosine", *extra]
+                "--train_batch_size", "2", "--lr_scheduler", "cosine", "--use_ema", *extra]
 
     def run_file(*args):
         result = train(parse_args(argv(*args)))
