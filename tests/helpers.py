@@ -21,6 +21,38 @@ def write_images(folder, sizes=((96, 64), (64, 96), (80, 80)), seed=0, suffix=".
     return paths
 
 
+def write_two_subjects(folder) -> Path:
+    """A dataset file and its folders: a dog (repeats 2, base-model prior, masks from alpha) and a cat sharing a
+    class concept, each with its own trigger."""
+    folder = Path(folder)
+    for path in write_images(folder / "dog", sizes=((64, 64), (80, 64))):
+        Image.open(path).convert("RGBA").save(path)
+    write_images(folder / "cat", sizes=((64, 64),), seed=1)
+    write_images(folder / "cats", sizes=((64, 64),), seed=2)
+    path = folder / "dataset.toml"
+    path.write_text("""
+[[concept]]
+name = "dog"
+image_dir = "dog"
+instance_prompt = "a photo of sks dog"
+repeats = 2
+alpha_mask = true
+prior = "base_model"
+class_prompt = "a photo of a dog"
+
+[[concept]]
+name = "cat"
+image_dir = "cat"
+instance_prompt = "a photo of zwx cat"
+
+[[concept]]
+role = "class"
+image_dir = "cats"
+class_prompt = "a photo of a cat"
+""")
+    return path
+
+
 def save_tiny_feature_models(folder) -> tuple[Path, Path]:
     """A tiny random ViT (stands in for DINO) and a tiny random CLIP, each with its processor, saved locally."""
     import torch

@@ -40,16 +40,17 @@ def test_a_step_whose_prompt_fidelity_fell_past_the_tolerance_is_skipped():
 
 
 def test_a_step_whose_class_drifted_toward_the_subject_is_skipped():
-    # class similarity 0.65 is 0.15 above step 0's 0.50 (limit 0.10); 0.58 is 0.08 above
-    history = [BASE, _record(100, 0.50, 0.75, class_similarity=0.58), _record(200, 0.70, 0.85, class_similarity=0.65)]
+    # class similarity 0.75 is 0.25 above step 0's 0.50 (the default limit 0.20); 0.68 is 0.18 above
+    history = [BASE, _record(100, 0.50, 0.75, class_similarity=0.68), _record(200, 0.70, 0.85, class_similarity=0.75)]
     assert choose(history).step == 100
-    assert choose(history, ChoiceRule(class_tolerance=0.20)).step == 200
+    assert choose(history, ChoiceRule(class_tolerance=0.30)).step == 200
+    assert choose(history, ChoiceRule(class_tolerance=0.10)).step is None  # neither within 0.10
 
 
 def test_analyzer_records_with_only_subject():
     history = [{"step": 0, "subject": 0.10, "class_similarity": 0.30},
                {"step": 100, "subject": 0.50, "class_similarity": 0.35},
-               {"step": 200, "subject": 0.80, "class_similarity": 0.45},  # drifted 0.15
+               {"step": 200, "subject": 0.80, "class_similarity": 0.55},  # drifted 0.25
                {"step": 300, "subject": 0.60, "class_similarity": 0.38}]
     assert ChoiceRule().subject_fidelity(history[1]) == 0.50
     assert choose(history) == Choice(step=300, validations_since_best=0)

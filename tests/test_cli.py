@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from conftest import sample, training_argv
 from dreambooth_moslora import load_moslora
 from dreambooth_moslora.verbs.cli import main
-from helpers import write_images
+from helpers import write_images, write_two_subjects
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -149,6 +149,17 @@ def test_two_processes_train_the_text_side_against_the_base_model_prior(tmp_path
     done = _train_in_two_processes(argv, port=29534, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "out" / "trigger_embedding.safetensors").is_file()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo over localhost")
+def test_two_processes_train_two_subjects_from_a_dataset_file(tiny_sdxl_dir, tmp_path):
+    """Each process's share of every epoch holds other concepts: base-model prior, masks, a shared class set."""
+    argv = ["--pretrained_model_name_or_path", str(tiny_sdxl_dir), "--dataset_config",
+            str(write_two_subjects(tmp_path)), "--output_dir", str(tmp_path / "out"), "--resolution", "64",
+            "--report_to", "none", "--max_train_steps", "3", "--train_batch_size", "2"]
+    done = _train_in_two_processes(argv, port=29535, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("trained 3 steps") == 1
 
 
 def _train_in_two_processes(argv, port: int, timeout: int) -> subprocess.CompletedProcess:

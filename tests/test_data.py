@@ -12,8 +12,9 @@ from dreambooth_moslora.trainer.data import (
     bucket_sizes,
     center_sample,
     draw_sample,
+    Subject,
+    TrainingSet,
     epoch_batches,
-    epoch_examples,
     image_files,
     load_rgb,
     nearest_bucket,
@@ -136,14 +137,16 @@ def test_epoch_batches_come_from_one_bucket_and_depend_only_on_seed_and_epoch(tm
 def test_prior_epochs_pair_instances_with_rotating_class_images(tmp_path):
     instance = [Example(tmp_path / f"i{i}.png", "x", (64, 64), (64, 64)) for i in range(2)]
     classes = [Example(tmp_path / f"c{i}.png", "y", (64, 64), (64, 64), is_class=True) for i in range(5)]
-    first, second = (epoch_examples(instance, classes, repeats=2, epoch=e) for e in (0, 1))
+    training_set = TrainingSet((Subject(tuple(instance), repeats=2, class_set=0),), (tuple(classes),))
+    first, second = (training_set.epoch(e) for e in (0, 1))
     assert sum(e.is_class for e in first) == 4 and sum(not e.is_class for e in first) == 4
     assert {e.path.name for e in first + second if e.is_class} == {f"c{i}.png" for i in range(5)}
 
 
 def test_processes_get_disjoint_equal_shares(tmp_path):
     examples = [Example(tmp_path / f"{i}.png", "x", (64, 64), (64, 64)) for i in range(5)]
-    take = lambda rank: [b for _, b in zip(range(2), process_micro_batches(examples, [], 1, 1, 0, 2, rank))]
+    take = lambda rank: [b for _, b in zip(range(2), process_micro_batches(
+        TrainingSet((Subject(tuple(examples)),)), 1, 0, 2, rank))]
     first, second = take(0), take(1)
     assert len(first) == len(second) == 2
     assert not {e.path for _, b in first for e in b} & {e.path for _, b in second for e in b}

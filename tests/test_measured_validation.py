@@ -115,3 +115,26 @@ def test_keep_best_without_measured_validation_is_refused():
     with pytest.raises(UserInputError, match="--keep best and --early_stopping_patience"):
         parse_args(["--pretrained_model_name_or_path", "stabilityai/stable-diffusion-xl-base-1.0",
                     "--instance_data_dir", "d", "--instance_prompt", "a photo of sks dog", "--keep", "best"])
+
+
+def test_a_validation_concepts_held_out_photos_are_what_samples_are_measured_against(tiny_sdxl_dir, tmp_path,
+                                                                                     feature_models, monkeypatch):
+    write_images(tmp_path / "dog", sizes=((64, 64),) * 2)
+    write_images(tmp_path / "held-out", sizes=((48, 40),), seed=5)  # a size no training photo has
+    (tmp_path / "dataset.toml").write_text('[[concept]]\nimage_dir = "dog"\ninstance_prompt = "a photo of sks dog"\n'
+                                           '[[concept]]\nrole = "validation"\nimage_dir = "held-out"\n')
+    references, measure = [], validation_metrics.FeatureModels.measure
+
+    def recording(self, samples, prompts, instance_images):
+        references.append({image.size for image in instance_images})
+        return measure(self, samples, prompts, instance_images)
+
+    monkeypatch.setattr(validation_metrics.FeatureModels, "measure", recording)
+    dino, clip = feature_models
+    train_module.train(parse_args([
+        "--pretrained_model_name_or_path", str(tiny_sdxl_dir), "--dataset_config", str(tmp_path / "dataset.toml"),
+        "--output_dir", str(tmp_path / "out"), "--resolution", "64", "--report_to", "none", "--max_train_steps", "1",
+        "--validation_prompt", "a photo of sks dog on the moon", "--validation_steps", "1",
+        "--num_validation_images", "1", "--num_inference_steps", "1", "--validation_dino_model", str(dino),
+        "--validation_clip_model", str(clip)]))
+    assert references and all(sizes == {(48, 40)} for sizes in references)

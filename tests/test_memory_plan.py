@@ -9,7 +9,7 @@ from dreambooth_moslora.trainer import setup as trainer_setup
 from dreambooth_moslora.trainer import train as train_module
 from dreambooth_moslora.trainer.arguments import parse_args
 from dreambooth_moslora.trainer.memory_plan import LiveTensorBytes, PlanSettings, model_configs, plan_memory
-from helpers import write_images
+from helpers import write_images, write_two_subjects
 
 MINI_SDXL = Path(__file__).resolve().parents[1] / "assets" / "mini-sdxl"
 
@@ -82,6 +82,19 @@ def test_the_plan_verb_breaks_the_peak_down_and_marks_the_presets(tiny_sdxl_dir,
                  "text encoders kept off the accelerator once cached", "| bf16 + gradient checkpointing |"):
         assert line in out, line
     assert out.count("| ✓ | ✓ | ✓ | ✓ |") == 5  # the tiny model fits everywhere
+
+
+def test_the_plan_verb_reads_a_dataset_files_photos(tiny_sdxl_dir, tmp_path, capsys):
+    from dreambooth_moslora.verbs.cli import main
+
+    assert main(["plan", "--pretrained_model_name_or_path", str(tiny_sdxl_dir), "--resolution", "64",
+                 "--dataset_config", str(write_two_subjects(tmp_path)), "--center_crop"]) == 0
+    assert "cached latents and prompts (3 images)" in capsys.readouterr().out  # the dog's two photos, the cat's one
+    from dreambooth_moslora.trainer.memory_plan import plan_settings
+
+    args = parse_args(["--pretrained_model_name_or_path", str(tiny_sdxl_dir), "--dataset_config",
+                       str(tmp_path / "dataset.toml")])
+    assert plan_settings(args).base_model_prior  # the dog's prior: a second UNet pass in the planned step
 
 
 def test_checkpointing_and_caching_change_the_plan_as_they_change_a_step(tiny_sdxl_dir):

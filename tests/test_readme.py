@@ -93,3 +93,27 @@ def test_every_training_option_is_documented():
     options = [o for action in build_parser()._actions for o in action.option_strings if o.startswith("--")]
     missing = [o for o in options if o != "--help" and f"`{o}`" not in text]
     assert not missing, f"docs/training.md does not document {missing}"
+
+
+def test_the_dataset_files_of_training_md_read_and_the_translated_kohya_file_trains(tmp_path, tiny_sdxl_dir,
+                                                                                   fresh_accelerate):
+    from dreambooth_moslora.trainer.arguments import parse_args
+    from dreambooth_moslora.trainer.dataset_config import load_dataset_config
+    from dreambooth_moslora.trainer.train import train
+    from helpers import write_images
+
+    example = tmp_path / "example"
+    for folder in ("photos/dog", "photos/cat", "class/cat", "held-out/dog"):
+        write_images(example / folder, sizes=((64, 64),))
+    (example / "dataset.toml").write_text(readme_block("example: dataset-file"))
+    assert [c.role for c in load_dataset_config(example / "dataset.toml").concepts] == [
+        "instance", "instance", "class", "validation"]
+
+    for seed, folder in enumerate(("train/dog", "train/cat", "reg/animal")):
+        write_images(tmp_path / folder, sizes=((64, 64), (64, 80)), seed=seed)
+    (tmp_path / "kohya.toml").write_text(readme_block("example: kohya-dataset"))
+    result = train(parse_args(["--pretrained_model_name_or_path", str(tiny_sdxl_dir), "--dataset_config",
+                               str(tmp_path / "kohya.toml"), "--output_dir", str(tmp_path / "out"), "--resolution",
+                               "64", "--train_batch_size", "2", "--max_train_steps", "2", "--report_to", "none"]))
+    assert result.steps == 2
+    assert "a photo of sks dog; a photo of ohwx cat" in (tmp_path / "out" / "README.md").read_text()

@@ -15,7 +15,7 @@ from dreambooth_moslora.adapter.inject import moslora_parameters
 from dreambooth_moslora.trainer import train as train_module
 from dreambooth_moslora.trainer.arguments import parse_args
 from dreambooth_moslora.trainer.train import TrainingDiverged, train
-from helpers import write_images
+from helpers import write_images, write_two_subjects
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
@@ -51,14 +51,44 @@ def test_an_interrupted_run_resumed_is_the_straight_run(tiny_sdxl_dir, subject, 
     # the same command, stopped after step 2 (as Ctrl-C or a crash leaves it), then resumed
     stop_after_two = train_module.TrainingLoop.run
 
-    def interrupted(self, instance, classes, global_step, max_steps, stop, save):
-        return stop_after_two(self, instance, classes, global_step, 2, stop, save)
+    def interrupted(self, training_set, global_step, max_steps, stop, save):
+        return stop_after_two(self, training_set, global_step, 2, stop, save)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train_module.TrainingLoop, "run", interrupted)
         run(tiny_sdxl_dir, subject, tmp_path / "split", *options, "--max_train_steps", "4", steps=None)
     resumed = run(tiny_sdxl_dir, subject, tmp_path / "split", *options, "--max_train_steps", "4",
                   "--resume_from_checkpoint", "latest", steps=None)
+    assert resumed.losses == pytest.approx(straight.losses[2:], rel=1e-6)
+    a, b = (load_file(tmp_path / d / "moslora.safetensors") for d in ("straight", "split"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+
+
+def test_a_multi_concept_run_resumed_is_the_straight_run(tiny_sdxl_dir, tmp_path):
+    """Two subjects, repeats, a base-model prior, masks and a shared class concept, with random crops, flips and
+    EMA: a file's run stopped after step 2 and resumed is the straight run."""
+    dataset = write_two_subjects(tmp_path)
+
+    def argv(output, *extra):
+        return ["--pretrained_model_name_or_path", str(tiny_sdxl_dir), "--output_dir", str(tmp_path / output),
+                "--dataset_config", str(dataset), "--resolution", "64", "--learning_rate", "1e-3",
+                "--report_to", "none", "--max_train_steps", "4", "--checkpointing_steps", "2", "--random_flip",
+                "--train_batch_size", "2", "--lr_scheduler", "cosine", "--use_ema", *extra]
+
+    def run_file(*args):
+        result = train(parse_args(argv(*args)))
+        AcceleratorState._reset_state(reset_partial_state=True)
+        return result
+
+    straight = run_file("straight")
+    stop_after_two = train_module.TrainingLoop.run
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_module.TrainingLoop, "run", lambda self, data, step, _, stop, save: stop_after_two(
+            self, data, step, 2, stop, save))
+        run_file("split")
+    resumed = run_file("split", "--resume_from_checkpoint", "latest")
     assert resumed.losses == pytest.approx(straight.losses[2:], rel=1e-6)
     a, b = (load_file(tmp_path / d / "moslora.safetensors") for d in ("straight", "split"))
     assert a.keys() == b.keys()

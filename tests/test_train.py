@@ -1,4 +1,5 @@
 import math
+from collections import Counter
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from dreambooth_moslora.adapter.errors import UserInputError
 from dreambooth_moslora.adapter.inject import moslora_layers
 from dreambooth_moslora.trainer.arguments import parse_args
 from dreambooth_moslora.trainer.train import TrainingDiverged, train
-from helpers import record_training_dtypes, write_images
+from helpers import record_training_dtypes, write_images, write_two_subjects
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
@@ -242,3 +243,48 @@ def test_adamw_takes_the_fused_kernel_for_the_adapter_and_text_encoders(tiny_sdx
     (optimizer,) = built
     assert optimizer.defaults["fused"] and len(optimizer.param_groups) == 2
     assert all(math.isfinite(l) for l in result.losses)
+
+
+def test_two_subjects_train_into_one_adapter_each_with_its_trigger(tiny_sdxl_dir, tmp_path, monkeypatch):
+    import dreambooth_moslora.trainer.train as training
+
+    seen, original = [], training.TrainingLoop.micro_step
+
+    def recording(self, number, examples, *rest):
+        seen.extend(e.caption for e in examples)
+        return original(self, number, examples, *rest)
+
+    monkeypatch.setattr(training.TrainingLoop, "micro_step", recording)
+    argv = ["--pretrained_model_name_or_path", str(tiny_sdxl_dir), "--output_dir", str(tmp_path / "out"),
+            "--max_train_steps", "5", "--train_batch_size", "2", "--dataset_config", str(write_two_subjects(tmp_path)),
+            "--resolution", "64", "--learning_rate", "1e-3", "--report_to", "none"]
+    result = train(parse_args(argv))
+    # one epoch: the dog's 2 photos twice and their 4 prior examples, the cat's photo and one class image: 5 batches
+    assert result.steps == 5 and all(math.isfinite(l) for l in result.losses)
+    assert Counter(seen) == {"a photo of sks dog": 4, "a photo of dog": 4, "a photo of zwx cat": 1,
+                             "a photo of a cat": 1}
+    assert "a photo of sks dog; a photo of zwx cat" in (tmp_path / "out" / "README.md").read_text()
+    assert any(k.endswith("lora_B.weight") and v.abs().max() > 0
+               for k, v in load_file(tmp_path / "out" / "moslora.safetensors").items())
+
+
+def test_the_flags_file_trains_as_the_flags_do_and_its_loss_weight_scales_the_loss(tiny_sdxl_dir, subject, tmp_path,
+                                                                                      capsys, fresh_accelerate):
+    from accelerate.state import AcceleratorState
+
+    flags = run(tiny_sdxl_dir, subject, tmp_path / "flags", "--max_train_steps", "2", "--repeats", "2").losses
+    AcceleratorState._reset_state(reset_partial_state=True)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        parse_args(training_argv(tiny_sdxl_dir, subject, tmp_path / "x", "--repeats", "2", "--print_dataset_config"))
+    printed = capsys.readouterr().out
+    losses = {}
+    for weight in (1.0, 3.0):
+        (tmp_path / f"{weight}.toml").write_text(printed.replace("loss_weight = 1.0", f"loss_weight = {weight}"))
+        argv = ["--pretrained_model_name_or_path", str(tiny_sdxl_dir), "--output_dir", str(tmp_path / str(weight)),
+                "--dataset_config", str(tmp_path / f"{weight}.toml"), "--resolution", "64", "--learning_rate", "1e-3",
+                "--report_to", "none", "--max_train_steps", "2"]
+        losses[weight] = train(parse_args(argv)).losses
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert losses[1.0] == flags  # the same run, to the bit
+    assert losses[3.0][0] == pytest.approx(3 * flags[0], rel=1e-6)  # step 1; Adam's steps then differ slightly

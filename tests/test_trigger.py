@@ -122,7 +122,7 @@ def test_resume_continues_the_trigger_exactly(subject, tmp_path):
 
 
 def test_a_trigger_outside_the_prompt_or_the_vocabulary_is_refused(tiny_sdxl_dir, subject, tmp_path):
-    with pytest.raises(UserInputError, match="not a word of --instance_prompt"):
+    with pytest.raises(UserInputError, match="not a word of the instance prompt"):
         parse_args(training_argv(MINI_SDXL, subject, tmp_path / "out", "--train_trigger_embedding", "zwx"))
     with pytest.raises(UserInputError, match="3 tokens"):  # the tiny model's tokenizer spells "sks" s, k, s
         run(tiny_sdxl_dir, subject, tmp_path / "out", "--max_train_steps", "1")

@@ -14,6 +14,7 @@ from ..adapter.errors import UserInputError
 from ..adapter.io import KOHYA_UNET_MODULES, kohya_exportable
 from ..pipeline.metrics import DEFAULT_CLIP, DEFAULT_DINO
 from ..pipeline.models import check_base_model
+from .dataset_config import DATA_FLAGS, dataset_from_args, dataset_toml
 from .diffusers_options import add_diffusers_options, apply_diffusers_options
 from .parser import CommandParser
 from .prompt_words import has_trigger_word, prompt_words, read_prompts
@@ -24,8 +25,8 @@ DEFAULT_MAX_TRAIN_STEPS = 500
 PRIOR_MODES = ("class_images", "base_model")
 
 
-def build_parser(prog: str | None = None, needs_data: bool = True) -> argparse.ArgumentParser:
-    """train's options; `plan` takes the same ones without needing the photos (needs_data=False)."""
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """train's options; `plan` takes the same ones (validate_args with needs_data=False: no photos needed)."""
     parser = CommandParser(
         prog=prog, description="DreamBooth fine-tuning of Stable Diffusion XL with a MoSLoRA adapter."
     )
@@ -42,9 +43,14 @@ def build_parser(prog: str | None = None, needs_data: bool = True) -> argparse.A
     model.add_argument("--variant", default=None, help="weights variant to load, e.g. fp16")
 
     data = parser.add_argument_group("data")
-    data.add_argument("--instance_data_dir", required=needs_data, help="folder with 3-20 photos of the subject")
-    data.add_argument("--instance_prompt", required=needs_data,
+    data.add_argument("--instance_data_dir", help="folder with 3-20 photos of the subject")
+    data.add_argument("--instance_prompt",
                       help="prompt with the trigger token, e.g. 'a photo of sks dog'; a same-named .txt beside an image overrides it")
+    data.add_argument("--dataset_config", metavar="FILE", default=None,
+                      help="a TOML file of concepts (several subjects, class sets, repeats, held-out photos) in "
+                           "place of the single-folder data options")
+    data.add_argument("--print_dataset_config", action="store_true",
+                      help="print the dataset file these options mean and exit (a start for a file of your own)")
     data.add_argument("--resolution", type=int, default=1024, help="training side length in pixels (default 1024)")
     data.add_argument("--center_crop", action="store_true",
                       help="crop at the centre instead of at a random place drawn every step")
@@ -174,7 +180,7 @@ def build_parser(prog: str | None = None, needs_data: bool = True) -> argparse.A
                                "the mini world's measure, offline")
     measured.add_argument("--validation_prompt_tolerance", type=float, default=0.10,
                           help="a chosen step's prompt fidelity (CLIP-T) may fall at most this fraction below step 0's")
-    measured.add_argument("--validation_class_tolerance", type=float, default=0.10,
+    measured.add_argument("--validation_class_tolerance", type=float, default=0.20,
                           help="a chosen step's class samples may move at most this much closer to your photos than "
                                "step 0's (class drift)")
     measured.add_argument("--keep", choices=("last", "best"), default="last",
@@ -224,19 +230,29 @@ def validate_args(args: argparse.Namespace, needs_data: bool = True) -> argparse
     if args.report_to != "none" and importlib.util.find_spec(args.report_to) is None:
         raise UserInputError(f"--report_to {args.report_to} needs the {args.report_to} package: "
                              f"pip install {args.report_to} (or --report_to none)")
-    if needs_data and not has_trigger_word(args.instance_prompt, args.class_prompt):
-        logger.warning("every word of --instance_prompt %r is an ordinary word: the subject gets no name of its own "
-                       "and those words will draw it; add a rare trigger word, e.g. 'a photo of sks dog'",
-                       args.instance_prompt)
-    if needs_data and args.train_trigger_embedding and args.train_trigger_embedding.lower() not in prompt_words(args.instance_prompt):
+    parser = build_parser()
+    args.dataset = (dataset_from_args(args, {name: parser.get_default(name) for name in DATA_FLAGS})
+                    if needs_data or args.dataset_config else None)
+    for prompt, class_prompt in _subject_prompts(args.dataset):
+        if not has_trigger_word(prompt, class_prompt):
+            logger.warning("every word of the instance prompt %r is an ordinary word: the subject gets no name of its "
+                           "own and those words will draw it; add a rare trigger word, e.g. 'a photo of sks dog'",
+                           prompt)
+    prompts = [prompt for prompt, _ in _subject_prompts(args.dataset)]
+    if prompts and args.train_trigger_embedding and not any(
+            args.train_trigger_embedding.lower() in prompt_words(p) for p in prompts):
         raise UserInputError(f"--train_trigger_embedding {args.train_trigger_embedding!r} is not a word of "
-                             f"--instance_prompt {args.instance_prompt!r}")
+                             f"the instance prompt {' or '.join(map(repr, prompts))}")
     args.target_modules = tuple(t.strip() for t in args.target_modules.split(",") if t.strip())
     outside = [t for t in args.target_modules if not kohya_exportable(t)]
     if outside:
         raise UserInputError(f"--target_modules {','.join(outside)} is outside the UNet's attention blocks, which "
                              f"the kohya export written at the end needs; use names among {','.join(KOHYA_UNET_MODULES)}")
     return args
+
+
+def _subject_prompts(dataset) -> list[tuple[str, str | None]]:
+    return [(c.instance_prompt, c.class_prompt) for c in dataset.of_role("instance")] if dataset else []
 
 
 def check_at_least_one(args: argparse.Namespace, names):
@@ -266,4 +282,9 @@ def low_memory_precision() -> str:
 
 
 def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
-    return validate_args(build_parser(prog).parse_args(argv))
+    """The checked options; --print_dataset_config prints its file and exits here, as --help does."""
+    args = validate_args(build_parser(prog).parse_args(argv))
+    if args.print_dataset_config:
+        print(dataset_toml(args.dataset), end="")
+        raise SystemExit(0)
+    return args

@@ -31,7 +31,7 @@ class ChoiceRule:
     """Highest subject fidelity among steps that keep prompt fidelity and the class."""
 
     prompt_tolerance: float = 0.10  # a step's clip_t may fall at most this fraction below step 0's
-    class_tolerance: float = 0.10  # class_similarity may rise at most this much (absolute) above step 0's
+    class_tolerance: float = 0.20  # class_similarity may rise at most this much (absolute) above step 0's
 
     def subject_fidelity(self, record: dict) -> float | None:
         """Mean of the subject measures present; None when there is none, so the step cannot be ranked."""

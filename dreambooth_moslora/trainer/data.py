@@ -39,6 +39,10 @@ class Example:
     is_class: bool = False
     mask: Path | None = None
     """Where its loss mask comes from: a mask file, or the image itself for its alpha channel (masks.py)."""
+    loss_weight: float = 1.0
+    """Its concept's weight in the loss (the prior's for class examples)."""
+    base_model_target: bool = False
+    """A base-model prior example: its target is the frozen base model's own prediction (prior.py)."""
 
 
 @dataclass(frozen=True)
@@ -108,9 +112,10 @@ def nearest_bucket(size: tuple[int, int], buckets) -> tuple[int, int]:
 
 
 def read_examples(folder, default_caption: str, resolution: int, bucketing: bool, is_class=False,
-                  find_mask=None) -> list[Example]:
+                  find_mask=None, caption_extension: str | None = ".txt", loss_weight: float = 1.0) -> list[Example]:
     """Every readable image of a folder; a corrupt one is skipped with a warning naming it. `find_mask(path)` gives
-    each image's mask source (masks.mask_finder)."""
+    each image's mask source (masks.mask_finder); a caption file (`caption_extension`, None for none) beside an
+    image is its caption."""
     buckets = bucket_sizes(resolution) if bucketing else [(resolution, resolution)]
     examples = []
     for path in image_files(folder):
@@ -119,11 +124,12 @@ def read_examples(folder, default_caption: str, resolution: int, bucketing: bool
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
             logger.warning("skipping %s: not a readable image (%s)", path, error)
             continue
-        caption_file = path.with_suffix(".txt")
-        caption = caption_file.read_text(encoding="utf-8").strip() if caption_file.is_file() else default_caption
+        caption_file = path.with_suffix(caption_extension) if caption_extension else None
+        caption = caption_file.read_text(encoding="utf-8").strip() if caption_file and caption_file.is_file() else ""
         size = (height, width)
         mask = find_mask(path) if find_mask else None
-        examples.append(Example(path, caption or default_caption, size, nearest_bucket(size, buckets), is_class, mask))
+        examples.append(Example(path, caption or default_caption, size, nearest_bucket(size, buckets), is_class, mask,
+                                loss_weight))
     if not examples:
         raise UserInputError(f"no readable images in {folder}")
     return examples
@@ -196,26 +202,51 @@ def epoch_batches(examples: list[Example], batch_size: int, seed: int, epoch: in
     return batches
 
 
-def epoch_examples(instance: list[Example], classes: list[Example], repeats: int, epoch: int) -> list[Example]:
-    """Instance images `repeats` times, plus as many class images, rotating through all of them over epochs."""
-    examples = instance * repeats
-    if classes:
-        start = epoch * len(examples)
-        examples = examples + [classes[(start + i) % len(classes)] for i in range(len(examples))]
-    return examples
+@dataclass(frozen=True)
+class Subject:
+    """One instance concept's examples, each shown `repeats` times an epoch; `class_set` indexes the class examples
+    that keep its class (None: nothing does)."""
+
+    examples: tuple[Example, ...]
+    repeats: int = 1
+    class_set: int | None = None
 
 
-def process_micro_batches(
-    instance: list[Example], classes: list[Example], repeats: int, batch_size: int, seed: int,
-    num_processes: int, process_index: int,
-):
+@dataclass(frozen=True)
+class TrainingSet:
+    """What trains: the subjects, and the class sets that keep their classes.
+
+    An epoch holds each subject's images × repeats and, from each class set, as many class examples as the subject
+    images it serves, rotating through the set over epochs (DreamBooth's and kohya's balance). Batches therefore
+    draw the subjects in proportion to images × repeats.
+    """
+
+    subjects: tuple[Subject, ...]
+    class_sets: tuple[tuple[Example, ...], ...] = ()
+
+    def examples(self) -> list[Example]:
+        """Every distinct example once (what is cached and planned for)."""
+        every = [e for s in self.subjects for e in s.examples] + [e for c in self.class_sets for e in c]
+        return list(dict.fromkeys(every))
+
+    def epoch(self, epoch: int) -> list[Example]:
+        examples = [e for s in self.subjects for e in list(s.examples) * s.repeats]
+        for index, classes in enumerate(self.class_sets):
+            served = sum(len(s.examples) * s.repeats for s in self.subjects if s.class_set == index)
+            start = epoch * served
+            examples += [classes[(start + i) % len(classes)] for i in range(served)]
+        return examples
+
+
+def process_micro_batches(training_set: TrainingSet, batch_size: int, seed: int, num_processes: int,
+                          process_index: int):
     """This process's endless stream of (micro-batch number, examples), epoch after epoch.
 
     Every process gets the same number of batches per epoch (the remainder is dropped), so none waits on another.
     """
     number, epoch = 0, 0
     while True:
-        examples = epoch_examples(instance, classes, repeats, epoch)
+        examples = training_set.epoch(epoch)
         batches = epoch_batches(examples, batch_size, seed, epoch)
         per_process = len(batches) // num_processes
         if per_process == 0:

@@ -47,10 +47,10 @@ class MeasuredValidation:
     def __init__(self, args, feature_models: FeatureModels, resumed_step: int):
         self.args, self.feature_models = args, feature_models
         self.folder = Path(args.output_dir) / "validation"
+        subject = args.dataset.measured_subject()
         self.prompts: list[ValidationPrompt] = validation_prompts(
-            args.instance_prompt, [args.validation_prompt], args.class_prompt if args.with_prior_preservation else None,
-            trigger_words=None)
-        self.instance_paths = image_files(args.instance_data_dir)
+            subject.instance_prompt, [args.validation_prompt], subject.class_prompt, trigger_words=None)
+        self.instance_paths = image_files(subject.reference_dir)
         self.instance_images = [load_rgb(p) for p in self.instance_paths]
         self.rule = ChoiceRule(args.validation_prompt_tolerance, args.validation_class_tolerance)
         self.history = read_metrics(self.folder / METRICS_FILE, up_to_step=resumed_step)

@@ -420,7 +420,8 @@ def plan_settings(args, examples=None, class_examples: int = 0, mixed_precision:
         cache_prompts=args.cache_prompts, vae_fp16_safe=bool(args.pretrained_vae_model_name_or_path),
         base_weights_fp8=args.base_weights_dtype == "fp8", cached_images=cached_images,
         lora_dropout=args.lora_dropout, ema_on_accelerator=args.use_ema and args.ema_device != "cpu",
-        base_model_prior=args.with_prior_preservation and args.prior_preservation_mode == "base_model")
+        base_model_prior=args.dataset.base_model_prior if args.dataset else
+        args.with_prior_preservation and args.prior_preservation_mode == "base_model")
 
 
 def planned_class_examples(args, instance_count: int) -> int:

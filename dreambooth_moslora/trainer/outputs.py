@@ -89,7 +89,8 @@ def write_outputs(args, output_dir, adapted, steps, images, measured=None) -> li
     """The adapter files (the chosen step's with --keep best), then the model card."""
     files = (measured.keep_best(output_dir) if measured and args.keep == "best" else []) \
         or adapter_files(args, output_dir, adapted)
-    card = model_card(model_reference(args.pretrained_model_name_or_path), args.instance_prompt,
+    prompts = "; ".join(args.dataset.instance_prompts)
+    card = model_card(model_reference(args.pretrained_model_name_or_path), prompts,
                       moslora_config(adapted["unet"]), steps, args.train_text_encoder, args.validation_prompt, images,
                       output_dir, ema_decay=args.ema_decay if args.use_ema else None,
                       model_config=args.model_config and str(Path(args.model_config).expanduser().resolve()),

@@ -57,16 +57,16 @@ def missing_class_indices(folder, wanted: int) -> list[int]:
 
 
 def base_model_prior_examples(instance: list[Example], instance_prompt: str, class_prompt: str,
-                              class_prompts: list[str] | None = None) -> list[Example]:
+                              class_prompts: list[str] | None = None, loss_weight: float = 1.0) -> list[Example]:
     """The instance images as class examples. Captioned with the class prompts when there are several (image
     i mod n with prompt i, one example per prompt); else each with its own caption less the trigger words (see
     trigger_words: ordinary words stay even when the class prompt lacks them, so "dog" survives a class prompt
-    that says "puppy"): "a photo of sks dog on a beach" → "a photo of dog on a beach"."""
+    that says "puppy"): "a photo of sks dog on a beach" → "a photo of dog on a beach". Each weighs loss_weight."""
+    prior = dict(is_class=True, mask=None, loss_weight=loss_weight, base_model_target=True)
     if class_prompts:
-        return [replace(instance[i % len(instance)], caption=prompt, is_class=True, mask=None)
-                for i, prompt in enumerate(class_prompts)]
+        return [replace(instance[i % len(instance)], caption=prompt, **prior) for i, prompt in enumerate(class_prompts)]
     trigger = trigger_words(instance_prompt, class_prompt)
-    return [replace(e, caption=without_words(e.caption, trigger), is_class=True, mask=None) for e in instance]
+    return [replace(e, caption=without_words(e.caption, trigger), **prior) for e in instance]
 
 
 def without_words(caption: str, words: set[str]) -> str:

@@ -17,10 +17,10 @@ from ..adapter.trigger import install_trigger_embedding, trigger_parameters, tri
 from ..pipeline.models import (decoding_outside_autocast, enable_text_encoder_checkpointing, load_base_models,
                                native_resolution, place_models, sdxl_pipeline)
 from .caching import cache_latent_distributions, cache_prompt_embeddings
-from .data import epoch_batches, epoch_examples, read_examples
+from .data import epoch_batches
 from .fp8 import store_frozen_weights_in_fp8
 from .memory_plan import CUDA_RESERVE, GIB, configs_of, plan_memory, plan_settings, planned_class_examples
-from .prior import base_model_prior_examples, generate_class_images, missing_class_indices
+from .prior import generate_class_images, missing_class_indices
 
 logger = logging.getLogger(__name__)
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
@@ -69,23 +69,18 @@ def _warn_about_resolution(resolution: int, models, name: str):
                        "above it, much slower steps", resolution, native, name)
 
 
-def class_examples(args, accelerator, models, instance):
-    """The class images, generating the missing ones with the base pipeline first (processes share the work).
-
-    With the base-model prior there are no class images: see base_model_prior_examples.
-    """
-    if args.prior_preservation_mode == "base_model":
-        return base_model_prior_examples(instance, args.instance_prompt, args.class_prompt, args.class_prompts)
-    missing = missing_class_indices(args.class_data_dir, args.num_class_images)
+def generate_missing_class_images(args, accelerator, models, concept):
+    """A concept's missing class images, made with the base pipeline (processes share the work)."""
+    missing = missing_class_indices(concept.class_data_dir, concept.num_class_images)
     if missing:
-        logger.info("generating %d class images for %r", len(missing), args.class_prompt)
+        logger.info("generating %d class images for %r", len(missing), concept.class_prompt)
         with accelerator.split_between_processes(missing) as mine, accelerator.autocast(), \
                 decoding_outside_autocast(models.vae):
-            generate_class_images(sdxl_pipeline(models), args.class_data_dir, args.class_prompts or [args.class_prompt],
-                                  mine, args.sample_batch_size, args.resolution, args.num_inference_steps, args.seed,
+            generate_class_images(sdxl_pipeline(models), concept.class_data_dir,
+                                  list(concept.class_prompts) or [concept.class_prompt], mine, args.sample_batch_size,
+                                  args.resolution, args.num_inference_steps, args.seed,
                                   show_progress=accelerator.is_local_main_process)
         accelerator.wait_for_everyone()
-    return read_examples(args.class_data_dir, args.class_prompt, args.resolution, args.bucketing, is_class=True)
 
 
 def inject_adapters(args, models) -> dict:
@@ -152,9 +147,8 @@ def _fused_kernel_available(groups) -> bool:
     return all(p.device.type in ("cpu", "cuda") for group in groups for p in group["params"])
 
 
-def micro_batches_per_epoch(args, instance, classes, num_processes) -> int:
-    examples = epoch_examples(instance, classes, args.repeats, 0)
-    return len(epoch_batches(examples, args.train_batch_size, args.seed, 0)) // num_processes
+def micro_batches_per_epoch(args, training_set, num_processes) -> int:
+    return len(epoch_batches(training_set.epoch(0), args.train_batch_size, args.seed, 0)) // num_processes
 
 
 def build_caches(args, accelerator, models, examples, settings, samples: int):

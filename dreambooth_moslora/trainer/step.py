@@ -16,13 +16,12 @@ from .masks import loss_weights
 
 @dataclass(frozen=True)
 class LossSettings:
-    """The options that shape the loss, as `train` takes them."""
+    """The options that shape the loss, as `train` takes them (each sample's weight comes with it: StepInputs)."""
 
-    prior_loss_weight: float = 1.0
     snr_gamma: float | None = None
     unmasked_weight: float = 0.0
     base_model_prior: bool = False
-    """Class examples' target is the frozen base model's own prediction (a second, gradient-free UNet pass)."""
+    """Some examples' target is the frozen base model's own prediction (a second, gradient-free UNet pass)."""
 
 
 @dataclass
@@ -33,8 +32,11 @@ class StepInputs:
     prompt_embeds: torch.Tensor
     pooled: torch.Tensor
     time_ids: torch.Tensor
-    is_class: list[bool]
+    base_model_target: list[bool]
+    """Which samples' target is the base model's prediction (the base-model prior's class examples)."""
     masks: torch.Tensor | None = None
+    loss_weights: list[float] | None = None
+    """Each sample's weight: its concept's, or the prior's for a class example; None weighs all 1."""
 
 
 def predict(unet, noisy, timesteps, prompt_embeds, pooled, time_ids, dtype: torch.dtype) -> torch.Tensor:
@@ -48,20 +50,21 @@ def denoising_loss(unet, noise_scheduler, inputs: StepInputs, settings: LossSett
     """The mean weighted loss of the micro-batch. With the base-model prior, `base_unet` (the UNet unwrapped from
     any DDP wrapper) predicts the class examples' target with its adapter off, from `base_prompt()`'s embeddings
     when the text encoders are trained (else the step's own)."""
+    batch = inputs.latents.shape[0]
     noisy = noise_scheduler.add_noise(inputs.latents, inputs.noise, inputs.timesteps)
     prediction = predict(unet, noisy, inputs.timesteps, inputs.prompt_embeds, inputs.pooled, inputs.time_ids, dtype)
     target = diffusion_target(noise_scheduler, inputs.latents, inputs.noise, inputs.timesteps)
     device = prediction.device
-    is_class = torch.tensor(inputs.is_class, device=device)
-    if settings.base_model_prior and any(inputs.is_class):
-        target = torch.where(is_class[:, None, None, None],
+    base_target = torch.tensor(inputs.base_model_target, device=device)
+    if settings.base_model_prior and any(inputs.base_model_target):
+        target = torch.where(base_target[:, None, None, None],
                              _base_prediction(base_unet or unet, noisy, inputs, dtype, base_prompt).to(target.dtype),
                              target)
     errors = F.mse_loss(prediction.float(), target.float(), reduction="none")
     if inputs.masks is not None:
         errors = errors * loss_weights(inputs.masks.to(device), errors.shape[-2:], settings.unmasked_weight)
     per_sample = errors.mean(dim=(1, 2, 3))
-    weights = torch.where(is_class, settings.prior_loss_weight, 1.0) * min_snr_weights(
+    weights = torch.tensor(inputs.loss_weights or [1.0] * batch, device=device) * min_snr_weights(
         noise_scheduler.alphas_cumprod, inputs.timesteps, settings.snr_gamma,
         noise_scheduler.config.prediction_type)
     return (per_sample * weights).mean()

@@ -30,17 +30,18 @@ from ..pipeline.models import back_on, decoding_outside_autocast, offload_cached
 from .arguments import DEFAULT_MAX_TRAIN_STEPS
 from .checkpoint import last_good_checkpoint
 from .conditioning import encode_latent_distribution, encode_prompts, micro_conditioning, sample_latents
-from .data import MicroBatches, Sample, keep_as_is, process_micro_batches, read_examples
+from .concepts import read_concepts
+from .data import MicroBatches, Sample, keep_as_is, process_micro_batches
 from .ema import AdapterEMA, adapter_parameters, averaged_weights
 from .interrupt import StopOnInterrupt, ignore_interrupts
-from .masks import mask_finder, render_mask
+from .masks import render_mask
 from .measured_validation import MeasuredValidation, grouped_by_prompt, load_feature_models
 from .memory_plan import plan_settings
 from .output_lock import output_folder_lock
 from .outputs import (DIVERGENCE_ADVICE, TrainingDiverged, adapter_files, check_resume_base, print_summary, resume,
                       write_checkpoint, write_outputs)
-from .setup import (TEXT_ENCODERS, build_caches, build_optimizer, class_examples, micro_batches_per_epoch,
-                    setup_models, training_dtype)
+from .setup import (TEXT_ENCODERS, build_caches, build_optimizer, generate_missing_class_images,
+                    micro_batches_per_epoch, setup_models, training_dtype)
 from .step import LossSettings, StepInputs, denoising_loss
 
 logger = logging.getLogger(__name__)
@@ -75,23 +76,22 @@ def train(args) -> TrainingResult:
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.train_text_encoder)],
         cpu=not torch.accelerator.is_available(),  # so torchrun on CPUs gives gloo processes, not lone ones
     )
-    instance = read_examples(args.instance_data_dir, args.instance_prompt, args.resolution, args.bucketing,
-                             find_mask=mask_finder(args.mask_dir, args.alpha_mask))
-    plan_settings(args, instance)  # refuses --cache_latents with random crops before any model loads
+    data = read_concepts(args.dataset, args.resolution, args.bucketing)
+    plan_settings(args, data.instance_examples)  # refuses --cache_latents with random crops before any model loads
     feature_models = load_feature_models(args) if accelerator.is_main_process else None
     with output_folder_lock(output_dir, enabled=accelerator.is_main_process):
-        return _train(args, accelerator, output_dir, instance, feature_models)
+        return _train(args, accelerator, output_dir, data, feature_models)
 
 
-def _train(args, accelerator, output_dir: Path, instance, feature_models=None) -> TrainingResult:
-    # set up: models, class examples, optimizer and schedule, the run resumed, the caches
+def _train(args, accelerator, output_dir: Path, data, feature_models=None) -> TrainingResult:
+    # set up: models, the training set (class images made), optimizer and schedule, the run resumed, the caches
     check_resume_base(args, output_dir)
-    models, adapted = setup_models(args, accelerator, instance)
-    classes = class_examples(args, accelerator, models, instance) if args.with_prior_preservation else []
+    models, adapted = setup_models(args, accelerator, data.instance_examples)
+    training_set = data.training_set(lambda concept: generate_missing_class_images(args, accelerator, models, concept))
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     optimizer = build_optimizer(args, adapted, accelerator.num_processes)
-    max_steps = _max_steps(args, micro_batches_per_epoch(args, instance, classes, accelerator.num_processes))
+    max_steps = _max_steps(args, micro_batches_per_epoch(args, training_set, accelerator.num_processes))
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
                                  num_training_steps=max_steps)
     prepared = accelerator.prepare(*adapted.values(), optimizer)
@@ -99,8 +99,8 @@ def _train(args, accelerator, output_dir: Path, instance, feature_models=None) -
     ema = AdapterEMA(adapter_parameters(adapted), args.ema_decay,
                      "cpu" if args.ema_device == "cpu" else accelerator.device) if args.use_ema else None
     global_step = resume(args, output_dir, adapted, optimizer, lr_scheduler, ema, accelerator.scaler, max_steps)
-    settings = plan_settings(args, instance + classes, mixed_precision=accelerator.mixed_precision)
-    caches = build_caches(args, accelerator, models, instance + classes, settings,
+    settings = plan_settings(args, training_set.examples(), mixed_precision=accelerator.mixed_precision)
+    caches = build_caches(args, accelerator, models, training_set.examples(), settings,
                           samples=(max_steps - global_step) * args.train_batch_size * args.gradient_accumulation_steps)
     offloaded = offload_cached_models(models, accelerator.device, settings.prompts_cached, settings.cache_latents)
     if accelerator.is_main_process:
@@ -118,7 +118,7 @@ def _train(args, accelerator, output_dir: Path, instance, feature_models=None) -
         loop.validate(0)  # the base model's own measures, which every later step is held against
     start, first_step = time.perf_counter(), global_step
     with StopOnInterrupt() as stop:
-        global_step = loop.run(instance, classes, global_step, max_steps, stop, save)
+        global_step = loop.run(training_set, global_step, max_steps, stop, save)
     seconds = time.perf_counter() - start
     if stop.requested:
         raise KeyboardInterrupt(f"interrupted at step {global_step}; saved {save(global_step)}; "
@@ -160,21 +160,21 @@ class TrainingLoop:
         self.trained, self.optimizer, self.lr_scheduler = trained, optimizer, lr_scheduler
         self.latent_cache, self.prompt_cache = caches
         self.weight_dtype = weight_dtype
-        self.loss_settings = LossSettings(args.prior_loss_weight, args.snr_gamma, args.unmasked_weight,
-                                          args.with_prior_preservation and args.prior_preservation_mode == "base_model")
+        self.loss_settings = LossSettings(args.snr_gamma, args.unmasked_weight, args.dataset.base_model_prior)
         self.num_timesteps = len(models.noise_scheduler.alphas_cumprod)
         self.losses: list[float] = []
         self.adapter_parameters = [p for group in optimizer.param_groups for p in group["params"]]
 
-    def run(self, instance, classes, global_step: int, max_steps: int, stop, save) -> int:
+    def run(self, training_set, global_step: int, max_steps: int, stop, save) -> int:
         """Micro-steps until max_steps; after each optimizer step its hooks: log, checkpoint, validate, and the
         stop every process agrees on (Ctrl-C, early stopping)."""
         args, accelerator = self.args, self.accelerator
         for model in self.trained.values():
             model.train()
         progress = progress_bar(total=max_steps, initial=global_step, desc="steps", show=accelerator.is_local_main_process)
-        stream = process_micro_batches(instance, classes, args.repeats, args.train_batch_size, args.seed,
-                                       accelerator.num_processes, accelerator.process_index)
+        stream = process_micro_batches(training_set, args.train_batch_size, args.seed, accelerator.num_processes,
+                                       accelerator.process_index)
+        self.masked = any(e.mask is not None for e in training_set.examples())
         skip = global_step * args.gradient_accumulation_steps  # the micro-batches a resumed run has done
         self.step_start, micro_losses = time.perf_counter(), []
         while global_step < max_steps and not (stop.requested or stop.stopped_early):
@@ -201,7 +201,7 @@ class TrainingLoop:
         return DataLoader(
             MicroBatches(plan, args.seed, self.accelerator.process_index, args.random_flip, args.center_crop,
                          render_pixels=self.latent_cache is None, caption_dropout=args.caption_dropout,
-                         render_mask=render_mask if args.mask_dir or args.alpha_mask else None),
+                         render_mask=render_mask if self.masked else None),
             batch_size=None, num_workers=args.dataloader_num_workers, collate_fn=keep_as_is,
             worker_init_fn=ignore_interrupts,
         )
@@ -252,7 +252,7 @@ class TrainingLoop:
                 device=device,
             )
             inputs = StepInputs(latents, noise, timesteps, prompt_embeds, pooled, time_ids,
-                                [e.is_class for e in examples], masks)
+                                [e.base_model_target for e in examples], masks, [e.loss_weight for e in examples])
             loss = denoising_loss(unet, self.models.noise_scheduler, inputs, self.loss_settings, self.weight_dtype,
                                   base_unet=accelerator.unwrap_model(unet),
                                   base_prompt=self._base_prompt(captions) if len(self.trained) > 1 else None)
@@ -341,4 +341,4 @@ def _log_images(accelerator, paths, step):
 
 def _tracker_config(args) -> dict:
     """Tracker hyperparameters must be plain scalars."""
-    return {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v)) for k, v in vars(args).items()}
+    return {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v, default=str)) for k, v in vars(args).items()}

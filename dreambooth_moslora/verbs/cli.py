@@ -30,12 +30,16 @@ def _train(argv: list[str]):
 
 def _plan(argv: list[str]):
     from ..trainer.arguments import build_parser, validate_args
+    from ..trainer.concepts import read_concepts
     from ..trainer.data import read_examples
     from ..trainer.memory_plan import CACHED_IMAGES, model_configs, plan_report, plan_settings, planned_class_examples
 
-    args = validate_args(build_parser("dreambooth-moslora plan", needs_data=False).parse_args(argv), needs_data=False)
-    instance = (read_examples(args.instance_data_dir, args.instance_prompt or "", args.resolution, args.bucketing)
-                if args.instance_data_dir else None)
+    args = validate_args(build_parser("dreambooth-moslora plan").parse_args(argv), needs_data=False)
+    if args.dataset:
+        instance = read_concepts(args.dataset, args.resolution, args.bucketing).instance_examples
+    else:
+        instance = (read_examples(args.instance_data_dir, args.instance_prompt or "", args.resolution, args.bucketing)
+                    if args.instance_data_dir else None)
     classes = planned_class_examples(args, len(instance) if instance is not None else CACHED_IMAGES)
     configs = model_configs(args.pretrained_model_name_or_path, args.model_config)
     print(plan_report(configs, plan_settings(args, instance, classes)), end="")

@@ -178,9 +178,40 @@ def oracle_fidelity(pipe, analyzer, subject: Subject, real: torch.Tensor, settin
 def _train_adapter(settings: BenchmarkSettings, subject: Subject, instance_dir: Path, mask_dir: Path | None, method: str,
                    seed: int, prior: bool, learning_rate: float, checkpoint_every: int, output_dir: Path) -> Path:
     argv = [
-        "--pretrained_model_name_or_path", settings.base_model,
         "--instance_data_dir", str(instance_dir),
         "--instance_prompt", subject.instance_prompt(settings.token),
+        *training_options(settings, method, seed, learning_rate, checkpoint_every, output_dir),
+        *(["--mask_dir", str(mask_dir)] if mask_dir else []),
+    ]
+    if prior:
+        prompts_file = Path(settings.output_dir) / "class-prompts" / f"{subject.name}.txt"
+        write_text_atomically(prompts_file, "\n".join(class_prompts(subject, settings.class_prompts)) + "\n")
+        argv += ["--with_prior_preservation", "--class_prompt", subject.class_prompt,
+                 "--class_prompts_file", str(prompts_file), "--prior_preservation_mode", settings.prior_mode]
+        if settings.prior_mode == "class_images":
+            argv += ["--class_data_dir", str(class_images_dir(settings, subject)),
+                     "--num_class_images", str(settings.num_class_images), "--sample_batch_size", "25"]
+    return train_once(argv, output_dir)
+
+
+def class_images_dir(settings: BenchmarkSettings, subject: Subject) -> Path:
+    return Path(settings.output_dir) / "class-images" / subject.name
+
+
+def train_once(argv: list[str], output_dir: Path) -> Path:
+    """One in-process training run; its native adapter file."""
+    try:
+        train(parse_args(argv))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    return output_dir / "moslora.safetensors"
+
+
+def training_options(settings: BenchmarkSettings, method: str, seed: int, learning_rate: float, checkpoint_every: int,
+                     output_dir: Path) -> list[str]:
+    """Every training option of a benchmark run but its data."""
+    return [
+        "--pretrained_model_name_or_path", settings.base_model,
         "--output_dir", str(output_dir),
         "--resolution", str(IMAGE_SIZE),
         "--rank", str(settings.rank),
@@ -195,22 +226,8 @@ def _train_adapter(settings: BenchmarkSettings, subject: Subject, instance_dir: 
           if settings.train_text_encoder else []),
         *(["--train_trigger_embedding", settings.token, "--trigger_embedding_lr", str(settings.trigger_embedding_lr)]
           if settings.trigger_embedding_lr else []),
-        *(["--mask_dir", str(mask_dir)] if mask_dir else []),
         *settings.extra_train_args,
     ]
-    if prior:
-        prompts_file = Path(settings.output_dir) / "class-prompts" / f"{subject.name}.txt"
-        write_text_atomically(prompts_file, "\n".join(class_prompts(subject, settings.class_prompts)) + "\n")
-        argv += ["--with_prior_preservation", "--class_prompt", subject.class_prompt,
-                 "--class_prompts_file", str(prompts_file), "--prior_preservation_mode", settings.prior_mode]
-        if settings.prior_mode == "class_images":
-            argv += ["--class_data_dir", str(Path(settings.output_dir) / "class-images" / subject.name),
-                     "--num_class_images", str(settings.num_class_images), "--sample_batch_size", "25"]
-    try:
-        train(parse_args(argv))
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-    return output_dir / "moslora.safetensors"
 
 
 class SubjectBench:
