@@ -251,8 +251,8 @@ function samples(grid, files) {
   $("#samples thead").replaceChildren(el("tr", {}, el("th", { text: "step" }),
     ...grid.prompts.map((prompt) => el("th", { text: prompt }))));
   $("#samples tbody").replaceChildren(...grid.rows.map((row) => el("tr",
-    { class: row.step === grid.best_step && !row.final ? "best" : "", "data-step": row.step },
-    el("th", { text: `${row.final ? "final " : ""}${row.step}${row.step === grid.best_step && !row.final ? " ★ best" : ""}` }),
+    { class: row.step === grid.best_step ? "best" : "", "data-step": row.step },
+    el("th", { text: `${row.final ? "final " : ""}${row.step}${row.step === grid.best_step ? " ★ best" : ""}` }),
     ...row.cells.map((cell) => el("td", {}, ...cell.map((path) => el("img", { src: files(path) })))))));
 }
 
