@@ -17,11 +17,12 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
-from fastapi import FastAPI, Request, UploadFile
+from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from PIL import UnidentifiedImageError
+from starlette.datastructures import UploadFile
 
 from ..adapter.errors import UserInputError
 from ..adapter.files import write_atomically, write_text_atomically
