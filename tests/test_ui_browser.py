@@ -85,7 +85,9 @@ def test_a_mini_model_run_from_the_browser(tmp_path):
             assert page.input_value("[name=pretrained_model_name_or_path]").endswith("mini-sdxl")
             page.wait_for_selector("#photos textarea[data-photo='01.png']")
             assert "blue background" in page.input_value("#photos textarea[data-photo='01.png']")
-            shoot(page, "form", tmp_path)
+            page.click("#plan")  # the memory plan's presets, marked per card size
+            page.wait_for_selector("#presets tr:has-text('--low_memory') .fits:has-text('8 GB')")
+            shoot(page, "form", tmp_path, full_page=True)
             page.click("#advanced summary")
             # bad input: the CLI's one-line error at its field, and nothing started
             page.fill("#adv-resolution", "30")

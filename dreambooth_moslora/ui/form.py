@@ -80,8 +80,9 @@ def command_line(form: dict, photos_folder: str, output_dir: str | None = None) 
     name of the memory plan's table, or none), "advanced": {option: value or True}}. The preset's options come
     first, so an advanced option overrides them; only what differs from the parser's default is written."""
     argv = ["--pretrained_model_name_or_path", form.get("pretrained_model_name_or_path", ""),
-            "--instance_data_dir", photos_folder,
-            "--instance_prompt", instance_prompt(form.get("trigger", ""), form.get("class_word", ""))]
+            "--instance_data_dir", photos_folder]
+    if form.get("trigger"):  # without one, train's own "required: --instance_prompt" lands at the trigger field
+        argv += ["--instance_prompt", instance_prompt(form["trigger"], form.get("class_word", ""))]
     if form.get("class_word"):
         argv += ["--class_prompt", f"a photo of a {form['class_word']}"]
     if form.get("preset"):
@@ -121,8 +122,8 @@ def check(argv: list[str]) -> dict[str, str]:
     if message is None:
         return {}
     named = re.search(r"--(\w+)", message)
-    field = named.group(1) if named else "form"
-    if field == "instance_data_dir" or "image" in message and not named:
+    field = named.group(1) if named else _option_with_value_in(argv, message)
+    if field == "instance_data_dir":
         field = "photos"
     elif field in ("instance_prompt", "train_trigger_embedding"):
         field = "trigger"
@@ -142,3 +143,12 @@ def preset_table(argv: list[str]) -> list[dict]:
         table.append({"name": name, "options": PRESET_OPTIONS[name], "peak_gib": round(plan.peak / GIB, 2),
                       "fits": {str(gb): plan.fits(gb) for gb in CARD_SIZES_GB}})
     return table
+
+
+def _option_with_value_in(argv: list[str], message: str) -> str:
+    """The option whose value a message quotes ("model folder not found: /x" is about the option given /x), the
+    longest value first; "form" when none."""
+    pairs = [(argv[i][2:], argv[i + 1]) for i in range(len(argv) - 1)
+             if argv[i].startswith("--") and not argv[i + 1].startswith("--") and len(argv[i + 1]) > 2]
+    quoted = [(len(value), name) for name, value in pairs if value in message]
+    return max(quoted)[1] if quoted else "form"

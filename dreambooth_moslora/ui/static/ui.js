@@ -176,7 +176,7 @@ async function start(event) {
 async function refreshJobs() {
   const { ok, data } = await api("GET", "/api/jobs");
   if (!ok) return;
-  $("#no-jobs").hidden = data.jobs.length > 0;
+  $("#jobs-section").hidden = !data.jobs.length;
   $("#jobs tbody").replaceChildren(...data.jobs.map((job) => {
     const place = data.queue.indexOf(job.id);
     const actions = el("td");
@@ -216,7 +216,7 @@ function jobPage() {
     if (!ok) return;
     $("#state").textContent = data.state;
     $("#state").className = `state ${data.state}`;
-    $("#message").textContent = data.message;
+    $("#message").textContent = data.message.split("; wrote ")[0];  // the file list is in the log
     const p = data.progress;
     $("#bar").max = p.total || 1;
     $("#bar").value = p.step;
