@@ -16,7 +16,7 @@ from safetensors import safe_open  # noqa: E402
 from dreambooth_moslora.adapter.errors import UserInputError  # noqa: E402
 from dreambooth_moslora.trainer.arguments import build_parser  # noqa: E402
 from dreambooth_moslora.ui.app import MAX_UPLOAD_BYTES, create_app  # noqa: E402
-from dreambooth_moslora.ui.form import first_run_values, train_options  # noqa: E402
+from dreambooth_moslora.ui.form import first_run_values  # noqa: E402
 from dreambooth_moslora.ui.server import access_token, jobs_folder  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -90,3 +90,16 @@ def test_a_jobs_state_is_read_from_its_folder(tmp_path):
 def test_paths_out_of_the_root_are_refused(tmp_path, relative):
     with pytest.raises(UserInputError, match="refused"):
         inside(tmp_path, relative)
+
+
+def test_the_ui_verb_without_its_extra_says_how_to_install_it(monkeypatch, tmp_path, capsys):
+    import sys
+
+    from dreambooth_moslora.verbs.cli import main
+
+    for module in ("dreambooth_moslora.ui.server", "dreambooth_moslora.ui.app"):
+        monkeypatch.delitem(sys.modules, module, raising=False)
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # as if not installed
+    assert main(["ui", "--jobs_dir", str(tmp_path / "jobs")]) == 2
+    assert 'pip install -e ".[ui]"' in capsys.readouterr().err
+    assert not (tmp_path / "jobs").exists()

@@ -65,7 +65,8 @@ def samples_grid(output: Path) -> dict:
             if name:
                 cells.setdefault(int(name.group(1)), []).append(str(image.relative_to(output.parent)))
                 prompts.setdefault(int(name.group(1)), image)
-        rows.append({"step": step, "final": final, "cells": [cells.get(i, []) for i in range(max(cells, default=-1) + 1)]})
+        columns = range(max(cells, default=-1) + 1)
+        rows.append({"step": step, "final": final, "cells": [cells.get(i, []) for i in columns]})
     return {"prompts": [prompt_of(prompts[i]) for i in sorted(prompts)], "rows": rows,
             "best_step": read_best_step(output)}
 
@@ -79,6 +80,6 @@ def checkpoint_names(output: Path) -> list[str]:
 
 def job_report(folder: Path) -> dict:
     output = folder / "output"
-    return {"progress": training_progress(folder / "train.log"), "metrics": read_metrics(output / "validation" /
-                                                                                            "metrics.jsonl"),
+    return {"progress": training_progress(folder / "train.log"),
+            "metrics": read_metrics(output / "validation" / "metrics.jsonl"),
             "samples": samples_grid(output), "checkpoints": checkpoint_names(output)}
