@@ -8,8 +8,6 @@ CLI's one-line errors, each placed at the field its option names.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import re
 import shlex
 from dataclasses import dataclass
@@ -109,18 +107,18 @@ def shell_line(argv: list[str]) -> str:
 def check(argv: list[str]) -> dict[str, str]:
     """The CLI's errors for these arguments, by the option each names ("form" when none), and the photos' own.
     Empty when `train` would start: nothing is loaded and nothing written."""
-    message = None
-    stderr = io.StringIO()
+    parser = build_parser(PROG)
+
+    def refuse(status=0, message=None):  # the parser's exit, which would print its line and leave the process
+        raise UserInputError((message or "").strip().removeprefix("error: "))
+
+    parser.exit = refuse
     try:
-        with contextlib.redirect_stderr(stderr):
-            args = validate_args(build_parser(PROG).parse_args(argv))
+        args = validate_args(parser.parse_args(argv))
         read_examples(args.instance_data_dir, args.instance_prompt, args.resolution, args.bucketing)
-    except SystemExit:
-        message = stderr.getvalue().strip().splitlines()[-1].removeprefix("error: ")
+        return {}
     except UserInputError as error:
         message = str(error)
-    if message is None:
-        return {}
     named = re.search(r"--(\w+)", message)
     field = named.group(1) if named else _option_with_value_in(argv, message)
     if field == "instance_data_dir":

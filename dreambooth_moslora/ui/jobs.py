@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -106,6 +107,8 @@ class JobStore:
         if job_id in self.queue():
             return {"state": "waiting", "message": f"waiting, number {self.queue().index(job_id) + 1} in the queue"}
         if process_alive(job.get("pid"), str(folder / "output")):
+            if job.get("stopping") == job["pid"]:
+                return {"state": "running", "message": "stopping: finishing its step and saving a checkpoint"}
             return {"state": "running", "message": "running"}
         if job.get("cancelled"):
             return {"state": "cancelled", "message": "cancelled before it started"}
@@ -131,7 +134,7 @@ class JobStore:
             command = cli_command("train", argv)
             with open(folder / LOG_FILE, "a", encoding="utf-8") as log:
                 log.write(f"\n{START_MARK} {time.strftime('%Y-%m-%d %H:%M:%S')}: "
-                          f"dreambooth-moslora train {' '.join(argv)}\n")
+                          f"dreambooth-moslora train {shlex.join(argv)}\n")
                 log.flush()
                 child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True, cwd=job["cwd"])
@@ -146,7 +149,10 @@ class JobStore:
                 self._write_queue([i for i in self.queue() if i != job_id])
                 self._write({**job, "cancelled": True})
             elif process_alive(job.get("pid"), str(self.folder(job_id) / "output")):
+                if job.get("stopping") == job["pid"]:  # a second Ctrl-C would abort without the checkpoint
+                    raise UserInputError(f"job {job_id} is already stopping: it saves a checkpoint first")
                 os.kill(job["pid"], signal.SIGINT)
+                self._write({**job, "stopping": job["pid"]})
             else:
                 raise UserInputError(f"job {job_id} is neither waiting nor running")
 

@@ -222,7 +222,7 @@ function jobPage() {
     $("#bar").value = p.step;
     $("#steps").textContent = p.total ? `step ${p.step} of ${p.total}` + (p.steps_per_second && data.state === "running"
       ? `, ${p.steps_per_second.toFixed(2)} steps/s, about ${duration(p.eta_seconds)} left` : "") : "";
-    $("#cancel").hidden = !["running", "waiting"].includes(data.state);
+    $("#cancel").hidden = !["running", "waiting"].includes(data.state) || data.message.startsWith("stopping");
     $("#resume").hidden = !["stopped", "failed", "cancelled"].includes(data.state);
     chart($("#loss"), { loss: p.losses });
     const measures = {};
