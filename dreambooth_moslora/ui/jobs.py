@@ -75,7 +75,9 @@ class JobStore:
         write_text_atomically(self.root / QUEUE_FILE, json.dumps(ids))
 
     def ids(self) -> list[str]:
-        return sorted((p.parent.name for p in self.root.glob(f"*/{JOB_FILE}")), reverse=True)
+        """Newest first; a job still being built (hidden) is not one yet."""
+        return sorted((p.parent.name for p in self.root.glob(f"*/{JOB_FILE}") if not p.parent.name.startswith(".")),
+                      reverse=True)
 
     def create(self, name: str, fill_photos, argv_of, check) -> str:
         """A new waiting job: fill_photos(folder) writes its photos, argv_of(photos, output) gives its `train`

@@ -75,7 +75,7 @@ def generations(job: Path) -> list[dict]:
     for folder in sorted((p for p in (job / "generated").glob("*") if p.name.isdigit()), key=lambda p: -int(p.name)):
         request = json.loads((folder / "request.json").read_text()) if (folder / "request.json").is_file() else {}
         log = (folder / "generate.log").read_text(errors="replace") if (folder / "generate.log").is_file() else ""
-        running = process_alive(request.get("pid"), str(folder))
+        running = not request or process_alive(request.get("pid"), str(folder))  # no request yet: starting
         error = re.search(r"^error: .*$", log, re.M)
         images = [{"path": str(p.relative_to(job)), "parameters": _parameters(p)}
                   for p in sorted((folder / "images").glob("*.png")) if p.name != "grid.png"]
