@@ -85,6 +85,11 @@ def test_a_mini_model_run_from_the_browser(tmp_path):
             assert page.input_value("[name=pretrained_model_name_or_path]").endswith("mini-sdxl")
             page.wait_for_selector("#photos textarea[data-photo='01.png']")
             assert "blue background" in page.input_value("#photos textarea[data-photo='01.png']")
+            page.set_input_files("#upload", [str(ROOT / "assets" / "world-subject" / "00.png")])  # uploads preview
+            page.wait_for_selector("#photos img[src^='blob:']")
+            assert page.locator("#photos textarea").count() == 1
+            page.click("#load-folder")  # back to the folder
+            page.wait_for_selector("#photos textarea[data-photo='04.png']")
             page.click("#plan")  # the memory plan's presets, marked per card size
             page.wait_for_selector("#presets tr:has-text('--low_memory') .fits:has-text('8 GB')")
             shoot(page, "form", tmp_path, full_page=True)
@@ -118,7 +123,7 @@ def test_a_mini_model_run_from_the_browser(tmp_path):
             page.wait_for_selector("#state:text-is('finished')")
             page.wait_for_selector("#samples tr.best img")  # the chosen step, highlighted
             assert page.locator("#samples tbody tr").count() >= 4  # 0, 20, 40 and final 60
-            assert page.locator("#loss polyline").count() == 1
+            assert page.locator("#loss polyline").count() == 2  # the loss and its running mean
 
             page.select_option("#generate [name=checkpoint]", "best")
             page.fill("#generate [name=prompts]", "a photo of sks star on a green background")

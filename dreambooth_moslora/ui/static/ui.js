@@ -224,7 +224,7 @@ function jobPage() {
       ? `, ${p.steps_per_second.toFixed(2)} steps/s, about ${duration(p.eta_seconds)} left` : "") : "";
     $("#cancel").hidden = !["running", "waiting"].includes(data.state) || data.message.startsWith("stopping");
     $("#resume").hidden = !["stopped", "failed", "cancelled"].includes(data.state);
-    chart($("#loss"), { loss: p.losses });
+    chart($("#loss"), { loss: p.losses, "mean of 10": runningMean(p.losses, 10) }, null, ["#93c5fd", "#1d4ed8"]);
     const measures = {};
     for (const record of data.metrics) {
       for (const [name, value] of Object.entries(record)) {
@@ -274,8 +274,15 @@ function generated(list, files) {
       el("figcaption", { class: "parameters", text: image.parameters }))))));
 }
 
+function runningMean(points, window) {
+  return points.map(([step], index) => {
+    const last = points.slice(Math.max(0, index - window + 1), index + 1);
+    return [step, last.reduce((sum, [, value]) => sum + value, 0) / last.length];
+  });
+}
+
 // A small line chart in SVG: one line per series of [step, value] points, the chosen step marked.
-function chart(svg, series, marked) {
+function chart(svg, series, marked, colours = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2"]) {
   const [width, height, pad] = [320, 140, 24];
   const points = Object.values(series).flat();
   if (!points.length) { svg.replaceChildren(); return; }
@@ -291,7 +298,6 @@ function chart(svg, series, marked) {
     if (text !== undefined) made.textContent = text;
     return made;
   };
-  const colours = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2"];
   const children = [node("text", { x: 2, y: 12, class: "axis" }, y1.toPrecision(3)),
     node("text", { x: 2, y: height - pad + 4, class: "axis" }, y0.toPrecision(3)),
     node("text", { x: pad, y: height - 4, class: "axis" }, `step ${x0}`),
