@@ -92,7 +92,8 @@ def create_app(jobs_dir, token: str | None = None, schedule: bool = True) -> Fas
     def new_job_page(request: Request):
         setup = {"options": [o.__dict__ for o in forms.train_options()], "values": forms.first_run_values(),
                  "presets": list(PRESET_OPTIONS)}
-        return templates.TemplateResponse(request, "index.html", {"setup": json.dumps(setup)})
+        # "</" escaped: no string in it can close the <script> element that carries it
+        return templates.TemplateResponse(request, "index.html", {"setup": json.dumps(setup).replace("</", "<\\/")})
 
     @app.get("/jobs/{job_id}", response_class=HTMLResponse)
     def job_page(request: Request, job_id: str):
