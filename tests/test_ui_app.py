@@ -157,6 +157,7 @@ def test_a_job_train_would_refuse_is_refused_at_its_field(client, tmp_path):
     no_photos = create(client, {**quick_form(), "photos_folder": str(tmp_path / "missing")})
     assert "folder not found" in no_photos.json()["errors"]["photos"]
     assert not [p for p in (tmp_path / "jobs").iterdir() if p.is_dir()]  # no half job, no staging folder left
+    assert "not JSON" in client.post("/api/jobs", data={"form": "{"}).json()["errors"]["form"]
     assert client.get("/api/jobs").json() == {"queue": [], "jobs": []}
 
 

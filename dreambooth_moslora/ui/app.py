@@ -22,6 +22,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from PIL import UnidentifiedImageError
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from ..adapter.errors import UserInputError
@@ -124,7 +125,10 @@ def create_app(jobs_dir, token: str | None = None, schedule: bool = True) -> Fas
         """A job from the form (field `form`, JSON) and its photos: uploaded files (`photos`) or the named
         folder's images, each with its caption (`form.captions`). Checked as `train` checks it, then queued."""
         data = await request.form()
-        body = json.loads(str(data.get("form") or "{}"))
+        try:
+            body = json.loads(str(data.get("form") or "{}"))
+        except json.JSONDecodeError as error:
+            raise FormErrors({"form": f"the form field is not JSON ({error.msg})"}) from None
         uploads = [f for f in data.getlist("photos") if isinstance(f, UploadFile) and f.filename]
         contents = [(_upload_name(f.filename), await _read_limited(f)) for f in uploads]
         fill = _uploaded(contents, body) if contents else _copied(body)
@@ -135,8 +139,9 @@ def create_app(jobs_dir, token: str | None = None, schedule: bool = True) -> Fas
                 raise FormErrors(errors)
 
         name = body.get("name") or f"{body.get('trigger', '')} {body.get('class_word', '')}".strip()
-        return {"id": store.create(name, fill, lambda photos, output: forms.command_line(body, photos, output),
-                                   check)}
+        job_id = await run_in_threadpool(store.create, name, fill,
+                                         lambda photos, output: forms.command_line(body, photos, output), check)
+        return {"id": job_id}
 
     @app.get("/api/jobs")
     def list_jobs():
