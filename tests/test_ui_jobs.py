@@ -75,3 +75,28 @@ def test_cancel_sends_one_sigint_to_the_running_process_and_the_job_stops(tmp_pa
         store.cancel(job_id)  # a second Ctrl-C would abort the checkpoint
     assert child.wait(timeout=30) == 130
     assert store.state(job_id) == {"state": "stopped", "message": "stopped: interrupted after 1 SIGINT"}
+
+
+@pytest.mark.parametrize("without_proc", [False, True], ids=["proc", "ps"])
+def test_a_process_is_ours_while_it_lives_with_our_folder_in_its_command_line(tmp_path, monkeypatch, without_proc):
+    from pathlib import Path
+
+    from dreambooth_moslora.ui import jobs
+
+    if without_proc:  # as on macOS
+        real_is_dir = Path.is_dir
+        monkeypatch.setattr(Path, "is_dir", lambda self: False if str(self) == "/proc/self" else real_is_dir(self))
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", str(tmp_path / "output")])
+    try:
+        assert jobs.process_alive(child.pid, str(tmp_path / "output"))
+        assert not jobs.process_alive(child.pid, str(tmp_path / "other"))  # a reused PID
+    finally:
+        child.kill()
+        child.wait()
+    assert not jobs.process_alive(child.pid, str(tmp_path / "output"))
+    zombie = subprocess.Popen([sys.executable, "-c", "", str(tmp_path / "output")])
+    deadline = time.monotonic() + 30
+    while jobs.process_alive(zombie.pid, str(tmp_path / "output")):  # ended, not yet reaped: not alive
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    zombie.wait()

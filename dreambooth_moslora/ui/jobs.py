@@ -36,15 +36,26 @@ def cli_command(verb: str, argv: list[str]) -> list[str]:
 
 
 def process_alive(pid: int | None, needle: str) -> bool:
-    """Whether `pid` is a live process whose command line holds `needle` (a reused PID is not our job)."""
+    """Whether `pid` is a live process (not a zombie) whose command line holds `needle`: a reused PID is not our
+    job. Read from /proc on Linux, from `ps` where there is none (macOS)."""
     if not pid:
         return False
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        command = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z" and needle in command
+    if Path("/proc/self").is_dir():
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            return False
+    else:
+        state, command = _ps_state_and_command(pid)
+    return bool(state) and not state.startswith("Z") and needle in command
+
+
+def _ps_state_and_command(pid: int) -> tuple[str, str]:
+    """-ww: the whole command line, not cut at the terminal's width (COLUMNS)."""
+    shown = subprocess.run(["ps", "-ww", "-o", "stat=,command=", "-p", str(pid)], capture_output=True, text=True)
+    state, _, command = shown.stdout.strip().partition(" ")
+    return state, command
 
 
 class JobStore:
