@@ -1,7 +1,8 @@
 """The import rules of docs/architecture.md, read from every module's imports (ast), so a change that breaks them fails.
 
-The layers, lowest first: adapter (the library) < pipeline (SDXL around it) < trainer < verbs. A module imports its
-own layer and the ones below, never one above. world/ (the mini world) stands beside them: it may use the adapter
+The layers, lowest first: adapter (the library) < pipeline (SDXL around it) < trainer < verbs < ui (the web app, a
+client of the command). A module imports its own layer and the ones below, never one above, except the `ui` verb,
+which imports the UI's server inside its function (the UI's dependencies are an optional extra). world/ (the mini world) stands beside them: it may use the adapter
 library, the pipelines and the trainer, and of the layers only the trainer uses it, through world.analyzer alone.
 """
 
@@ -13,9 +14,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "dreambooth_moslora"
-LAYERS = ("adapter", "pipeline", "trainer", "verbs")
+LAYERS = ("adapter", "pipeline", "trainer", "verbs", "ui")
 WORLD = "world"
 TRAINER_MAY_IMPORT_FROM_WORLD = {"dreambooth_moslora.world.analyzer"}  # the mini world's feature model
+VERBS_MAY_IMPORT_FROM_UI = {"dreambooth_moslora.ui.server"}  # `dreambooth-moslora ui`, inside its function
 ROOT_MODULES = {"__init__", "single_file"}  # the public API, and the path that model cards name
 
 
@@ -71,6 +73,8 @@ def test_no_layer_imports_one_above_it():
             there = part_of(target)
             if there == "root":
                 broken.append(f"{module_name(path)} imports {target}: the public API imports the layers, not back")
+            elif here == "verbs" and target in VERBS_MAY_IMPORT_FROM_UI:
+                continue
             elif there in LAYERS and LAYERS.index(there) > LAYERS.index(here):
                 broken.append(f"{module_name(path)} ({here}) imports {target} ({there}), a layer above it")
             elif there == WORLD and not (here == "trainer" and target in TRAINER_MAY_IMPORT_FROM_WORLD):
@@ -91,6 +95,7 @@ def test_the_rules_see_the_imports_they_check():
     assert {"dreambooth_moslora.trainer.train", "dreambooth_moslora.pipeline.tiny",
             "dreambooth_moslora.adapter.errors"} <= imports  # two of them imported inside functions
     assert "dreambooth_moslora.world.analyzer" in imported_modules(PACKAGE / "trainer" / "validation_metrics.py")
+    assert "dreambooth_moslora.ui.server" in imported_modules(PACKAGE / "verbs" / "cli.py")
     assert part_of("dreambooth_moslora.verbs.cli") == "verbs" and part_of("dreambooth_moslora") == "root"
 
 

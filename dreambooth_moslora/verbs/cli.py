@@ -108,6 +108,14 @@ def _export(args):
     print(message)
 
 
+def _ui(args):
+    try:
+        from ..ui.server import serve
+    except ImportError as error:
+        raise UserInputError(f"the UI needs its extra ({error.name} is missing): pip install -e \".[ui]\"") from None
+    serve(args.jobs_dir, args.host, args.port, args.token)
+
+
 def _add_sampling_options(parser):
     parser.add_argument("--pretrained_model_name_or_path", required=True,
                         help="hub id or folder of an SDXL pipeline, or one original-layout .safetensors file")
@@ -175,6 +183,17 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--rank", type=int, default=None, help="re-compress ΔW by truncated SVD to this rank")
     export.set_defaults(run=_export)
 
+    ui = verbs.add_parser("ui", help="a local web app: the training form, the job queue, progress, samples, "
+                                     "downloads and generation (needs the ui extra: pip install -e \".[ui]\")")
+    ui.add_argument("--jobs_dir", default="dreambooth-moslora-jobs",
+                    help="where each job's folder (photos, output, log) is kept (default ./dreambooth-moslora-jobs)")
+    ui.add_argument("--host", default="127.0.0.1",
+                    help="address to listen on (default 127.0.0.1, this machine only); any other needs a token")
+    ui.add_argument("--port", type=int, default=7860)
+    ui.add_argument("--token", default=None, help="the access token (default: none on 127.0.0.1, else generated "
+                                                  "and printed)")
+    ui.set_defaults(run=_ui)
+
     tiny = verbs.add_parser(
         "tiny-pipeline",
         help="write a tiny SDXL-architecture pipeline with random weights (for tests and offline trials)",
@@ -208,7 +227,7 @@ def main(argv=None) -> int:
     if argv[:1] == ["plan"]:
         return run_reporting_errors(_plan, argv[1:])
     args = build_parser().parse_args(argv)
-    return run_reporting_errors(args.run, args, loads_models=args.run not in (_inspect, _export))
+    return run_reporting_errors(args.run, args, loads_models=args.run not in (_inspect, _export, _ui))
 
 
 if __name__ == "__main__":

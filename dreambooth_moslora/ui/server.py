@@ -1,0 +1,48 @@
+"""`dreambooth-moslora ui`: hold the jobs folder, print the URL, serve the app with uvicorn.
+
+The jobs folder is held with the trainer's output-folder lock for as long as the UI runs, so a second UI on the
+same folder is refused (two schedulers would start two trainings at once).
+"""
+
+from __future__ import annotations
+
+import secrets
+from contextlib import contextmanager
+from pathlib import Path
+
+from ..adapter.errors import UserInputError
+from ..trainer.output_lock import output_folder_lock
+from .app import LOCAL_HOSTS, create_app
+
+
+@contextmanager
+def jobs_folder(jobs_dir):
+    """The jobs folder, held for this UI; a folder another UI (or a training) holds is refused."""
+    try:
+        with output_folder_lock(jobs_dir):
+            yield Path(jobs_dir).resolve()
+    except UserInputError as error:
+        if "in use" not in str(error):
+            raise
+        raise UserInputError(f"jobs folder {jobs_dir} is in use by another UI: "
+                             f"{str(error).split('(', 1)[1].split(')', 1)[0]}; open that UI, or choose another "
+                             "--jobs_dir") from None
+
+
+def access_token(host: str, token: str | None) -> str | None:
+    """None on this machine's loopback address; any other host needs a token, generated when not given."""
+    if host in LOCAL_HOSTS and not token:
+        return None
+    return token or secrets.token_urlsafe(24)
+
+
+def serve(jobs_dir, host: str = "127.0.0.1", port: int = 7860, token: str | None = None):
+    import uvicorn
+
+    token = access_token(host, token)
+    with jobs_folder(jobs_dir) as folder:
+        app = create_app(folder, token=token)
+        shown = f"[{host}]" if ":" in host else host
+        print(f"dreambooth-moslora ui: jobs in {folder}\n  open http://{shown}:{port}/"
+              + (f"?token={token}" if token else ""), flush=True)
+        uvicorn.run(app, host=host, port=port, log_level="warning")

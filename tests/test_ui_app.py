@@ -1,0 +1,263 @@
+"""The web app's API (FastAPI's TestClient): every endpoint, and its refusals (paths, uploads, tokens, hosts)."""
+
+import io
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi", reason="the UI needs its extra (pip install -e \".[ui]\")")
+from fastapi.testclient import TestClient  # noqa: E402
+from PIL import Image  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+
+from dreambooth_moslora.adapter.errors import UserInputError  # noqa: E402
+from dreambooth_moslora.trainer.arguments import build_parser  # noqa: E402
+from dreambooth_moslora.ui.app import MAX_UPLOAD_BYTES, create_app  # noqa: E402
+from dreambooth_moslora.ui.form import first_run_values  # noqa: E402
+from dreambooth_moslora.ui.server import access_token, jobs_folder  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SUBJECT = ROOT / "assets" / "world-subject"
+LOCAL = "http://127.0.0.1"
+
+
+def client_of(jobs, **options) -> TestClient:
+    return TestClient(create_app(jobs, schedule=False, **options), base_url=LOCAL)
+
+
+def png_bytes(size=(32, 32), colour=(200, 30, 30)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def quick_form(**advanced) -> dict:
+    """The first-run form, made quick: no validation, two steps."""
+    form = first_run_values()
+    form["advanced"] = {**form["advanced"], "validation_prompt": "", "validation_metrics_model": "",
+                        "max_train_steps": "2", "checkpointing_steps": "1", "report_to": "none", **advanced}
+    return form
+
+
+def create(client, form: dict, files=None):
+    return client.post("/api/jobs", data={"form": json.dumps(form)}, files=files or [])
+
+
+@pytest.fixture
+def client(tmp_path):
+    return client_of(tmp_path / "jobs")
+
+
+@pytest.fixture(scope="module")
+def finished_job(tmp_path_factory):
+    """A real two-step run of the bundled mini model, started by the app's queue as the UI starts it."""
+    jobs = tmp_path_factory.mktemp("ui") / "jobs"
+    with TestClient(create_app(jobs), base_url=LOCAL) as client:
+        job_id = create(client, quick_form()).json()["id"]
+        deadline = time.monotonic() + 180
+        while client.get(f"/api/jobs/{job_id}").json()["state"] in ("waiting", "running", "new"):
+            assert time.monotonic() < deadline, (jobs / job_id / "train.log").read_text()
+            time.sleep(0.5)
+    return jobs, job_id
+
+
+def test_the_form_page_offers_every_train_option_of_the_parser(client):
+    page = client.get("/")
+    assert page.status_code == 200
+    setup = json.loads(page.text.split('<script id="setup" type="application/json">')[1].split("</script>")[0])
+    offered = {option["name"] for option in setup["options"]}
+    parser_options = {a.option_strings[-1][2:] for a in build_parser()._actions
+                      if a.option_strings and a.help != "==SUPPRESS==" and a.dest != "help"}
+    basic = {"pretrained_model_name_or_path", "instance_data_dir", "instance_prompt", "class_prompt", "output_dir",
+             "resume_from_checkpoint"}
+    assert offered == parser_options - basic
+    assert setup["values"]["pretrained_model_name_or_path"].endswith("mini-sdxl")  # the offline first run
+    assert page.text.count("<script") == 2 and "http" not in page.text.split("<body")[0]  # no CDN
+    assert client.get("/static/ui.js").status_code == 200
+
+
+def test_check_gives_the_command_or_the_clis_error_at_its_field(client, tmp_path):
+    form = first_run_values()
+    checked = client.post("/api/check", json=form).json()
+    assert checked["errors"] == {}
+    assert checked["command"].startswith("dreambooth-moslora train --pretrained_model_name_or_path ")
+    assert "--max_train_steps 200" in checked["command"]
+    bad = client.post("/api/check", json={**form, "advanced": {**form["advanced"], "resolution": "33"}}).json()
+    assert bad["errors"] == {"resolution": "--resolution must be a positive multiple of 8, got 33"}
+    typo = client.post("/api/check", json={**form, "advanced": {"learning_rate": "fast"}}).json()
+    assert "invalid float value: 'fast'" in typo["errors"]["learning_rate"]
+    empty = client.post("/api/check", json={**form, "photos_folder": str(tmp_path)}).json()
+    assert "no images" in empty["errors"]["photos"]
+    assert client.post("/api/check", json={**form, "advanced": {"no_such_option": "1"}}).status_code == 400
+
+
+def test_the_plan_marks_each_preset_against_each_card(client):
+    presets = client.post("/api/plan", json=first_run_values()).json()["presets"]
+    assert [p["name"] for p in presets][0] == "bf16" and len(presets) == 5
+    assert all(set(p["fits"]) == {"8", "12", "16", "24"} and all(p["fits"].values()) for p in presets)  # 14 MB model
+
+
+def test_a_named_folder_lists_and_serves_only_its_images(client, tmp_path):
+    listed = client.get("/api/folder", params={"path": str(SUBJECT)}).json()
+    assert [p["name"] for p in listed["photos"]] == ["00.png", "01.png", "02.png", "03.png", "04.png"]
+    assert "blue background" in listed["photos"][1]["caption"]
+    image = client.get("/api/folder/image", params={"path": str(SUBJECT), "name": "01.png"})
+    assert image.status_code == 200 and image.content == (SUBJECT / "01.png").read_bytes()
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(png_bytes())
+    linked = tmp_path / "photos"
+    linked.mkdir()
+    (linked / "link.png").symlink_to(outside)
+    (linked / "ok.png").write_bytes(png_bytes())
+    for folder, name in [(SUBJECT, "../../README.md"), (SUBJECT, str(SUBJECT / "01.png")), (SUBJECT, "01.txt"),
+                         (linked, "link.png"), (SUBJECT, "..%2F..%2FREADME.md")]:
+        refused = client.get("/api/folder/image", params={"path": str(folder), "name": name})
+        assert refused.status_code == 400, (folder, name)
+    assert client.get("/api/folder", params={"path": str(tmp_path / "missing")}).status_code == 400
+
+
+def test_a_job_from_uploads_keeps_its_photos_and_captions(client, tmp_path):
+    form = {**quick_form(), "photos_folder": "", "captions": {"a.png": "a photo of sks star on red"}}
+    files = [("photos", ("a.png", png_bytes(), "image/png")), ("photos", ("../b.png", png_bytes(), "image/png"))]
+    job_id = create(client, form, files).json()["id"]
+    photos = tmp_path / "jobs" / job_id / "photos"
+    assert sorted(p.name for p in photos.iterdir()) == ["a.png", "a.txt", "b.png"]  # b's folder part dropped
+    assert (photos / "a.txt").read_text().strip() == "a photo of sks star on red"
+    assert oct((photos / "a.png").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+    job = client.get(f"/api/jobs/{job_id}").json()
+    assert job["state"] == "waiting" and job["photos"] == ["photos/a.png", "photos/b.png"]
+    assert client.get(f"/api/jobs/{job_id}/files/photos/a.png").content == png_bytes()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@pytest.mark.parametrize("name, content, expected", [
+    ("a.png", b"not a png at all", "not a readable image"),
+    ("a.png", png_bytes()[:60], "not a readable image"),  # truncated: the trainer's full decode fails
+    ("a.exe", png_bytes(), "not an image file"),
+    ("a.png", b"\0" * (MAX_UPLOAD_BYTES + 1), "larger than"),
+], ids=["garbage", "truncated", "not-an-image-name", "too-large"])
+def test_bad_uploads_are_refused_and_leave_nothing(client, tmp_path, name, content, expected):
+    refused = create(client, {**quick_form(), "photos_folder": ""}, [("photos", (name, content, "image/png"))])
+    assert refused.status_code == 400 and expected in refused.json()["errors"]["photos"]
+    assert not [p for p in (tmp_path / "jobs").iterdir() if p.is_dir()]
+
+
+def test_a_job_train_would_refuse_is_refused_at_its_field(client, tmp_path):
+    refused = create(client, quick_form(resolution="31"))
+    assert refused.status_code == 400
+    assert refused.json()["errors"] == {"resolution": "--resolution must be a positive multiple of 8, got 31"}
+    no_photos = create(client, {**quick_form(), "photos_folder": str(tmp_path / "missing")})
+    assert "folder not found" in no_photos.json()["errors"]["photos"]
+    assert not [p for p in (tmp_path / "jobs").iterdir() if p.is_dir()]  # no half job, no staging folder left
+    assert "not JSON" in client.post("/api/jobs", data={"form": "{"}).json()["errors"]["form"]
+    assert client.get("/api/jobs").json() == {"queue": [], "jobs": []}
+
+
+def test_the_queue_reorders_cancels_and_resumes_waiting_jobs(client):
+    ids = [create(client, quick_form()).json()["id"] for _ in range(3)]
+    assert client.get("/api/jobs").json()["queue"] == ids
+    assert client.post(f"/api/jobs/{ids[2]}/move", json={"position": 0}).json()["queue"] == [ids[2], ids[0], ids[1]]
+    assert client.post(f"/api/jobs/{ids[0]}/cancel").json()["state"] == "cancelled"
+    assert client.get("/api/jobs").json()["queue"] == [ids[2], ids[1]]
+    assert client.post(f"/api/jobs/{ids[0]}/cancel").status_code == 400  # neither waiting nor running
+    assert client.post(f"/api/jobs/{ids[0]}/move", json={"position": 0}).status_code == 400
+    assert client.post(f"/api/jobs/{ids[0]}/resume").json()["state"] == "waiting"
+    assert client.post(f"/api/jobs/{ids[1]}/resume").status_code == 400  # already waiting
+    assert client.get("/api/jobs").json()["queue"] == [ids[2], ids[1], ids[0]]
+    assert client.get(f"/jobs/{ids[0]}").status_code == 200
+
+
+def test_unknown_jobs_are_404(client):
+    for url in ["/api/jobs/nope", "/api/jobs/..", "/jobs/nope", "/api/jobs/nope/files/job.json"]:
+        assert client.get(url).status_code == 404, url
+    assert client.post("/api/jobs/nope/cancel").status_code == 404
+
+
+def test_job_files_are_served_only_from_inside_the_job(client, tmp_path):
+    job_id = create(client, quick_form()).json()["id"]
+    folder = tmp_path / "jobs" / job_id
+    (tmp_path / "secret.txt").write_text("secret")
+    (folder / "link.txt").symlink_to(tmp_path / "secret.txt")
+    assert client.get(f"/api/jobs/{job_id}/files/job.json").status_code == 200
+    for path in ["../queue.json", "photos/../../queue.json", "%2e%2e/queue.json", "link.txt", "/etc/passwd",
+                 "photos", "missing.png"]:
+        response = client.get(f"/api/jobs/{job_id}/files/{path}")
+        assert response.status_code in (400, 404) and "secret" not in response.text, path
+
+
+def test_a_finished_job_reports_its_run_and_its_adapters(finished_job):
+    jobs, job_id = finished_job
+    client = client_of(jobs)
+    job = client.get(f"/api/jobs/{job_id}").json()
+    assert job["state"] == "finished" and job["message"].startswith("trained 2 steps")
+    assert job["progress"]["step"] == 2 and job["progress"]["total"] == 2
+    assert [step for step, _ in job["progress"]["losses"]] == [1, 2]
+    assert job["checkpoints"] == ["final", "checkpoint-1", "checkpoint-2"]
+    assert client.get("/api/jobs").json()["jobs"][0]["state"] == "finished"
+
+
+@pytest.mark.parametrize("checkpoint", ["final", "checkpoint-1"])
+@pytest.mark.parametrize("file_format, prefix", [("kohya", "lora_unet_"), ("diffusers", "unet."),
+                                                 ("native", "unet.")])
+def test_every_adapter_downloads_in_every_format(finished_job, checkpoint, file_format, prefix, tmp_path):
+    jobs, job_id = finished_job
+    response = client_of(jobs).get(f"/api/jobs/{job_id}/download/{checkpoint}/{file_format}")
+    assert response.status_code == 200
+    (tmp_path / "file.safetensors").write_bytes(response.content)
+    with safe_open(tmp_path / "file.safetensors", "pt") as loaded:
+        assert any(key.startswith(prefix) for key in loaded.keys())
+    if checkpoint != "final" and file_format != "native":  # exported on request, beside the job's output
+        assert (jobs / job_id / "exports" / checkpoint).is_dir()
+
+
+def test_downloads_and_generation_refuse_what_the_job_does_not_have(finished_job):
+    jobs, job_id = finished_job
+    client = client_of(jobs)
+    for url in [f"/api/jobs/{job_id}/download/best/kohya", f"/api/jobs/{job_id}/download/final/ckpt",
+                f"/api/jobs/{job_id}/download/..%2F..%2Fx/native", f"/api/jobs/{job_id}/download/checkpoint-9/native"]:
+        assert client.get(url).status_code in (400, 404), url
+    no_prompt = client.post(f"/api/jobs/{job_id}/generate", json={"checkpoint": "final", "prompts": [" "]})
+    assert no_prompt.status_code == 400 and "prompt" in no_prompt.json()["error"]
+    assert client.post(f"/api/jobs/{job_id}/generate", json={"checkpoint": "best", "prompts": ["x"]}).status_code == 400
+    assert not (jobs / job_id / "generated").exists() or not any((jobs / job_id / "generated").iterdir())
+
+
+def test_a_token_is_needed_when_one_is_set(tmp_path):
+    client = client_of(tmp_path / "jobs", token="s3cret")
+    assert client.get("/api/jobs").status_code == 403
+    assert client.get("/api/jobs", headers={"X-Token": "wrong"}).status_code == 403
+    assert client.get("/api/jobs", headers={"X-Token": "s3cret"}).status_code == 200
+    first = client.get("/", params={"token": "s3cret"})  # the printed URL sets a cookie for the page's requests
+    assert first.status_code == 200 and client.get("/api/jobs").status_code == 200
+    other_host = TestClient(create_app(tmp_path / "jobs", token="s3cret", schedule=False), base_url="http://10.0.0.5")
+    assert other_host.get("/api/jobs", headers={"X-Token": "s3cret"}).status_code == 200
+
+
+def test_without_a_token_only_this_machine_may_ask(tmp_path):
+    assert TestClient(create_app(tmp_path, schedule=False), base_url="http://evil.example").get("/").status_code == 403
+    client = client_of(tmp_path)
+    assert client.get("/api/jobs", headers={"Origin": "http://evil.example"}).status_code == 403
+    assert client.get("/api/jobs", headers={"Origin": "http://127.0.0.1:7860"}).status_code == 200
+
+
+def test_any_other_host_gets_a_token():
+    assert access_token("127.0.0.1", None) is None
+    assert access_token("127.0.0.1", "mine") == "mine"
+    assert len(access_token("0.0.0.0", None)) >= 24 and access_token("0.0.0.0", None) != access_token("0.0.0.0", None)
+
+
+def test_a_second_ui_on_the_same_jobs_folder_is_refused(tmp_path):
+    with jobs_folder(tmp_path / "jobs"):
+        with pytest.raises(UserInputError, match="in use by another UI"):
+            with jobs_folder(tmp_path / "jobs"):
+                pass
+    with jobs_folder(tmp_path / "jobs"):  # released when the first UI stops
+        pass

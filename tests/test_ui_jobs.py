@@ -1,0 +1,102 @@
+"""A job's state, progress and cancellation, read from and sent to its folder and its process, without a server."""
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from dreambooth_moslora.adapter.errors import UserInputError
+from dreambooth_moslora.ui.jobs import START_MARK, JobStore
+from dreambooth_moslora.ui.progress import training_progress
+
+
+def new_job(store: JobStore) -> str:
+    return store.create("a job", lambda photos: photos.mkdir(), lambda photos, output: ["--output_dir", output],
+                        lambda argv: None)
+
+
+def test_the_progress_is_read_from_the_bar_in_the_log(tmp_path):
+    log = tmp_path / "train.log"
+    assert training_progress(log)["total"] is None
+    log.write_text("caching latents: 100%|██| 25/25 [00:00<00:00, 118.25it/s]\n"
+                   "\rsteps:   0%|          | 0/20 [00:00<?, ?it/s]"
+                   "\rsteps:   5%|▌         | 1/20 [00:00<00:02,  7.83it/s, loss=0.5000, lr=1.00e-03, s_per_step=0.13]"
+                   "\rsteps:  10%|█         | 2/20 [00:01<00:20,  1.50s/it, loss=0.2500, lr=1.00e-03, s_per_step=1.5]")
+    progress = training_progress(log)
+    assert progress["step"] == 2 and progress["total"] == 20 and progress["losses"] == [(1, 0.5), (2, 0.25)]
+    assert progress["steps_per_second"] == pytest.approx(1 / 1.5) and progress["eta_seconds"] == pytest.approx(27)
+
+
+def test_a_jobs_state_is_read_from_its_folder(tmp_path):
+    store = JobStore(tmp_path)
+    job_id = new_job(store)
+    assert store.state(job_id)["state"] == "waiting"
+    store.cancel(job_id)
+    assert store.state(job_id)["state"] == "cancelled"
+    store.resume(job_id)
+    store._write_queue([])
+    log = tmp_path / job_id / "train.log"
+    for text, state in [(f"{START_MARK} x\n", "failed"), ("error: --rank must be at least 1\n", "failed"),
+                        (f"{START_MARK} y\nstopped: interrupted at step 8; saved …\n", "stopped"),
+                        (f"{START_MARK} z\ntrained 12 steps in 3.0 s; wrote …\n", "finished")]:
+        log.write_text(log.read_text() + text if log.exists() else text)
+        assert store.state(job_id)["state"] == state, text
+    assert store.state(job_id)["message"].startswith("trained 12 steps")
+    # a PID reused by another process is not the job's
+    store._write({**store.read(job_id), "pid": 1})
+    assert store.state(job_id)["state"] == "finished"
+    assert json.loads((tmp_path / job_id / "job.json").read_text())["argv"][-1].endswith("output")
+
+
+def test_cancel_sends_one_sigint_to_the_running_process_and_the_job_stops(tmp_path):
+    store = JobStore(tmp_path)
+    job_id = new_job(store)
+    store._write_queue([])
+    folder = tmp_path / job_id
+    stand_in = ("import signal, sys, time\n"  # as train answers Ctrl-C: a moment to save, a line, exit 130
+                "signals = []\nsignal.signal(signal.SIGINT, lambda *_: signals.append(1))\n"
+                "print('ready', flush=True)\nwhile not signals:\n    time.sleep(0.02)\ntime.sleep(1)\n"
+                "print(f'stopped: interrupted after {len(signals)} SIGINT', flush=True)\nsys.exit(130)\n")
+    with open(folder / "train.log", "w") as log:
+        log.write(f"{START_MARK} now\n")
+        log.flush()
+        child = subprocess.Popen([sys.executable, "-c", stand_in, str(folder / "output")], stdout=log)
+    store._write({**store.read(job_id), "pid": child.pid})
+    deadline = time.monotonic() + 30
+    while "ready" not in (folder / "train.log").read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert store.state(job_id)["state"] == "running"
+    store.cancel(job_id)
+    assert store.state(job_id)["message"].startswith("stopping")
+    with pytest.raises(UserInputError, match="already stopping"):
+        store.cancel(job_id)  # a second Ctrl-C would abort the checkpoint
+    assert child.wait(timeout=30) == 130
+    assert store.state(job_id) == {"state": "stopped", "message": "stopped: interrupted after 1 SIGINT"}
+
+
+@pytest.mark.parametrize("without_proc", [False, True], ids=["proc", "ps"])
+def test_a_process_is_ours_while_it_lives_with_our_folder_in_its_command_line(tmp_path, monkeypatch, without_proc):
+    from pathlib import Path
+
+    from dreambooth_moslora.ui import jobs
+
+    if without_proc:  # as on macOS
+        real_is_dir = Path.is_dir
+        monkeypatch.setattr(Path, "is_dir", lambda self: False if str(self) == "/proc/self" else real_is_dir(self))
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", str(tmp_path / "output")])
+    try:
+        assert jobs.process_alive(child.pid, str(tmp_path / "output"))
+        assert not jobs.process_alive(child.pid, str(tmp_path / "other"))  # a reused PID
+    finally:
+        child.kill()
+        child.wait()
+    assert not jobs.process_alive(child.pid, str(tmp_path / "output"))
+    zombie = subprocess.Popen([sys.executable, "-c", "", str(tmp_path / "output")])
+    deadline = time.monotonic() + 30
+    while jobs.process_alive(zombie.pid, str(tmp_path / "output")):  # ended, not yet reaped: not alive
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    zombie.wait()
