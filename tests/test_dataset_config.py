@@ -157,8 +157,10 @@ def test_beside_a_file_the_data_flags_are_refused_and_without_one_they_are_neede
     path = write(folders, ONE)
     with pytest.raises(UserInputError, match="put --repeats into its concepts"):
         parse_args([*BASE, "--dataset_config", str(path), "--repeats", "3"])
-    with pytest.raises(UserInputError, match="--instance_data_dir and --instance_prompt, or a --dataset_config"):
+    with pytest.raises(UserInputError, match=r"--instance_data_dir is missing \(or give a --dataset_config file\)"):
         parse_args(BASE)
+    with pytest.raises(UserInputError, match="--instance_prompt is missing"):
+        parse_args([*BASE, "--instance_data_dir", str(folders / "dog")])
     args = parse_args([*BASE, "--dataset_config", str(path), "--resolution", "512"])  # other flags stay flags
     assert args.dataset.concepts[0].image_dir == folders / "dog" and args.resolution == 512
 

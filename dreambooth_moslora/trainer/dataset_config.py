@@ -301,6 +301,7 @@ def dataset_from_args(args: argparse.Namespace, defaults: dict) -> DatasetConfig
     if args.dataset_config:
         refuse_data_flags(args, defaults)
         return load_dataset_config(args.dataset_config)
-    if not (args.instance_data_dir and args.instance_prompt):
-        raise UserInputError("give --instance_data_dir and --instance_prompt, or a --dataset_config file")
+    for flag in ("instance_data_dir", "instance_prompt"):  # one message per flag, so the UI shows it at its field
+        if not getattr(args, flag):
+            raise UserInputError(f"--{flag} is missing (or give a --dataset_config file)")
     return from_args(args)

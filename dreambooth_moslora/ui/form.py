@@ -133,7 +133,7 @@ def check(argv: list[str]) -> dict[str, str]:
 def preset_table(argv: list[str]) -> list[dict]:
     """The memory plan's presets for this form's model and options, each with its peak and ✓/✗ per card size,
     as `plan` prints them (trainer/memory_plan.py)."""
-    args = validate_args(build_parser(PROG, needs_data=False).parse_args(argv), needs_data=False)
+    args = validate_args(build_parser(PROG).parse_args(argv), needs_data=False)
     configs = model_configs(args.pretrained_model_name_or_path, args.model_config)
     table = []
     for name, settings in presets(plan_settings(args)).items():
