@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +41,10 @@ REQUIRED = {"instance": ("image_dir", "instance_prompt"), "class": ("image_dir",
             "validation": ("image_dir",)}
 PATH_KEYS = ("image_dir", "mask_dir", "class_data_dir")
 PRIOR_KEYS = ("class_prompt", "class_prompts", "class_data_dir", "num_class_images", "prior_loss_weight")
+PRIOR_USES = {"none": (), "base_model": ("class_prompt", "class_prompts", "prior_loss_weight"),
+              "class_images": PRIOR_KEYS}
+"""The prior keys each prior reads: one given for a prior that ignores it is refused (a forgotten `prior = ...`
+would otherwise train without prior preservation, silently); class_prompt also names the class of the trigger."""
 NO_CAPTIONS = "none"
 DATA_FLAGS = ("instance_data_dir", "instance_prompt", "repeats", "mask_dir", "alpha_mask", "with_prior_preservation",
               "prior_preservation_mode", "class_data_dir", "class_prompts_file", "class_prompt", "num_class_images",
@@ -153,6 +158,11 @@ def _concept(table: dict, index: int, base: Path, source: str) -> Concept:
         if key not in table:
             raise UserInputError(f"{where}: {key} is missing")
     values = {key: _typed(table[key], key, where, base) for key in table}
+    prior = values.get("prior", "none")
+    for key in PRIOR_KEYS:
+        if key in table and key != "class_prompt" and prior in PRIOR_USES and key not in PRIOR_USES[prior]:
+            using = " or ".join(f'"{p}"' for p in PRIORS if key in PRIOR_USES[p])
+            raise UserInputError(f"{where}: {key} is unused with prior {prior!r}; set prior = {using}, or remove it")
     values.setdefault("name", table["image_dir"])
     if "class_prompts" in values:
         values["class_prompts"] = tuple(values["class_prompts"])
@@ -226,8 +236,12 @@ def _check_concept(concept: Concept, where: str):
     if concept.repeats < 1:
         raise UserInputError(f"{where}: repeats must be at least 1, got {concept.repeats}")
     for key in ("loss_weight", "prior_loss_weight", "num_class_images"):
-        if getattr(concept, key) < 0:
-            raise UserInputError(f"{where}: {key} cannot be negative, got {getattr(concept, key)}")
+        if not math.isfinite(getattr(concept, key)) or getattr(concept, key) < 0:  # TOML has nan and inf
+            raise UserInputError(f"{where}: {key} must be a finite number, not negative, got {getattr(concept, key)}")
+    for key, prompt in [("instance_prompt", concept.instance_prompt), ("class_prompt", concept.class_prompt),
+                        *(("class_prompts", p) for p in concept.class_prompts)]:
+        if prompt is not None and not prompt.strip():
+            raise UserInputError(f"{where}: {key} is empty")
     if concept.caption_extension != NO_CAPTIONS and not concept.caption_extension.startswith("."):
         raise UserInputError(f"{where}: caption_extension must start with a dot (\".txt\") or be \"none\", "
                              f"got {concept.caption_extension!r}")
@@ -276,7 +290,8 @@ def dataset_toml(dataset: DatasetConfig) -> str:
         lines = ["[[concept]]"]
         for key in KEYS[concept.role]:
             value = getattr(concept, key)
-            if value is None or value == () or (concept.role == "instance" and concept.prior == "none" and key in PRIOR_KEYS):
+            if value is None or value == () or (concept.role == "instance" and key in PRIOR_KEYS
+                                                and key not in PRIOR_USES[concept.prior]):
                 continue
             lines.append(f"{key} = {_toml_value(value)}")
         blocks.append("\n".join(lines))
