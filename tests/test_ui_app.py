@@ -261,3 +261,28 @@ def test_a_second_ui_on_the_same_jobs_folder_is_refused(tmp_path):
                 pass
     with jobs_folder(tmp_path / "jobs"):  # released when the first UI stops
         pass
+
+
+def test_the_queue_outlives_a_failed_tick(monkeypatch):
+    import threading
+
+    from dreambooth_moslora.ui import app as ui_app
+
+    ticks = []
+
+    class Store:
+        def advance(self):
+            ticks.append(1)
+            if len(ticks) == 1:
+                raise OSError("a job folder vanished mid-tick")
+
+    monkeypatch.setattr(ui_app, "TICK_SECONDS", 0.01)
+    stop = threading.Event()
+    thread = threading.Thread(target=ui_app._scheduler, args=(Store(), stop), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while len(ticks) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stop.set()
+    thread.join(timeout=5)
+    assert len(ticks) >= 3  # the thread did not end with the first tick's error

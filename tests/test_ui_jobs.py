@@ -100,3 +100,16 @@ def test_a_process_is_ours_while_it_lives_with_our_folder_in_its_command_line(tm
         assert time.monotonic() < deadline
         time.sleep(0.05)
     zombie.wait()
+
+
+def test_the_queue_skips_a_deleted_job_and_a_job_that_cannot_start_fails_with_its_reason(tmp_path):
+    import shutil
+
+    store = JobStore(tmp_path / "jobs")
+    gone, job_id = new_job(store), new_job(store)
+    shutil.rmtree(tmp_path / "jobs" / gone)  # deleted by hand while it waited
+    store._write({**store.read(job_id), "cwd": str(tmp_path / "removed")})  # its working folder is gone
+    store.advance()  # neither raises (which would end the UI's scheduler thread)
+    assert store.queue() == []
+    state = store.state(job_id)
+    assert state["state"] == "failed" and state["message"].startswith("error: the training could not start")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import re
 import secrets
 import shutil
@@ -35,6 +36,7 @@ from .outputs import adapter_file, generations, start_generation
 from .paths import folder_image, inside, named_folder
 from .progress import job_report
 
+logger = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 MAX_UPLOAD_BYTES = 20 * 2**20
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
@@ -197,8 +199,12 @@ def create_app(jobs_dir, token: str | None = None, schedule: bool = True) -> Fas
 
 
 def _scheduler(store: JobStore, stop: threading.Event):
+    """Survives a failed tick: one bad job must not stop every later one from starting."""
     while not stop.wait(TICK_SECONDS):
-        store.advance()
+        try:
+            store.advance()
+        except Exception:
+            logger.exception("ui: the queue's tick failed; trying again")
 
 
 def _refusal(request: Request, token: str | None) -> str | None:

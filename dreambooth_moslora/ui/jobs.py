@@ -149,8 +149,12 @@ class JobStore:
                 log.write(f"\n{START_MARK} {time.strftime('%Y-%m-%d %H:%M:%S')}: "
                           f"dreambooth-moslora train {shlex.join(argv)}\n")
                 log.flush()
-                child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True, cwd=job["cwd"])
+                try:
+                    child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                             start_new_session=True, cwd=job["cwd"])
+                except OSError as error:  # e.g. its working folder is gone: a failed job, not a dead scheduler
+                    log.write(f"error: the training could not start: {error}\n")
+                    return
             self.children[job_id] = child
             self._write({**job, "pid": child.pid, "cancelled": False})
 
@@ -193,7 +197,7 @@ class JobStore:
             for job_id, child in list(self.children.items()):
                 if child.poll() is not None:
                     del self.children[job_id]
-            ids = self.queue()
+            ids = [i for i in self.queue() if (self.root / i / JOB_FILE).is_file()]  # a job deleted while waiting
             if not ids or self.running():
                 return
             self._write_queue(ids[1:])
