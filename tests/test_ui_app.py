@@ -234,6 +234,7 @@ def test_a_token_is_needed_when_one_is_set(tmp_path):
     client = client_of(tmp_path / "jobs", token="s3cret")
     assert client.get("/api/jobs").status_code == 403
     assert client.get("/api/jobs", headers={"X-Token": "wrong"}).status_code == 403
+    assert client.get("/api/jobs", params={"token": "s3crét"}).status_code == 403  # not a 500
     assert client.get("/api/jobs", headers={"X-Token": "s3cret"}).status_code == 200
     first = client.get("/", params={"token": "s3cret"})  # the printed URL sets a cookie for the page's requests
     assert first.status_code == 200 and client.get("/api/jobs").status_code == 200

@@ -211,7 +211,9 @@ def _refusal(request: Request, token: str | None) -> str | None:
     if token:
         given = (request.headers.get("x-token") or request.query_params.get("token")
                  or request.cookies.get("token") or "")
-        return None if secrets.compare_digest(given, token) else "a token is needed: open the URL the UI printed"
+        # as bytes: compare_digest refuses str with non-ASCII characters (a 500 for any ?token=é)
+        return (None if secrets.compare_digest(given.encode(), token.encode())
+                else "a token is needed: open the URL the UI printed")
     host = (request.url.hostname or "").strip("[]")
     origin = request.headers.get("origin")
     if host not in LOCAL_HOSTS:

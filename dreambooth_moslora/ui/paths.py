@@ -15,7 +15,7 @@ from ..trainer.data import image_files
 def inside(root, relative: str) -> Path:
     """`root/relative`, refused unless it stays inside root once every symbolic link is followed."""
     parts = PurePosixPath(relative).parts
-    if not relative or PurePosixPath(relative).is_absolute() or "\\" in relative or ".." in parts:
+    if not relative or PurePosixPath(relative).is_absolute() or "\\" in relative or ".." in parts or "\0" in relative:
         raise UserInputError(f"refused path {relative!r}: only paths inside the folder, without '..'")
     root = Path(root).resolve()
     path = (root / relative).resolve()
@@ -26,6 +26,8 @@ def inside(root, relative: str) -> Path:
 
 def named_folder(folder: str) -> Path:
     """A folder the user typed into the form, as an absolute path; it must exist."""
+    if "\0" in folder:  # else resolve() raises ValueError: a 500, not the user's error
+        raise UserInputError(f"folder not found: {folder!r}")
     path = Path(folder).expanduser().resolve()
     if not path.is_dir():
         raise UserInputError(f"folder not found: {folder}")
