@@ -287,3 +287,23 @@ def test_the_queue_outlives_a_failed_tick(monkeypatch):
     stop.set()
     thread.join(timeout=5)
     assert len(ticks) >= 3  # the thread did not end with the first tick's error
+
+
+def test_uploads_are_decoded_off_the_event_loop(client, monkeypatch):
+    import asyncio
+
+    from dreambooth_moslora.ui import app as ui_app
+
+    real, seen = ui_app.load_rgb, []
+
+    def decode(data):
+        try:
+            asyncio.get_running_loop()
+            seen.append("event loop")  # would stall every other request while it decodes
+        except RuntimeError:
+            seen.append("worker")
+        return real(data)
+
+    monkeypatch.setattr(ui_app, "load_rgb", decode)
+    create(client, {**quick_form(), "photos_folder": ""}, [("photos", ("a.png", png_bytes(), "image/png"))])
+    assert seen == ["worker"]

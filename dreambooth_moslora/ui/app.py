@@ -245,7 +245,9 @@ async def _read_limited(upload: UploadFile) -> bytes:
     if len(data) > MAX_UPLOAD_BYTES:
         raise FormErrors({"photos": f"{upload.filename}: larger than {MAX_UPLOAD_BYTES // 2**20} MiB"})
     try:
-        load_rgb(io.BytesIO(data))  # the trainer's own decode: truncated or corrupt files fail here
+        # the trainer's own decode (truncated or corrupt files fail here), in a worker: a 20 MiB photo's full
+        # decode would stall every other request of this async endpoint's event loop
+        await run_in_threadpool(load_rgb, io.BytesIO(data))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise FormErrors({"photos": f"{upload.filename}: not a readable image ({error})"}) from None
     return data
