@@ -150,6 +150,14 @@ def test_bad_uploads_are_refused_and_leave_nothing(client, tmp_path, name, conte
     assert not [p for p in (tmp_path / "jobs").iterdir() if p.is_dir()]
 
 
+def test_two_uploads_of_one_name_are_refused_not_one_lost(client, tmp_path):
+    for second in ("../a.png", "a.jpg"):  # the same file once its folder is dropped; the same caption file
+        files = [("photos", ("a.png", png_bytes(), "image/png")), ("photos", (second, png_bytes(), "image/png"))]
+        refused = create(client, {**quick_form(), "photos_folder": ""}, files)
+        assert refused.status_code == 400 and "two photos named a" in refused.json()["errors"]["photos"]
+    assert not [p for p in (tmp_path / "jobs").iterdir() if p.is_dir()]
+
+
 def test_a_job_train_would_refuse_is_refused_at_its_field(client, tmp_path):
     refused = create(client, quick_form(resolution="31"))
     assert refused.status_code == 400

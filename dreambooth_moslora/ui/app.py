@@ -261,6 +261,12 @@ def _write_captions(folder: Path, names: list[str], captions: dict, fallback: di
 
 
 def _uploaded(contents: list[tuple[str, bytes]], body: dict):
+    stems = [Path(name).stem for name, _ in contents]  # a.png and a.jpg would share a.txt; a second a.png would win
+    if len(set(stems)) < len(stems):
+        twice = next(s for s in stems if stems.count(s) > 1)
+        raise FormErrors({"photos": f"two photos named {twice}: each needs a name of its own (its caption is "
+                                    f"{twice}.txt)"})
+
     def fill(folder: Path):
         folder.mkdir()
         for name, data in contents:
