@@ -113,3 +113,27 @@ def test_the_queue_skips_a_deleted_job_and_a_job_that_cannot_start_fails_with_it
     assert store.queue() == []
     state = store.state(job_id)
     assert state["state"] == "failed" and state["message"].startswith("error: the training could not start")
+
+
+def test_a_jobs_state_reads_only_the_end_of_a_long_log_and_the_queue_reads_no_log(tmp_path, monkeypatch):
+    import tracemalloc
+
+    store = JobStore(tmp_path / "jobs")
+    job_id = new_job(store)
+    store._write_queue([])
+    log = tmp_path / "jobs" / job_id / "train.log"
+    with open(log, "wb") as file:  # a long run's log: 64 MiB of progress bars (sparse, so no disk is used)
+        file.write(f"{START_MARK} x\nerror: an earlier attempt\n{START_MARK} y\n".encode())
+        file.truncate(64 * 2**20)
+        file.seek(0, 2)
+        file.write("\ntrained 12 steps in 3.0 s; wrote …\n".encode())
+    tracemalloc.start()
+    try:
+        state = store.state(job_id)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert state["state"] == "finished" and state["message"].startswith("trained 12 steps")
+    assert peak < 8 * 2**20
+    monkeypatch.setattr(JobStore, "state", lambda *_: pytest.fail("the scheduler's tick read a job's log"))
+    assert store.running() is None

@@ -25,6 +25,8 @@ from ..adapter.errors import UserInputError
 from ..adapter.files import write_text_atomically
 
 JOB_FILE, QUEUE_FILE, LOG_FILE = "job.json", "queue.json", "train.log"
+LOG_TAIL_BYTES = 2**20
+"""How much of a log's end its job's state reads: a long run's progress bars fill megabytes, polled every tick."""
 START_MARK = "[ui] started"
 OUTCOMES = (("finished", re.compile(r"^trained \d+ steps in ", re.M)), ("stopped", re.compile(r"^stopped: ", re.M)),
             ("failed", re.compile(r"^error: ", re.M)))
@@ -49,6 +51,20 @@ def process_alive(pid: int | None, needle: str) -> bool:
     else:
         state, command = _ps_state_and_command(pid)
     return bool(state) and not state.startswith("Z") and needle in command
+
+
+def _last_attempt(log: Path) -> str | None:
+    """The log since its last start, from its last LOG_TAIL_BYTES (all of them that attempt's when the start lies
+    further back); None when it never started."""
+    if not log.is_file():
+        return None
+    with open(log, "rb") as file:
+        size = file.seek(0, os.SEEK_END)
+        file.seek(max(0, size - LOG_TAIL_BYTES))
+        tail = file.read().decode("utf-8", errors="replace")
+    if START_MARK in tail:
+        return tail.rsplit(START_MARK, 1)[1]
+    return tail if size > LOG_TAIL_BYTES else None
 
 
 def _ps_state_and_command(pid: int) -> tuple[str, str]:
@@ -119,17 +135,15 @@ class JobStore:
         job, folder = self.read(job_id), self.folder(job_id)
         if job_id in self.queue():
             return {"state": "waiting", "message": f"waiting, number {self.queue().index(job_id) + 1} in the queue"}
-        if process_alive(job.get("pid"), str(folder / "output")):
+        if self._alive(job_id, job):
             if job.get("stopping") == job["pid"]:
                 return {"state": "running", "message": "stopping: finishing its step and saving a checkpoint"}
             return {"state": "running", "message": "running"}
         if job.get("cancelled"):
             return {"state": "cancelled", "message": "cancelled before it started"}
-        log = folder / LOG_FILE
-        text = log.read_text(encoding="utf-8", errors="replace") if log.is_file() else ""
-        if START_MARK not in text:
+        attempt = _last_attempt(folder / LOG_FILE)
+        if attempt is None:
             return {"state": "new", "message": "not started"}
-        attempt = text.rsplit(START_MARK, 1)[1]
         for state, pattern in OUTCOMES:
             found = list(pattern.finditer(attempt))
             if found:
@@ -137,7 +151,12 @@ class JobStore:
         return {"state": "failed", "message": "the training process ended without a result; see train.log"}
 
     def running(self) -> str | None:
-        return next((i for i in self.ids() if self.state(i)["state"] == "running"), None)
+        """Asks only whether processes live: the scheduler calls it every tick, for every job."""
+        waiting = self.queue()
+        return next((i for i in self.ids() if i not in waiting and self._alive(i, self.read(i))), None)
+
+    def _alive(self, job_id: str, job: dict) -> bool:
+        return process_alive(job.get("pid"), str(self.folder(job_id) / "output"))
 
     def start(self, job_id: str, resume: bool = False):
         """Run the job's `train` in a session of its own: closing the UI (or its terminal) does not stop it."""
@@ -165,7 +184,7 @@ class JobStore:
             if job_id in self.queue():
                 self._write_queue([i for i in self.queue() if i != job_id])
                 self._write({**job, "cancelled": True})
-            elif process_alive(job.get("pid"), str(self.folder(job_id) / "output")):
+            elif self._alive(job_id, job):
                 if job.get("stopping") == job["pid"]:  # a second Ctrl-C would abort without the checkpoint
                     raise UserInputError(f"job {job_id} is already stopping: it saves a checkpoint first")
                 os.kill(job["pid"], signal.SIGINT)
