@@ -176,6 +176,14 @@ def test_beside_a_file_the_data_flags_are_refused_and_without_one_they_are_neede
     assert args.dataset.concepts[0].image_dir == folders / "dog" and args.resolution == 512
 
 
+@pytest.mark.parametrize("weight", ["nan", "inf", "-1"])
+def test_the_flags_prior_loss_weight_is_checked_as_a_files_is(folders, weight):
+    with pytest.raises(UserInputError, match=f"--prior_loss_weight must be a finite number, not negative, got {weight}"):
+        parse_args([*BASE, "--instance_data_dir", str(folders / "dog"), "--instance_prompt", "a photo of sks dog",
+                    "--with_prior_preservation", "--prior_preservation_mode", "base_model", "--class_prompt",
+                    "a photo of a dog", "--prior_loss_weight", weight])
+
+
 def test_train_trigger_embedding_may_name_any_subjects_trigger(folders):
     path = write(folders, ONE + '[[concept]]\nimage_dir = "cat"\ninstance_prompt = "a photo of zwx cat"\n')
     assert parse_args([*BASE, "--dataset_config", str(path), "--train_trigger_embedding", "zwx"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import math
 
 import torch
 
@@ -225,6 +226,8 @@ def validate_args(args: argparse.Namespace, needs_data: bool = True) -> argparse
         raise UserInputError(f"--unmasked_weight must be in [0, 1], got {args.unmasked_weight}")
     if not 0 <= args.caption_dropout < 1:
         raise UserInputError(f"--caption_dropout must be in [0, 1), got {args.caption_dropout}")
+    if not math.isfinite(args.prior_loss_weight) or args.prior_loss_weight < 0:  # as a dataset file's is checked
+        raise UserInputError(f"--prior_loss_weight must be a finite number, not negative, got {args.prior_loss_weight}")
     if args.num_class_images < 0 or args.dataloader_num_workers < 0:
         raise UserInputError("--num_class_images and --dataloader_num_workers cannot be negative")
     if args.report_to != "none" and importlib.util.find_spec(args.report_to) is None:
