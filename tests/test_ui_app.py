@@ -117,6 +117,9 @@ def test_a_named_folder_lists_and_serves_only_its_images(client, tmp_path):
         refused = client.get("/api/folder/image", params={"path": str(folder), "name": name})
         assert refused.status_code == 400, (folder, name)
     assert client.get("/api/folder", params={"path": str(tmp_path / "missing")}).status_code == 400
+    (tmp_path / "secret.txt").write_text("the key")
+    (linked / "ok.txt").symlink_to(tmp_path / "secret.txt")  # a caption file that leads out is not read
+    assert "the key" not in client.get("/api/folder", params={"path": str(linked)}).text
 
 
 def test_a_job_from_uploads_keeps_its_photos_and_captions(client, tmp_path):

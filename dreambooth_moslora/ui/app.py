@@ -39,6 +39,7 @@ from .progress import job_report
 logger = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 MAX_UPLOAD_BYTES = 20 * 2**20
+MAX_CAPTION_CHARS = 2**16
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 TICK_SECONDS = 0.5
 
@@ -228,8 +229,16 @@ def _argv(body: dict) -> list[str]:
 
 
 def _caption(image: Path) -> str:
-    text = image.with_suffix(".txt")
-    return text.read_text(encoding="utf-8").strip() if text.is_file() else ""
+    """Its caption file, when one lies in its own folder: a link out (a.txt -> ~/.ssh/id_rsa, made by anyone who can
+    reach this port) is not read, and a caption's first 64 KiB are plenty."""
+    try:
+        text = inside(image.parent, image.with_suffix(".txt").name)
+    except UserInputError:
+        return ""
+    if not text.is_file():
+        return ""
+    with open(text, encoding="utf-8", errors="replace") as file:
+        return file.read(MAX_CAPTION_CHARS).strip()
 
 
 def _upload_name(filename: str) -> str:
