@@ -192,6 +192,16 @@ def test_unknown_jobs_are_404(client):
     assert client.post("/api/jobs/nope/cancel").status_code == 404
 
 
+def test_a_bug_is_not_reported_as_a_missing_job(tmp_path):
+    app = create_app(tmp_path / "jobs", schedule=False)
+    job_id = app.state.store.create("a job", lambda photos: photos.mkdir(), lambda photos, output: [], lambda argv: None)
+    job_file = tmp_path / "jobs" / job_id / "job.json"
+    job_file.write_text(json.dumps({k: v for k, v in json.loads(job_file.read_text()).items() if k != "argv"}))
+    client = TestClient(app, base_url=LOCAL, raise_server_exceptions=False)
+    broken = client.post(f"/api/jobs/{job_id}/generate", json={"checkpoint": "final", "prompts": ["x"]})
+    assert broken.status_code == 500  # a KeyError inside ('argv'), not "no job 'argv'"
+
+
 def test_job_files_are_served_only_from_inside_the_job(client, tmp_path):
     job_id = create(client, quick_form()).json()["id"]
     folder = tmp_path / "jobs" / job_id

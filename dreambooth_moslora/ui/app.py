@@ -31,7 +31,7 @@ from ..adapter.files import write_atomically, write_text_atomically
 from ..trainer.data import IMAGE_EXTENSIONS, image_files, load_rgb
 from ..trainer.memory_plan import PRESET_OPTIONS
 from . import form as forms
-from .jobs import LOG_FILE, JobStore
+from .jobs import LOG_FILE, JobStore, UnknownJob
 from .outputs import adapter_file, generations, start_generation
 from .paths import folder_image, inside, named_folder
 from .progress import job_report
@@ -86,8 +86,8 @@ def create_app(jobs_dir, token: str | None = None, schedule: bool = True) -> Fas
     async def user_error(request, error: UserInputError):
         return JSONResponse({"error": str(error)}, status_code=400)
 
-    @app.exception_handler(KeyError)
-    async def unknown_job(request, error: KeyError):
+    @app.exception_handler(UnknownJob)
+    async def unknown_job(request, error: UnknownJob):
         return JSONResponse({"error": f"no job {error.args[0]!r}"}, status_code=404)
 
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")

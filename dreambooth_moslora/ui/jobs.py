@@ -32,6 +32,10 @@ OUTCOMES = (("finished", re.compile(r"^trained \d+ steps in ", re.M)), ("stopped
             ("failed", re.compile(r"^error: ", re.M)))
 
 
+class UnknownJob(KeyError):
+    """No job of that id: a 404, where any other KeyError is a bug, not a missing job."""
+
+
 def cli_command(verb: str, argv: list[str]) -> list[str]:
     """`dreambooth-moslora VERB …` as an argument list (never a shell), with this Python."""
     return [sys.executable, "-m", "dreambooth_moslora.verbs.cli", verb, *argv]
@@ -85,7 +89,7 @@ class JobStore:
 
     def folder(self, job_id: str) -> Path:
         if not re.fullmatch(r"[\w-]+", job_id or "") or not (self.root / job_id / JOB_FILE).is_file():
-            raise KeyError(job_id)
+            raise UnknownJob(job_id)
         return self.root / job_id
 
     def read(self, job_id: str) -> dict:
