@@ -161,6 +161,21 @@ def test_two_uploads_of_one_name_are_refused_not_one_lost(client, tmp_path):
     assert not [p for p in (tmp_path / "jobs").iterdir() if p.is_dir()]
 
 
+def test_too_many_or_too_much_upload_is_refused_at_the_photos_field(client, tmp_path, monkeypatch):
+    from dreambooth_moslora.ui import app as ui_app
+
+    files = [("photos", (f"{i}.png", png_bytes(), "image/png")) for i in range(3)]
+    monkeypatch.setattr(ui_app, "MAX_PHOTOS", 2)
+    too_many = create(client, {**quick_form(), "photos_folder": ""}, files)
+    assert too_many.status_code == 400 and "at most 2 photos" in too_many.json()["errors"]["photos"]
+    monkeypatch.setattr(ui_app, "MAX_PHOTOS", 200)
+    monkeypatch.setattr(ui_app, "MAX_REQUEST_BYTES", 2**20)
+    files = [("photos", (f"{i}.png", png_bytes((512, 512)) + b"\0" * 2**19, "image/png")) for i in range(3)]
+    too_much = create(client, {**quick_form(), "photos_folder": ""}, files)
+    assert too_much.status_code == 400 and "larger than 1 MiB in all" in too_much.json()["errors"]["photos"]
+    assert not [p for p in (tmp_path / "jobs").iterdir() if p.is_dir()]
+
+
 def test_a_job_train_would_refuse_is_refused_at_its_field(client, tmp_path):
     refused = create(client, quick_form(resolution="31"))
     assert refused.status_code == 400

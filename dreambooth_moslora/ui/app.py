@@ -25,6 +25,7 @@ from fastapi.templating import Jinja2Templates
 from PIL import UnidentifiedImageError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 
 from ..adapter.errors import UserInputError
 from ..adapter.files import write_atomically, write_text_atomically
@@ -39,6 +40,8 @@ from .progress import job_report
 logger = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 MAX_UPLOAD_BYTES = 20 * 2**20
+MAX_PHOTOS, MAX_REQUEST_BYTES = 200, 2**30
+"""Every upload is held in memory until the job is built: its count and its whole size are bounded too."""
 MAX_CAPTION_CHARS = 2**16
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 TICK_SECONDS = 0.5
@@ -127,7 +130,12 @@ def create_app(jobs_dir, token: str | None = None, schedule: bool = True) -> Fas
     async def create_job(request: Request):
         """A job from the form (field `form`, JSON) and its photos: uploaded files (`photos`) or the named
         folder's images, each with its caption (`form.captions`). Checked as `train` checks it, then queued."""
-        data = await request.form()
+        if int(request.headers.get("content-length") or 0) > MAX_REQUEST_BYTES:  # before it is spooled to disk
+            raise FormErrors({"photos": f"the upload is larger than {MAX_REQUEST_BYTES // 2**20} MiB in all"})
+        try:
+            data = await request.form(max_files=MAX_PHOTOS)
+        except HTTPException as error:  # too many files or fields: at the photos field, not as {"detail"}
+            raise FormErrors({"photos": f"{error.detail} (at most {MAX_PHOTOS} photos)"}) from None
         try:
             body = json.loads(str(data.get("form") or "{}"))
         except json.JSONDecodeError as error:
