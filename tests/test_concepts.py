@@ -131,6 +131,15 @@ def test_a_folder_without_photos_names_its_concept(tmp_path):
         read_concepts(load_dataset_config(tmp_path / "dataset.toml"), 64, False)
 
 
+def test_a_validation_folder_without_photos_is_found_before_any_model_loads(tmp_path):
+    write_images(tmp_path / "dog", sizes=((64, 64),))
+    (tmp_path / "held-out").mkdir()
+    (tmp_path / "dataset.toml").write_text('[[concept]]\nname = "dog"\nimage_dir = "dog"\ninstance_prompt = "sks"\n'
+                                           '[[concept]]\nrole = "validation"\nimage_dir = "held-out"\n')
+    with pytest.raises(UserInputError, match="dataset.toml: concept 'held-out': no images in"):
+        read_concepts(load_dataset_config(tmp_path / "dataset.toml"), 64, False)
+
+
 def _concept_of(example, dog, cat, own, shared) -> str:
     if example in dog.examples:
         return "dog"

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..adapter.errors import UserInputError
-from .data import Example, Subject, TrainingSet, read_examples
+from .data import Example, Subject, TrainingSet, image_files, read_examples
 from .dataset_config import NO_CAPTIONS, Concept, DatasetConfig
 from .masks import mask_finder
 from .prior import base_model_prior_examples
@@ -64,12 +64,18 @@ class TrainingData:
 
 
 def read_concepts(dataset: DatasetConfig, resolution: int, bucketing: bool) -> TrainingData:
-    """Every instance and class concept's photos (validation concepts' stay out of training)."""
+    """Every instance and class concept's photos (validation concepts' stay out of training: only their presence is
+    checked)."""
     subjects = tuple(tuple(_read(dataset, c, c.instance_prompt, resolution, bucketing, is_class=False,
                                  find_mask=mask_finder(c.mask_dir, c.alpha_mask)))
                      for c in dataset.of_role("instance"))
     shared = tuple(e for c in dataset.of_role("class")
                    for e in _read(dataset, c, c.class_prompt, resolution, bucketing, is_class=True) * c.repeats)
+    for concept in dataset.of_role("validation"):  # measured validation reads them once the models are loaded
+        try:
+            image_files(concept.image_dir)
+        except UserInputError as error:
+            raise UserInputError(f"{dataset.where(concept)}{error}") from None
     return TrainingData(dataset, subjects, shared, resolution, bucketing)
 
 
