@@ -137,3 +137,22 @@ def test_a_jobs_state_reads_only_the_end_of_a_long_log_and_the_queue_reads_no_lo
     assert peak < 8 * 2**20
     monkeypatch.setattr(JobStore, "state", lambda *_: pytest.fail("the scheduler's tick read a job's log"))
     assert store.running() is None
+
+
+def test_two_generations_at_once_get_two_numbers_and_one_that_cannot_start_fails(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from dreambooth_moslora.ui import outputs
+
+    job = tmp_path / "job"
+    (job / "output").mkdir(parents=True)
+    (job / "output" / "moslora.safetensors").write_bytes(b"")
+    record = {"argv": ["--pretrained_model_name_or_path", "m", "--instance_data_dir", "p"], "cwd": str(tmp_path / "gone")}
+    (job / "generated" / "1").mkdir(parents=True)  # made by a request at the same moment, after this one looked
+    real_glob = Path.glob
+    monkeypatch.setattr(Path, "glob", lambda self, pattern: iter(()) if self.name == "generated"
+                        else real_glob(self, pattern))
+    assert outputs.start_generation(job, record, "final", ["a photo"], 0, 1, 5.0, 8) == "2"
+    monkeypatch.undo()
+    [second] = [g for g in outputs.generations(job) if g["number"] == "2"]  # its working folder is gone
+    assert second["state"] == "failed" and second["message"].startswith("error: generate could not start")

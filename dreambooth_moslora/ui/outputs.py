@@ -52,9 +52,15 @@ def start_generation(job: Path, record: dict, checkpoint: str, prompts: list[str
     if not prompts:
         raise UserInputError("write at least one prompt")
     root = job / "generated"
-    number = str(1 + max((int(p.name) for p in root.glob("*") if p.name.isdigit()), default=0))
-    folder = root / number
-    folder.mkdir(parents=True)
+    root.mkdir(exist_ok=True)
+    number = 1 + max((int(p.name) for p in root.glob("*") if p.name.isdigit()), default=0)
+    while True:  # a second request at the same moment (a double click) takes the next number, not a 500
+        folder = root / str(number)
+        try:
+            folder.mkdir()
+            break
+        except FileExistsError:
+            number += 1
     command = ["--pretrained_model_name_or_path", args.pretrained_model_name_or_path, "--adapter", str(adapter),
                *(["--model_config", args.model_config] if args.model_config else []),
                *[word for prompt in prompts for word in ("--prompt", prompt)], "--seed", str(seed),
@@ -62,11 +68,15 @@ def start_generation(job: Path, record: dict, checkpoint: str, prompts: list[str
                "--num_inference_steps", str(steps), "--height", str(args.resolution), "--width", str(args.resolution),
                "--output_dir", str(folder / "images")]
     with open(folder / "generate.log", "w", encoding="utf-8") as log:
-        child = subprocess.Popen(cli_command("generate", command), stdin=subprocess.DEVNULL, stdout=log,
-                                 stderr=subprocess.STDOUT, start_new_session=True, cwd=record["cwd"])
+        try:
+            pid = subprocess.Popen(cli_command("generate", command), stdin=subprocess.DEVNULL, stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True, cwd=record["cwd"]).pid
+        except OSError as error:  # e.g. its working folder is gone: failed, not "starting" for ever
+            log.write(f"error: generate could not start: {error}\n")
+            pid = None
     write_text_atomically(folder / "request.json", json.dumps({"checkpoint": checkpoint, "prompts": prompts,
-                                                                "pid": child.pid}))
-    return number
+                                                                "pid": pid}))
+    return str(number)
 
 
 def generations(job: Path) -> list[dict]:
