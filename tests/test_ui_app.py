@@ -298,6 +298,13 @@ def test_a_second_ui_on_the_same_jobs_folder_is_refused(tmp_path):
                 pass
     with jobs_folder(tmp_path / "jobs"):  # released when the first UI stops
         pass
+    with jobs_folder(tmp_path / "jobs (old)"):  # a parenthesis in the path does not garble the holder
+        with pytest.raises(UserInputError, match=r"jobs \(old\) is in use by another UI: PID \d+ on "):
+            with jobs_folder(tmp_path / "jobs (old)"):
+                pass
+    with pytest.raises(UserInputError, match="^port in use$"):  # the UI's own error is not reworded
+        with jobs_folder(tmp_path / "jobs"):
+            raise UserInputError("port in use")
 
 
 def test_the_queue_outlives_a_failed_tick(monkeypatch):

@@ -6,8 +6,9 @@ same folder is refused (two schedulers would start two trainings at once).
 
 from __future__ import annotations
 
+import re
 import secrets
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from ..adapter.errors import UserInputError
@@ -17,16 +18,17 @@ from .app import LOCAL_HOSTS, create_app
 
 @contextmanager
 def jobs_folder(jobs_dir):
-    """The jobs folder, held for this UI; a folder another UI (or a training) holds is refused."""
-    try:
-        with output_folder_lock(jobs_dir):
-            yield Path(jobs_dir).resolve()
-    except UserInputError as error:
-        if "in use" not in str(error):
-            raise
-        raise UserInputError(f"jobs folder {jobs_dir} is in use by another UI: "
-                             f"{str(error).split('(', 1)[1].split(')', 1)[0]}; open that UI, or choose another "
-                             "--jobs_dir") from None
+    """The jobs folder, held for this UI; a folder another UI (or a training) holds is refused. Only the lock's own
+    refusal is reworded: an error of the UI that runs inside passes unchanged."""
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(output_folder_lock(jobs_dir))
+        except UserInputError as error:
+            holder = re.search(r"\((PID [^)]*)\)", str(error))
+            raise UserInputError(f"jobs folder {jobs_dir} is in use by another UI"
+                                 f"{': ' + holder.group(1) if holder else ''}; open that UI, or choose another "
+                                 "--jobs_dir") from None
+        yield Path(jobs_dir).resolve()
 
 
 def access_token(host: str, token: str | None) -> str | None:
