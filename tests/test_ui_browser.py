@@ -117,9 +117,13 @@ def test_a_mini_model_run_from_the_browser(tmp_path):
             page.click("#resume")
             page.wait_for_selector("#state:text-is('running')")
 
+            job_page = page.url
             stop_ui(ui)  # the training goes on without the UI, which finds it again
             ui, url = start_ui(jobs, port, tmp_path / "ui-2.log")
-            page.reload()
+            page.reload()  # the old token is refused by the new UI
+            assert page.evaluate("fetch('/api/jobs').then(r => r.status)") == 403
+            page.goto(url)  # the URL the new UI printed, with its own token
+            page.goto(job_page)
             page.wait_for_selector("#state:text-is('finished')")
             page.wait_for_selector("#samples tr.best img")  # the chosen step, highlighted
             assert page.locator("#samples tbody tr").count() >= 4  # 0, 20, 40 and final 60

@@ -1,7 +1,7 @@
 """The web app: pages, and a JSON API over the job store, the form and the job folders (docs/ui.md).
 
-Every request passes `guard`: a token when one is set (any --host but 127.0.0.1), and otherwise a Host of this
-machine and no foreign Origin, so a web page elsewhere cannot drive a local UI. Files are served only from inside
+Every request passes `guard`: the token when one is set (`dreambooth-moslora ui` always sets one), and otherwise a
+Host of this machine and no foreign Origin, so a web page elsewhere cannot drive a local UI. Files are served only from inside
 a job folder or, for the form's previews, the images of a folder the user named (ui/paths.py).
 """
 

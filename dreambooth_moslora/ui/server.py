@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..adapter.errors import UserInputError
 from ..trainer.output_lock import output_folder_lock
-from .app import LOCAL_HOSTS, create_app
+from .app import create_app
 
 
 @contextmanager
@@ -31,20 +31,18 @@ def jobs_folder(jobs_dir):
         yield Path(jobs_dir).resolve()
 
 
-def access_token(host: str, token: str | None) -> str | None:
-    """None on this machine's loopback address; any other host needs a token, generated when not given."""
-    if host in LOCAL_HOSTS and not token:
-        return None
+def access_token(token: str | None) -> str:
+    """Always a token, generated when not given (as Jupyter does): every account on the machine can reach a
+    loopback port, and this UI reads the user's images and starts trainings."""
     return token or secrets.token_urlsafe(24)
 
 
 def serve(jobs_dir, host: str = "127.0.0.1", port: int = 7860, token: str | None = None):
     import uvicorn
 
-    token = access_token(host, token)
+    token = access_token(token)
     with jobs_folder(jobs_dir) as folder:
         app = create_app(folder, token=token)
         shown = f"[{host}]" if ":" in host else host
-        print(f"dreambooth-moslora ui: jobs in {folder}\n  open http://{shown}:{port}/"
-              + (f"?token={token}" if token else ""), flush=True)
+        print(f"dreambooth-moslora ui: jobs in {folder}\n  open http://{shown}:{port}/?token={token}", flush=True)
         uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -188,10 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--jobs_dir", default="dreambooth-moslora-jobs",
                     help="where each job's folder (photos, output, log) is kept (default ./dreambooth-moslora-jobs)")
     ui.add_argument("--host", default="127.0.0.1",
-                    help="address to listen on (default 127.0.0.1, this machine only); any other needs a token")
+                    help="address to listen on (default 127.0.0.1, this machine only)")
     ui.add_argument("--port", type=int, default=7860)
-    ui.add_argument("--token", default=None, help="the access token (default: none on 127.0.0.1, else generated "
-                                                  "and printed)")
+    ui.add_argument("--token", default=None, help="the access token (default: generated and printed in the URL)")
     ui.set_defaults(run=_ui)
 
     tiny = verbs.add_parser(
