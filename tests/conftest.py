@@ -1,6 +1,8 @@
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if "PYTEST_XDIST_WORKER" in os.environ:  # one thread per worker (and per process a test starts): no oversubscription
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import torch
