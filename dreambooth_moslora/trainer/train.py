@@ -99,8 +99,9 @@ def _train(args, accelerator, output_dir: Path, data, feature_models=None) -> Tr
     ema = AdapterEMA(adapter_parameters(adapted), args.ema_decay,
                      "cpu" if args.ema_device == "cpu" else accelerator.device) if args.use_ema else None
     global_step = resume(args, output_dir, adapted, optimizer, lr_scheduler, ema, accelerator.scaler, max_steps)
-    settings = plan_settings(args, training_set.examples(), mixed_precision=accelerator.mixed_precision)
-    caches = build_caches(args, accelerator, models, training_set.examples(), settings,
+    examples = training_set.examples()
+    settings = plan_settings(args, examples, mixed_precision=accelerator.mixed_precision)
+    caches = build_caches(args, accelerator, models, examples, settings,
                           samples=(max_steps - global_step) * args.train_batch_size * args.gradient_accumulation_steps)
     offloaded = offload_cached_models(models, accelerator.device, settings.prompts_cached, settings.cache_latents)
     if accelerator.is_main_process:
@@ -174,12 +175,12 @@ class TrainingLoop:
         progress = progress_bar(total=max_steps, initial=global_step, desc="steps", show=accelerator.is_local_main_process)
         stream = process_micro_batches(training_set, args.train_batch_size, args.seed, accelerator.num_processes,
                                        accelerator.process_index)
-        self.masked = any(e.mask is not None for e in training_set.examples())
+        masks = render_mask if any(e.mask is not None for e in training_set.examples()) else None
         skip = global_step * args.gradient_accumulation_steps  # the micro-batches a resumed run has done
         self.step_start, micro_losses = time.perf_counter(), []
         while global_step < max_steps and not (stop.requested or stop.stopped_early):
-            for number, examples, samples, pixels, masks in self._loader(stream, skip):
-                micro_losses.append(self.micro_step(number, examples, samples, pixels, masks))
+            for number, examples, samples, pixels, mask in self._loader(stream, skip, masks):
+                micro_losses.append(self.micro_step(number, examples, samples, pixels, mask))
                 if not accelerator.sync_gradients:
                     continue
                 global_step += 1
@@ -194,14 +195,15 @@ class TrainingLoop:
         progress.close()
         return global_step
 
-    def _loader(self, stream, skip: int) -> DataLoader:
-        """The next PLAN_CHUNK micro-batches of the stream, rendered by DataLoader workers."""
+    def _loader(self, stream, skip: int, render_masks) -> DataLoader:
+        """The next PLAN_CHUNK micro-batches of the stream, rendered by DataLoader workers (with their masks when
+        render_masks is given)."""
         args = self.args
         plan = [item for _, item in zip(range(PLAN_CHUNK), stream) if item[0] >= skip]
         return DataLoader(
             MicroBatches(plan, args.seed, self.accelerator.process_index, args.random_flip, args.center_crop,
                          render_pixels=self.latent_cache is None, caption_dropout=args.caption_dropout,
-                         render_mask=render_mask if self.masked else None),
+                         render_mask=render_masks),
             batch_size=None, num_workers=args.dataloader_num_workers, collate_fn=keep_as_is,
             worker_init_fn=ignore_interrupts,
         )
