@@ -3,10 +3,9 @@
 per preset. torch.cuda.max_memory_allocated is read per phase and compared with the plan's figures for the same
 options (`plan_settings`, the decisions the trainer itself takes):
 
-- setup: loading, caching and placement, until the first step (plan: `setup`);
+- setup: loading, caching and placement, until the first step (plan: `setup()`, the VAE on whole photos);
 - step: the trainer's micro_step, forward, backward and optimizer (plan: `total`);
-- after: checkpoints, the final validation sampling and the export (plan: `validation`, which does not count
-  sampling's activations).
+- after: checkpoints, the final validation sampling and the export (plan: `validation()`, whole images).
 
     python benchmarks/memory_plan_check.py                                  # 1024 px, rank 16, bf16, 3 steps
     python benchmarks/memory_plan_check.py --mixed_precision fp16 --card_gib 8 --presets low_memory
@@ -20,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import sys
 import tempfile
 import time
@@ -55,13 +55,7 @@ class PhasePeaks:
 
 def measure(base: Path, photos: Path, options: list[str], device) -> tuple[dict, dict, float]:
     """One short training with the options; returns the phases' peaks, the plan's figures and seconds per step."""
-    output = Path(tempfile.mkdtemp(prefix="memory-plan-check-"))
-    argv = ["--pretrained_model_name_or_path", str(base), "--instance_data_dir", str(photos),
-            "--instance_prompt", "a photo of sks dog", "--output_dir", str(output), "--report_to", "none",
-            "--validation_prompt", "a photo of sks dog", "--num_validation_images", "1",
-            "--num_inference_steps", "2", *options]
-    args = parse_args(argv)
-    examples = read_examples(photos, args.instance_prompt, args.resolution, args.bucketing)
+    args = parse_args(training_argv(base, photos, Path(tempfile.mkdtemp(prefix="memory-plan-check-")), options))
     torch.cuda.empty_cache()
     phases = PhasePeaks(device)
     torch.cuda.reset_peak_memory_stats(device)
@@ -80,10 +74,42 @@ def measure(base: Path, photos: Path, options: list[str], device) -> tuple[dict,
     finally:
         train_module.TrainingLoop.micro_step = micro_step
     phases.enter("done")
-    settings = plan_settings(args, examples, mixed_precision=args.mixed_precision)
-    plan = plan_memory(model_configs(str(base)), settings)
-    predicted = {"setup": plan.setup, "step": plan.total, "after": plan.validation}
-    return phases.peaks, predicted, result.seconds / max(result.steps, 1)
+    return phases.peaks, planned(args, base, photos), result.seconds / max(result.steps, 1)
+
+
+def training_argv(base, photos: Path, output: Path, options: list[str]) -> list[str]:
+    return ["--pretrained_model_name_or_path", str(base), "--instance_data_dir", str(photos),
+            "--instance_prompt", "a photo of sks dog", "--output_dir", str(output), "--report_to", "none",
+            "--validation_prompt", "a photo of sks dog", "--num_validation_images", "1",
+            "--num_inference_steps", "2", *options]
+
+
+def planned(args, base, photos: Path) -> dict:
+    """The plan's figures for a run's options and photos, phase by phase."""
+    examples = read_examples(photos, args.instance_prompt, args.resolution, args.bucketing)
+    plan = plan_memory(model_configs(str(base)), plan_settings(args, examples, mixed_precision=args.mixed_precision))
+    return {"setup": plan.setup(), "step": plan.total, "after": plan.validation()}
+
+
+def replan(result_file: Path, parser) -> dict:
+    """A GPU run's measurements against the plan as it is now, on any machine: the plan's figures recomputed for
+    the run's own options and photos (an SDXL folder not here is planned from SDXL's configs, as it has them)."""
+    result = json.loads(result_file.read_text())
+    run = parser.parse_known_args(shlex.split(result["command"])[2:])[0]  # sys.argv joined: split loosely
+    base = run.model if run.model and Path(run.model).is_dir() else "stabilityai/stable-diffusion-xl-base-1.0"
+    photos = write_photos(Path(tempfile.mkdtemp(prefix="memory-plan-")) / "photos", run.resolution)
+    for row in result["rows"]:
+        if "measured" in row:
+            options = common_options(run) + PRESET_OPTIONS[row["preset"]]
+            row["predicted"] = planned(parse_args(training_argv(base, photos, Path(tempfile.mkdtemp()), options)),
+                                       base, photos)
+    result["command"] += f"`, plan recomputed on {time.strftime('%Y-%m-%d')}: `python {' '.join(sys.argv)}"
+    return result
+
+
+def common_options(run) -> list[str]:
+    return ["--resolution", str(run.resolution), "--rank", str(run.rank), "--max_train_steps", str(run.steps),
+            "--checkpointing_steps", str(run.steps), "--mixed_precision", run.mixed_precision, "--center_crop"]
 
 
 def write_photos(folder: Path, resolution: int) -> Path:
@@ -95,7 +121,7 @@ def write_photos(folder: Path, resolution: int) -> Path:
     return folder
 
 
-def main():
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--resolution", type=int, default=1024)
     parser.add_argument("--rank", type=int, default=16)
@@ -106,7 +132,20 @@ def main():
     parser.add_argument("--model", default=None,
                         help="an SDXL-architecture folder (the mini model's too); one not there yet gets SDXL with "
                              "random weights saved into it first (default: a temporary one)")
+    parser.add_argument("--replan", type=Path, default=None,
+                        help="no GPU: a result .json of this script, its plan figures recomputed by the plan as it "
+                             "is now; writes <its name>-replanned.md")
+    return parser
+
+
+def main():
+    parser = build_parser()
     args = parser.parse_args()
+    if args.replan:
+        result = replan(args.replan, parser)
+        args.replan.with_name(args.replan.stem + "-replanned.md").write_text(markdown(result))
+        print(markdown(result))
+        return
     if not torch.cuda.is_available():
         parser.error("this check needs a CUDA GPU; on the CPU, tests/test_memory_plan.py checks the plan")
     device = torch.device("cuda")
@@ -117,8 +156,7 @@ def main():
     if not base.exists():
         save_random_sdxl_pipeline(base)
     photos = write_photos(work / "photos", args.resolution)
-    common = ["--resolution", str(args.resolution), "--rank", str(args.rank), "--max_train_steps", str(args.steps),
-              "--checkpointing_steps", str(args.steps), "--mixed_precision", args.mixed_precision, "--center_crop"]
+    common = common_options(args)
     rows = []
     for name in args.presets.split(","):
         try:
@@ -144,7 +182,7 @@ def main():
 
 def markdown(result: dict) -> str:
     lines = [f"{result['gpu']}, {result['date']}, torch {result['torch']}: `{result['command']}`", "",
-             "| preset | setup: plan / measured | step: plan / measured | after (validation, export): plan* / measured | step |",
+             "| preset | setup: plan / measured | step: plan / measured | after: plan* / measured | step |",
              "| --- | --- | --- | --- | --- |"]
     for row in result["rows"]:
         if "measured" not in row:
@@ -153,7 +191,7 @@ def markdown(result: dict) -> str:
         cells = [f"{row['predicted'][phase] / GIB:.2f} / {row['measured'].get(phase, 0) / GIB:.2f} GiB"
                  for phase in ("setup", "step", "after")]
         lines.append(f"| {row['preset']} | {' | '.join(cells)} | {row['step_s']:.2f} s |")
-    lines += ["", "*the plan's validation figure leaves out sampling's activations (the UNet's and the VAE decoder's)."]
+    lines += ["", "*validation and the export; the plan counts validation (sampling and the VAE's whole-image decode)."]
     return "\n".join(lines) + "\n"
 
 

@@ -1,3 +1,4 @@
+import contextlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -162,6 +163,85 @@ def test_training_on_an_accelerator_logs_the_plan_first(tiny_sdxl_dir, caplog):
         assert not caplog.records  # no card to fit on the CPU
         trainer_setup.report_memory_plan(args, on, models, [])
     assert [r.getMessage()[:30] for r in caplog.records] == ["predicted peak training memory"]
+
+
+def test_the_vae_and_sampling_figures_are_those_of_the_real_models(tiny_sdxl_dir):
+    """Encode, decode (whole and in the trainer's fallback tiles) and a guided UNet step, counted on the real tiny
+    models on the CPU, against the plan's meta-device figures: wrong shapes, dtypes or a tiling that never applied
+    would not match."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from dreambooth_moslora.pipeline.vae_tiling import half_size_tiles
+    from dreambooth_moslora.trainer.conditioning import encode_latent_distribution
+
+    resolution = 128
+    outside = plan_memory(model_configs(str(tiny_sdxl_dir)),
+                          PlanSettings(resolution=resolution, mixed_precision="no")).outside_step
+    vae = AutoencoderKL.from_pretrained(tiny_sdxl_dir, subfolder="vae")
+    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl_dir, subfolder="unet")
+    image = torch.zeros(1, 3, resolution, resolution)
+    latent = torch.zeros(1, vae.config.latent_channels, *encode_latent_distribution(vae, image)[0].shape[-2:])
+    width = unet.config.cross_attention_dim
+
+    def counted(run, tiles_of=None, latent_input=False) -> int:
+        counter = LiveTensorBytes()
+        with torch.no_grad(), counter, (half_size_tiles(vae, tiles_of, latent_input) if tiles_of is not None
+                                        else contextlib.nullcontext()):
+            run()
+        return counter.peak
+
+    real = {
+        "whole_encode": counted(lambda: encode_latent_distribution(vae, image)),
+        "tiled_encode": counted(lambda: encode_latent_distribution(vae, image), image),
+        "whole_decode": counted(lambda: vae.decode(latent)),
+        "tiled_decode": counted(lambda: vae.decode(latent), latent, latent_input=True),
+        "unet_sampling": counted(lambda: unet(
+            torch.zeros(2, *latent.shape[1:]), torch.zeros(2), encoder_hidden_states=torch.zeros(2, 77, width),
+            added_cond_kwargs={"text_embeds": torch.zeros(2, unet.config.projection_class_embeddings_input_dim
+                                                          - 6 * unet.config.addition_time_embed_dim),
+                               "time_ids": torch.zeros(2, 6)})),
+    }
+    assert real["tiled_encode"] < real["whole_encode"] and real["tiled_decode"] < real["whole_decode"]
+    for name, size in real.items():
+        assert abs(getattr(outside, name) - size) / size < 0.15, (name, getattr(outside, name), size)
+
+
+def test_setup_and_validation_count_the_vae_and_a_card_fits_what_the_tile_fallback_needs():
+    from dreambooth_moslora.trainer.memory_plan import GIB, MemoryPlan, OutsideStepActivations
+
+    outside = OutsideStepActivations(whole_encode=3 * GIB, tiled_encode=GIB, whole_decode=4 * GIB,
+                                     tiled_decode=GIB // 2, unet_sampling=GIB)
+    plan = MemoryPlan(PlanSettings(), weights={"UNet": 4 * GIB}, offloaded={"VAE": GIB}, optimizer_state=GIB,
+                      step_peak=2 * GIB, outside_step=outside)
+    assert plan.setup() == 8 * GIB and plan.setup(tiled=True) == 6 * GIB  # photos encoded to cache them
+    assert plan.validation() == 10 * GIB and plan.validation(tiled=True) == 7 * GIB  # the UNet step beats a tile
+    assert (plan.peak, plan.least) == (10 * GIB, 7 * GIB)
+    assert plan.fits(8) and not plan.fits(7.5)  # 7 GiB with the VAE in tiles, plus the CUDA context
+    uncached = replace(plan, settings=PlanSettings(cache_latents=False))
+    assert uncached.setup() == 5 * GIB  # the step encodes each photo, and the step counts it
+
+
+def test_the_trainer_warns_only_when_a_card_cannot_hold_even_the_tiled_run(tiny_sdxl_dir, caplog, monkeypatch):
+    import logging
+    from types import SimpleNamespace
+
+    from dreambooth_moslora.pipeline.models import load_base_models
+    from dreambooth_moslora.trainer.memory_plan import CUDA_RESERVE, plan_settings
+
+    args = parse_args(training_argv(tiny_sdxl_dir, "photos", "out", "--resolution", "128"))
+    models = load_base_models(str(tiny_sdxl_dir))
+    plan = plan_memory(model_configs(str(tiny_sdxl_dir)), plan_settings(args, [], 0, "no"))
+    assert plan.least < plan.peak
+    cuda = SimpleNamespace(is_main_process=True, device=torch.device("cuda"), mixed_precision="no")
+    warnings = []
+    for card in (plan.peak + CUDA_RESERVE, plan.least + CUDA_RESERVE, plan.least + CUDA_RESERVE - 1):
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda device, card=card: SimpleNamespace(total_memory=card, name="small card"))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="dreambooth_moslora"):
+            trainer_setup.report_memory_plan(args, cuda, models, [])
+        warnings.append(any("small card" in r.getMessage() for r in caplog.records))
+    assert warnings == [False, False, True]
 
 
 def test_a_learned_trigger_keeps_the_text_encoders_on_the_card_and_counts_its_vectors():

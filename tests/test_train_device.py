@@ -63,7 +63,7 @@ def test_setup_moves_each_model_to_the_device_once_already_in_its_training_dtype
     assert models.vae.dtype == torch.float32  # the stock VAE overflows in fp16
     plan = plan_memory(configs_of(models), plan_settings(args, instance, mixed_precision="bf16"))
     largest_layer = max(p.numel() * 4 for m in _frozen_models(models) for p in m.parameters())
-    assert plan.setup <= counter.peak <= plan.setup + largest_layer, (counter.peak, plan.setup)
+    assert plan.setup_weights <= counter.peak <= plan.setup_weights + largest_layer, (counter.peak, plan.setup_weights)
 
 
 def test_validation_images_decode_outside_the_trainings_autocast(tiny_sdxl_dir, subject, tmp_path, monkeypatch):

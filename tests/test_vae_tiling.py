@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from dreambooth_moslora.pipeline.vae_tiling import tile_on_out_of_memory
+from dreambooth_moslora.pipeline.vae_tiling import fit_vae_to_card
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # diffusers' tiled_encode deprecation note
 
@@ -30,7 +30,7 @@ def small_card(vae, largest_side: int):
 
 def test_what_fits_is_computed_whole_and_unchanged():
     vae, plain = tiny_vae(), tiny_vae()
-    tile_on_out_of_memory(vae)
+    fit_vae_to_card(vae)
     image, latent = torch.randn(1, 3, 64, 64), torch.randn(1, 4, 8, 8)
     with torch.no_grad():
         assert torch.equal(vae.decode(latent).sample, plain.decode(latent).sample)
@@ -39,7 +39,7 @@ def test_what_fits_is_computed_whole_and_unchanged():
 
 def test_a_decode_out_of_memory_is_done_in_half_size_tiles(caplog):
     vae, plain = tiny_vae(), tiny_vae()
-    tile_on_out_of_memory(vae)
+    fit_vae_to_card(vae)
     seen = small_card(vae, largest_side=4)  # an 8x8 latent does not fit; a 4x4 tile does
     latent = torch.randn(1, 4, 8, 8)
     with torch.no_grad(), caplog.at_level(logging.WARNING):
@@ -55,7 +55,7 @@ def test_a_decode_out_of_memory_is_done_in_half_size_tiles(caplog):
 
 def test_an_encode_out_of_memory_is_done_in_tiles():
     vae, plain = tiny_vae(), tiny_vae()
-    tile_on_out_of_memory(vae)
+    fit_vae_to_card(vae)
     small_card(vae, largest_side=32)
     image = torch.rand(1, 3, 64, 64) * 2 - 1
     with torch.no_grad():
@@ -67,6 +67,19 @@ def test_an_encode_out_of_memory_is_done_in_tiles():
 
 def test_an_error_other_than_memory_is_not_retried():
     vae = tiny_vae()
-    tile_on_out_of_memory(vae)
+    fit_vae_to_card(vae)
     with pytest.raises(RuntimeError, match="channels"):
         vae.decode(torch.randn(1, 3, 8, 8))  # a latent of the wrong channel count
+
+
+def test_a_batch_is_decoded_one_image_at_a_time():
+    """Validation samples four images at a time by default: four whole 1024 px decodes at once would be the peak."""
+    vae, plain = tiny_vae(), tiny_vae()
+    fit_vae_to_card(vae)
+    batch = []
+    vae.decoder.register_forward_pre_hook(lambda module, inputs: batch.append(inputs[0].shape[0]))
+    latents = torch.randn(3, 4, 8, 8)
+    with torch.no_grad():
+        decoded = vae.decode(latents).sample
+        assert torch.allclose(decoded, plain.decode(latents).sample, atol=1e-5)
+    assert batch == [1, 1, 1]

@@ -27,7 +27,7 @@ from ..adapter.feedback import progress_bar
 from ..adapter.files import write_atomically
 from .models import check_base_model, dtype_option, model_load_error
 from .single_file import check_same_base, is_single_file, load_single_file_components
-from .vae_tiling import tile_on_out_of_memory
+from .vae_tiling import fit_vae_to_card
 
 SCHEDULERS = {
     "euler": (EulerDiscreteScheduler, {}),
@@ -84,7 +84,7 @@ def load_pipeline(base_model: str, adapter=None, settings: GenerationSettings = 
         pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config, **options)
     if adapter is not None:
         load_adapter(pipe, adapter, scale=settings.adapter_scale, fuse=settings.fuse)
-    tile_on_out_of_memory(pipe.vae)
+    fit_vae_to_card(pipe.vae)
     return pipe.to(device)
 
 

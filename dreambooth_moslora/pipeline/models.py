@@ -15,7 +15,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 from ..adapter.errors import UserInputError
 from .loss import PREDICTION_TYPES
 from .single_file import check_single_file, is_single_file, load_single_file_components
-from .vae_tiling import tile_on_out_of_memory
+from .vae_tiling import fit_vae_to_card
 
 
 def _version(module) -> tuple[int, int]:
@@ -109,7 +109,7 @@ def load_base_models(name_or_path: str, revision=None, variant=None, vae_name_or
         model.requires_grad_(False)
         if model.dtype != wanted:  # a --pretrained_vae of another dtype; on the CPU, before any move
             model.to(dtype=wanted)
-    tile_on_out_of_memory(vae)
+    fit_vae_to_card(vae)
     return BaseModels((parts["tokenizer"], parts["tokenizer_2"]), text_encoders, vae, unet, noise_scheduler)
 
 

@@ -1,8 +1,9 @@
 """The VAE at 1024 px on a small card. Measured on a GPU, a 1024 px decode in the stock fp32 VAE needs ~4 GiB of
-activations and the encode ~3 GiB: on an 8 GiB card that is the run's peak, above the training step's. ComfyUI's
-answer, taken here: the whole image first, and only when that runs out of memory, overlapping tiles of half its
-side, blended at the seams (diffusers' tiling). An image that fits is never changed; one that does not costs a
-faint seam instead of the run.
+activations and the encode ~3 GiB: on an 8 GiB card that is the run's peak, above the training step's. So a batch
+is decoded one image at a time (diffusers' slicing: validation's four samples would need four times that), and
+ComfyUI's answer is taken for the image itself: the whole image first, and only when that runs out of memory,
+overlapping tiles of half its side, blended at the seams (diffusers' tiling). An image that fits is never changed;
+one that does not costs a faint seam instead of the run.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import torch
 logger = logging.getLogger(__name__)
 
 
-def tile_on_out_of_memory(vae) -> None:
-    """Wrap the VAE's encode and decode (instance attributes, so every pipeline and the trainer get them)."""
+def fit_vae_to_card(vae) -> None:
+    """Slice batches, and wrap the VAE's encode and decode (instance attributes, so every pipeline and the trainer
+    get them) to tile on running out of memory."""
+    vae.enable_slicing()
     for name in ("encode", "decode"):
         setattr(vae, name, _with_tiling_fallback(vae, getattr(vae, name), name))
 

@@ -11,6 +11,11 @@ Mixed precision is counted as a GPU runs it: `emulated_autocast` applies CUDA au
 The step is the trainer's own `denoising_loss`, and `plan_settings` is where the trainer's caching and placement
 decisions are made, so the plan and the run cannot drift apart. Weights, adapter, its moving average and the
 optimizer state are added from their sizes; a GradScaler (fp16) holds a few scalars.
+
+Outside the step the VAE is the peak: on an H200 the stock fp32 VAE took ~3 GiB to encode a 1024 px photo and
+~4 GiB to decode one, more than the bf16 step with checkpointing. Setup (encoding the photos) and validation
+(sampling and decoding) are counted the same way, whole and in the half-size tiles the trainer falls back to when
+a card runs out (pipeline/vae_tiling.py); a card fits when the run fits with that fallback.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from ..adapter.trigger import install_trigger_embedding, trigger_parameters
 from ..pipeline.models import enable_text_encoder_checkpointing
 from ..pipeline.sdxl import SDXL_TEXT_ENCODER_CONFIGS, SDXL_UNET_CONFIG, SDXL_VAE_CONFIG
 from ..pipeline.single_file import is_single_file
+from ..pipeline.vae_tiling import half_size_tiles
 from .caching import latents_are_cacheable
 from .conditioning import encode_latent_distribution, encode_prompts, sample_latents
 from .fp8 import store_frozen_weights_in_fp8
@@ -169,6 +175,9 @@ class PlanSettings:
     """--use_ema with its average kept on the accelerator (the default --ema_device)."""
     base_model_prior: bool = False
     """The base-model prior's second, gradient-free UNet pass on class examples."""
+    sample_batch_size: int = 1
+    """Images validation samples at once (--sample_batch_size, at most --num_validation_images): the UNet's batch
+    is twice that with guidance; the VAE decodes them one at a time."""
 
     @property
     def text_encoders_trained(self) -> bool:
@@ -186,6 +195,24 @@ class PlanSettings:
         return (*(("text encoders",) if self.prompts_cached else ()), *(("VAE",) if self.cache_latents else ()))
 
 
+@dataclass(frozen=True)
+class OutsideStepActivations:
+    """Peak activations of setup's and validation's work for one image, counted on the meta device."""
+
+    whole_encode: int
+    tiled_encode: int
+    whole_decode: int
+    tiled_decode: int
+    unet_sampling: int
+    """One denoising step of --sample_batch_size samples with classifier-free guidance (twice as many)."""
+
+    def encode(self, tiled: bool) -> int:
+        return self.tiled_encode if tiled else self.whole_encode
+
+    def decode(self, tiled: bool) -> int:
+        return self.tiled_decode if tiled else self.whole_decode
+
+
 @dataclass
 class MemoryPlan:
     settings: PlanSettings
@@ -200,6 +227,7 @@ class MemoryPlan:
     caches: int = 0
     step_peak: int = 0
     """Activations and gradients at the step's peak, counted on the meta device."""
+    outside_step: OutsideStepActivations = field(default_factory=lambda: OutsideStepActivations(0, 0, 0, 0, 0))
 
     @property
     def total(self) -> int:
@@ -207,31 +235,42 @@ class MemoryPlan:
         return sum(self.weights.values()) + self.adapter + self.ema + self.optimizer_state + self.caches + self.step_peak
 
     @property
-    def setup(self) -> int:
-        """Loading, caching and class images: every frozen model and the adapter on the card before the first
-        step (their sampling activations are not counted)."""
+    def setup_weights(self) -> int:
+        """Every frozen model and the adapter on the card, as setup places them before any caching."""
         return sum(self.weights.values()) + sum(self.offloaded.values()) + self.adapter
 
-    @property
-    def validation(self) -> int:
-        """Validation mid-run: the offloaded models back beside the step's resident state (sampling activations
-        not counted)."""
-        return self.setup + self.ema + self.optimizer_state + self.caches
+    def setup(self, tiled: bool = False) -> int:
+        """Loading and caching: the setup weights and the VAE encoding a photo to cache it (class images are made
+        with less resident than validation has, so validation covers them)."""
+        encode = self.outside_step.encode(tiled) if self.settings.cache_latents else 0
+        return self.setup_weights + encode
+
+    def validation(self, tiled: bool = False) -> int:
+        """Validation mid-run: the offloaded models back beside the step's resident state, and the larger of the
+        UNet's sampling and the VAE's decoding."""
+        return (self.setup_weights + self.ema + self.optimizer_state + self.caches
+                + max(self.outside_step.unet_sampling, self.outside_step.decode(tiled)))
 
     @property
     def peak(self) -> int:
-        return max(self.total, self.setup, self.validation)
+        """The run's peak with the VAE on whole images."""
+        return max(self.total, self.setup(), self.validation())
+
+    @property
+    def least(self) -> int:
+        """The least a card must hold: the peak with the VAE in tiles, which the trainer falls back to."""
+        return max(self.total, self.setup(tiled=True), self.validation(tiled=True))
 
     def fits(self, card_gb: float) -> bool:
-        return self.peak + CUDA_RESERVE <= card_gb * GIB  # an "8 GB" card holds 8 GiB
+        return self.least + CUDA_RESERVE <= card_gb * GIB  # an "8 GB" card holds 8 GiB
 
     def line(self) -> str:
         weights = sum(self.weights.values())
         return (f"predicted peak training memory {self.total / GIB:.1f} GiB: frozen weights {weights / GIB:.1f}, "
                 f"adapter and optimizer {(self.adapter + self.ema + self.optimizer_state) / GIB:.2f}, activations "
-                f"and gradients {self.step_peak / GIB:.1f}; before sampling's activations, setup "
-                f"{self.setup / GIB:.1f} and validation {self.validation / GIB:.1f} (plus ~{CUDA_RESERVE / GIB:.1f} "
-                f"GiB CUDA context)")
+                f"and gradients {self.step_peak / GIB:.1f}; setup {self.setup() / GIB:.1f} and validation "
+                f"{self.validation() / GIB:.1f} ({self.least / GIB:.1f} at most with the VAE in tiles), plus "
+                f"~{CUDA_RESERVE / GIB:.1f} GiB CUDA context")
 
 
 @dataclass
@@ -329,6 +368,7 @@ def plan_memory(configs: ModelConfigs, settings: PlanSettings) -> MemoryPlan:
     plan.optimizer_state = OPTIMIZER_STATE_BYTES[settings.optimizer] * sum(p.numel() for p in parameters)
     plan.caches = _cache_bytes(configs, settings, dtype)
     plan.step_peak = _step_peak(unet, vae, text_encoders, configs, settings, dtype, parameters)
+    plan.outside_step = _outside_step_activations(unet, vae, configs, settings, dtype)
     return plan
 
 
@@ -388,6 +428,42 @@ def _step_peak(unet, vae, text_encoders, configs, settings, dtype, parameters) -
 
 
 @torch.no_grad()
+def _outside_step_activations(unet, vae, configs, settings, dtype) -> OutsideStepActivations:
+    """The VAE encoding a photo and decoding a sample, whole and in half-size tiles, in its own dtype (the trainer
+    decodes outside autocast), and one guided UNet step of a sampling batch under the training's autocast."""
+    pixels, side, meta = settings.resolution, _latent_side(configs, settings.resolution), torch.device("meta")
+    image = torch.empty(1, 3, pixels, pixels, dtype=vae.dtype, device=meta)
+    latent = torch.empty(1, configs.vae["latent_channels"], side, side, dtype=vae.dtype, device=meta)
+
+    def counted(run, tiles_of: torch.Tensor | None = None) -> int:
+        counter = LiveTensorBytes()
+        tiles = (half_size_tiles(vae, tiles_of, latent=tiles_of is latent) if tiles_of is not None
+                 else contextlib.nullcontext())
+        with fused_attention(), tiles, counter:
+            run()
+        return counter.peak
+
+    def encode():
+        encode_latent_distribution(vae, image)
+
+    def decode():
+        vae.decode(latent)
+
+    def unet_step():
+        width, batch = sum(c.hidden_size for c in configs.text_encoders), 2 * settings.sample_batch_size
+        with emulated_autocast(dtype) if settings.mixed_precision != "no" else contextlib.nullcontext():
+            unet(torch.empty(batch, unet.config.in_channels, side, side, device=meta), torch.zeros(batch, device=meta),
+                 encoder_hidden_states=torch.empty(batch, 77, width, dtype=dtype, device=meta),
+                 added_cond_kwargs={"text_embeds": torch.empty(batch, configs.text_encoders[1].projection_dim,
+                                                               dtype=dtype, device=meta),
+                                    "time_ids": torch.empty(batch, 6, device=meta)})
+
+    return OutsideStepActivations(whole_encode=counted(encode), tiled_encode=counted(encode, tiles_of=image),
+                                  whole_decode=counted(decode), tiled_decode=counted(decode, tiles_of=latent),
+                                  unet_sampling=counted(unet_step))
+
+
+@torch.no_grad()
 def _base_prompt_embeddings(text_encoders, tokenizers, batch: int):
     """The base-model prior's prompts through the text encoders with their adapters off, as the trainer does."""
     with moslora_disabled(text_encoders[0]), moslora_disabled(text_encoders[1]):
@@ -421,7 +497,8 @@ def plan_settings(args, examples=None, class_examples: int = 0, mixed_precision:
         base_weights_fp8=args.base_weights_dtype == "fp8", cached_images=cached_images,
         lora_dropout=args.lora_dropout, ema_on_accelerator=args.use_ema and args.ema_device != "cpu",
         base_model_prior=args.dataset.base_model_prior if args.dataset else
-        args.with_prior_preservation and args.prior_preservation_mode == "base_model")
+        args.with_prior_preservation and args.prior_preservation_mode == "base_model",
+        sample_batch_size=min(args.sample_batch_size, args.num_validation_images))
 
 
 def planned_class_examples(args, instance_count: int) -> int:
@@ -453,7 +530,7 @@ def presets(settings: PlanSettings) -> dict[str, PlanSettings]:
         "bf16 + gradient checkpointing": replace(bf16, gradient_checkpointing=True),
         "bf16 + checkpointing + 8-bit AdamW": replace(bf16, gradient_checkpointing=True, optimizer="adamw8bit"),
         "--low_memory (+ fp8 base weights)": replace(bf16, gradient_checkpointing=True, optimizer="adamw8bit",
-                                                     base_weights_fp8=True),
+                                                     base_weights_fp8=True, sample_batch_size=1),
         "bf16 + checkpointing + text encoders trained": replace(bf16, gradient_checkpointing=True,
                                                                 train_text_encoder=True),
     }
@@ -476,17 +553,25 @@ def plan_report(configs: ModelConfigs, settings: PlanSettings) -> str:
     lines += [f"  {label:<52} {size / GIB:7.2f} GiB" for label, size in rows]
     lines += [f"  {'total of a step (torch.cuda.max_memory_allocated)':<52} {plan.total / GIB:7.2f} GiB"]
     lines += [f"  {name} kept off the accelerator once cached: {size / GIB:.2f} GiB" for name, size in plan.offloaded.items()]
-    lines += [f"  {'setup (all models on the card, before offloading)':<52} {plan.setup / GIB:7.2f} GiB",
-              f"  {'validation (offloaded models back, with the state)':<52} {plan.validation / GIB:7.2f} GiB",
-              "  (setup and validation without sampling's activations, which the plan does not count)"]
-    lines += [f"  fits a card of {_fits(plan)} (with ~{CUDA_RESERVE / GIB:.1f} GiB for the CUDA context)", ""]
+    outside = plan.outside_step
+    lines += [f"  {'VAE encoding a photo (whole / in tiles)':<52} {outside.whole_encode / GIB:7.2f} / "
+              f"{outside.tiled_encode / GIB:.2f} GiB",
+              f"  {'VAE decoding a sample (whole / in tiles)':<52} {outside.whole_decode / GIB:7.2f} / "
+              f"{outside.tiled_decode / GIB:.2f} GiB",
+              f"  {f'UNet sampling step ({settings.sample_batch_size} at a time, guided)':<52} "
+              f"{outside.unet_sampling / GIB:7.2f} GiB",
+              f"  {'setup (all models on the card, encoding photos)':<52} {plan.setup() / GIB:7.2f} GiB",
+              f"  {'validation (models back, sampling, decoding)':<52} {plan.validation() / GIB:7.2f} GiB",
+              f"  {'the least a card must hold (the VAE in tiles)':<52} {plan.least / GIB:7.2f} GiB"]
+    lines += [f"  fits a card of {_fits(plan)} (with ~{CUDA_RESERVE / GIB:.1f} GiB for the CUDA context; the trainer "
+              "falls back to VAE tiles when a whole image does not fit)", ""]
     lines += [f"presets at {settings.resolution} px:", "",
-              "| preset | predicted peak | " + " | ".join(f"{gb} GB" for gb in CARD_SIZES_GB) + " |",
-              "| --- " * (2 + len(CARD_SIZES_GB)) + "|"]
+              "| preset | predicted peak | with VAE tiles | " + " | ".join(f"{gb} GB" for gb in CARD_SIZES_GB) + " |",
+              "| --- " * (3 + len(CARD_SIZES_GB)) + "|"]
     for name, preset in presets(settings).items():
         planned = plan if preset == settings else plan_memory(configs, preset)
         marks = " | ".join("✓" if planned.fits(gb) else "✗" for gb in CARD_SIZES_GB)
-        lines.append(f"| {name} | {planned.peak / GIB:.1f} GiB | {marks} |")
+        lines.append(f"| {name} | {planned.peak / GIB:.1f} GiB | {planned.least / GIB:.1f} GiB | {marks} |")
     return "\n".join(lines) + "\n"
 
 

@@ -47,8 +47,8 @@ def setup_models(args, accelerator, instance) -> tuple:
 
 
 def report_memory_plan(args, accelerator, models, examples):
-    """Before any model reaches the device: the plan's one line on an accelerator, and a warning when its peak
-    exceeds the card (on the CPU there is no card to fit, and planning costs seconds)."""
+    """Before any model reaches the device: the plan's one line on an accelerator, and a warning when the card
+    cannot hold even the least it needs (on the CPU there is no card to fit, and planning costs seconds)."""
     if not accelerator.is_main_process or accelerator.device.type == "cpu":
         return
     settings = plan_settings(args, examples, planned_class_examples(args, len(examples)), accelerator.mixed_precision)
@@ -56,7 +56,7 @@ def report_memory_plan(args, accelerator, models, examples):
     logger.info(plan.line())
     if accelerator.device.type == "cuda":
         card = torch.cuda.get_device_properties(accelerator.device)
-        if plan.peak + CUDA_RESERVE > card.total_memory:
+        if plan.least + CUDA_RESERVE > card.total_memory:
             logger.warning("that is more than the %.1f GiB of this %s: expect out-of-memory errors or a crawl "
                            "through shared memory; --low_memory, --gradient_checkpointing or a lower --resolution "
                            "fit less (dreambooth-moslora plan shows what each saves)", card.total_memory / GIB, card.name)

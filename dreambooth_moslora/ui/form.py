@@ -131,15 +131,15 @@ def check(argv: list[str]) -> dict[str, str]:
 
 
 def preset_table(argv: list[str]) -> list[dict]:
-    """The memory plan's presets for this form's model and options, each with its peak and ✓/✗ per card size,
-    as `plan` prints them (trainer/memory_plan.py)."""
+    """The memory plan's presets for this form's model and options, each with its peak (whole images, and the VAE
+    in tiles) and ✓/✗ per card size, as `plan` prints them (trainer/memory_plan.py)."""
     args = validate_args(build_parser(PROG).parse_args(argv), needs_data=False)
     configs = model_configs(args.pretrained_model_name_or_path, args.model_config)
     table = []
     for name, settings in presets(plan_settings(args)).items():
         plan = plan_memory(configs, settings)
         table.append({"name": name, "options": PRESET_OPTIONS[name], "peak_gib": round(plan.peak / GIB, 2),
-                      "fits": {str(gb): plan.fits(gb) for gb in CARD_SIZES_GB}})
+                      "tiled_peak_gib": round(plan.least / GIB, 2), "fits": {str(gb): plan.fits(gb) for gb in CARD_SIZES_GB}})
     return table
 
 

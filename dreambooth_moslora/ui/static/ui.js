@@ -99,8 +99,14 @@ function buildPresets(names, table) {
     const fits = Object.entries(row.fits || {}).map(([gb, ok]) =>
       el("span", { class: ok ? "fits" : "no-fit", text: `${ok ? "✓" : "✗"} ${gb} GB` }));
     return el("tr", {}, el("td", {}, radio), el("td", { text: row.name || "my options as they are" }),
-      el("td", {}, row.peak_gib === undefined ? "" : `${row.peak_gib} GiB `, ...fits));
+      el("td", {}, peakText(row), ...fits));
   }));
+}
+
+function peakText(row) {
+  if (row.peak_gib === undefined) return "";
+  const tiled = row.tiled_peak_gib < row.peak_gib ? ` (${row.tiled_peak_gib} with the VAE in tiles)` : "";
+  return `${row.peak_gib} GiB${tiled} `;
 }
 
 function photoCard(src, name, caption) {
