@@ -85,10 +85,12 @@ def training_argv(base, photos: Path, output: Path, options: list[str]) -> list[
 
 
 def planned(args, base, photos: Path) -> dict:
-    """The plan's figures for a run's options and photos, phase by phase."""
+    """The plan's figures for a run's options and photos, phase by phase (setup and after also with VAE tiles,
+    which a capped card falls back to)."""
     examples = read_examples(photos, args.instance_prompt, args.resolution, args.bucketing)
     plan = plan_memory(model_configs(str(base)), plan_settings(args, examples, mixed_precision=args.mixed_precision))
-    return {"setup": plan.setup(), "step": plan.total, "after": plan.validation()}
+    return {"setup": plan.setup(), "step": plan.total, "after": plan.validation(),
+            "setup_tiled": plan.setup(tiled=True), "after_tiled": plan.validation(tiled=True)}
 
 
 def replan(result_file: Path, parser) -> dict:
@@ -97,12 +99,13 @@ def replan(result_file: Path, parser) -> dict:
     result = json.loads(result_file.read_text())
     run = parser.parse_known_args(shlex.split(result["command"])[2:])[0]  # sys.argv joined: split loosely
     base = run.model if run.model and Path(run.model).is_dir() else "stabilityai/stable-diffusion-xl-base-1.0"
-    photos = write_photos(Path(tempfile.mkdtemp(prefix="memory-plan-")) / "photos", run.resolution)
-    for row in result["rows"]:
-        if "measured" in row:
-            options = common_options(run) + PRESET_OPTIONS[row["preset"]]
-            row["predicted"] = planned(parse_args(training_argv(base, photos, Path(tempfile.mkdtemp()), options)),
-                                       base, photos)
+    with tempfile.TemporaryDirectory(prefix="memory-plan-") as work:
+        photos = write_photos(Path(work) / "photos", run.resolution)
+        for row in result["rows"]:
+            if "measured" in row:
+                options = common_options(run) + PRESET_OPTIONS[row["preset"]]
+                row["predicted"] = planned(parse_args(training_argv(base, photos, Path(work) / "out", options)),
+                                           base, photos)
     result["command"] += f"`, plan recomputed on {time.strftime('%Y-%m-%d')}: `python {' '.join(sys.argv)}"
     return result
 
@@ -188,11 +191,17 @@ def markdown(result: dict) -> str:
         if "measured" not in row:
             lines.append(f"| {row['preset']} | {'out of memory' if 'out_of_memory' in row else row['skipped']} | | | |")
             continue
-        cells = [f"{row['predicted'][phase] / GIB:.2f} / {row['measured'].get(phase, 0) / GIB:.2f} GiB"
+        cells = [f"{_planned_cell(row['predicted'], phase)} / {row['measured'].get(phase, 0) / GIB:.2f} GiB"
                  for phase in ("setup", "step", "after")]
         lines.append(f"| {row['preset']} | {' | '.join(cells)} | {row['step_s']:.2f} s |")
-    lines += ["", "*validation and the export; the plan counts validation (sampling and the VAE's whole-image decode)."]
+    lines += ["", "*validation and the export; the plan counts validation (sampling and the VAE's decode), whole and "
+              "(in brackets) with the VAE in tiles, which a capped card falls back to."]
     return "\n".join(lines) + "\n"
+
+
+def _planned_cell(predicted: dict, phase: str) -> str:
+    tiled = predicted.get(f"{phase}_tiled")
+    return f"{predicted[phase] / GIB:.2f}" + (f" ({tiled / GIB:.2f})" if tiled is not None else "")
 
 
 if __name__ == "__main__":

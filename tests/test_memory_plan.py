@@ -22,7 +22,7 @@ def _bytes(tensors) -> int:
 
 def measured_training_step(monkeypatch, argv) -> dict:
     """Run the real trainer and count its second step as the plan counts: the tensors alive before it (weights,
-    adapter, optimizer state, caches) plus the most bytes its own ops keep alive at once."""
+    adapter, optimizer state, caches) plus its inputs and the most bytes its own ops keep alive at once."""
     measured = {}
     original = train_module.TrainingLoop.micro_step
 
@@ -36,10 +36,11 @@ def measured_training_step(monkeypatch, argv) -> dict:
         for cache in (self.latent_cache, self.prompt_cache):
             resident += [t for entry in (cache or {}).values() for t in entry]
         resident += list(self.ema.shadow.values()) if self.ema is not None else []
+        inputs = [t for t in rest if isinstance(t, torch.Tensor)]  # the photos' pixels, when encoded in the step
         counter = LiveTensorBytes()
         with counter:
             loss = original(self, number, *rest)
-        measured.update(resident=_bytes(resident), step=counter.peak)
+        measured.update(resident=_bytes(resident), step=counter.peak + (_bytes(inputs) if inputs else 0))
         return loss
 
     monkeypatch.setattr(train_module.TrainingLoop, "micro_step", counted)
@@ -47,22 +48,23 @@ def measured_training_step(monkeypatch, argv) -> dict:
     return measured
 
 
-@pytest.mark.parametrize("base, resolution, extra", [
-    ("tiny", 64, ("--gradient_checkpointing", "--train_batch_size", "2")),
-    ("tiny", 64, ("--train_text_encoder", "--rank", "8")),
-    ("tiny", 64, ("--lora_dropout", "0.1", "--use_ema", "--no_cache_prompts")),
-    ("mini", 32, ("--rank", "16")),
-    ("mini", 32, ("--train_trigger_embedding", "sks")),
+@pytest.mark.parametrize("base, resolution, photo, extra", [
+    ("tiny", 64, (64, 64), ("--gradient_checkpointing", "--train_batch_size", "2")),
+    ("tiny", 64, (96, 64), ("--gradient_checkpointing", "--train_batch_size", "2")),  # random crops: encoded
+    ("tiny", 64, (64, 64), ("--train_text_encoder", "--rank", "8")),                    # in the step, one by one
+    ("tiny", 64, (64, 64), ("--lora_dropout", "0.1", "--use_ema", "--no_cache_prompts")),
+    ("mini", 32, (32, 32), ("--rank", "16")),
+    ("mini", 32, (32, 32), ("--train_trigger_embedding", "sks")),
 ])
 def test_the_plan_is_within_ten_percent_of_a_real_step(tiny_sdxl_dir, tmp_path, monkeypatch, fresh_accelerate,
-                                                       base, resolution, extra):
+                                                       base, resolution, photo, extra):
     """The plan's settings come from the same options and photos (plan_settings), as the trainer's decisions do."""
     from dreambooth_moslora.trainer.data import read_examples
     from dreambooth_moslora.trainer.memory_plan import plan_settings
 
     folder = tiny_sdxl_dir if base == "tiny" else MINI_SDXL
     instance = tmp_path / "instance"
-    write_images(instance, sizes=((resolution, resolution),) * 4)
+    write_images(instance, sizes=(photo,) * 4)
     argv = training_argv(folder, instance, tmp_path / "out", "--resolution", str(resolution), *extra, steps=2)
     measured = measured_training_step(monkeypatch, argv)
     args = parse_args(argv)
@@ -176,7 +178,7 @@ def test_the_vae_and_sampling_figures_are_those_of_the_real_models(tiny_sdxl_dir
 
     resolution = 128
     outside = plan_memory(model_configs(str(tiny_sdxl_dir)),
-                          PlanSettings(resolution=resolution, mixed_precision="no")).outside_step
+                          PlanSettings(resolution=resolution, mixed_precision="no", sample_batch_size=1)).outside_step
     vae = AutoencoderKL.from_pretrained(tiny_sdxl_dir, subfolder="vae")
     unet = UNet2DConditionModel.from_pretrained(tiny_sdxl_dir, subfolder="unet")
     image = torch.zeros(1, 3, resolution, resolution)
@@ -206,6 +208,36 @@ def test_the_vae_and_sampling_figures_are_those_of_the_real_models(tiny_sdxl_dir
         assert abs(getattr(outside, name) - size) / size < 0.15, (name, getattr(outside, name), size)
 
 
+def test_the_plan_samples_in_the_largest_batch_the_trainer_samples_in(tiny_sdxl_dir, tmp_path, monkeypatch,
+                                                                      fresh_accelerate):
+    """Class images and validation both sample --sample_batch_size images at once, whatever
+    --num_validation_images is; the plan's guided sampling step is that batch twice."""
+    from dreambooth_moslora.trainer.data import read_examples
+    from dreambooth_moslora.trainer.memory_plan import plan_settings
+
+    batches = []
+    load = trainer_setup.load_base_models
+
+    def load_and_watch_the_unet(*args, **kwargs):
+        models = load(*args, **kwargs)
+        models.unet.register_forward_pre_hook(lambda module, inputs: batches.append(inputs[0].shape[0]))
+        return models
+
+    monkeypatch.setattr(trainer_setup, "load_base_models", load_and_watch_the_unet)
+    instance = tmp_path / "instance"
+    write_images(instance, sizes=((64, 64),) * 2)
+    argv = training_argv(tiny_sdxl_dir, instance, tmp_path / "out", "--with_prior_preservation",
+                         "--class_prompt", "a photo of a dog", "--class_data_dir", str(tmp_path / "class"),
+                         "--num_class_images", "3", "--sample_batch_size", "3", "--num_validation_images", "1",
+                         "--validation_prompt", "a photo of sks dog", "--num_inference_steps", "2", steps=1)
+    train_module.train(parse_args(argv))
+    args = parse_args(argv)
+    settings = plan_settings(args, read_examples(instance, args.instance_prompt, 64, args.bucketing))
+    assert settings.samples and max(batches) == 2 * settings.sample_batch_size == 6
+    unsampled = plan_settings(parse_args(training_argv(tiny_sdxl_dir, instance, tmp_path / "other")))
+    assert not unsampled.samples  # no validation prompt, no class images: nothing is decoded after setup
+
+
 def test_setup_and_validation_count_the_vae_and_a_card_fits_what_the_tile_fallback_needs():
     from dreambooth_moslora.trainer.memory_plan import GIB, MemoryPlan, OutsideStepActivations
 
@@ -228,7 +260,8 @@ def test_the_trainer_warns_only_when_a_card_cannot_hold_even_the_tiled_run(tiny_
     from dreambooth_moslora.pipeline.models import load_base_models
     from dreambooth_moslora.trainer.memory_plan import CUDA_RESERVE, plan_settings
 
-    args = parse_args(training_argv(tiny_sdxl_dir, "photos", "out", "--resolution", "128"))
+    args = parse_args(training_argv(tiny_sdxl_dir, "photos", "out", "--resolution", "128",
+                                    "--validation_prompt", "a photo of sks dog"))
     models = load_base_models(str(tiny_sdxl_dir))
     plan = plan_memory(model_configs(str(tiny_sdxl_dir)), plan_settings(args, [], 0, "no"))
     assert plan.least < plan.peak

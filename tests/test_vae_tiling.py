@@ -83,3 +83,23 @@ def test_a_batch_is_decoded_one_image_at_a_time():
         decoded = vae.decode(latents).sample
         assert torch.allclose(decoded, plain.decode(latents).sample, atol=1e-5)
     assert batch == [1, 1, 1]
+
+
+def test_in_a_batch_only_the_image_that_ran_out_is_tiled(caplog):
+    vae, plain = tiny_vae(), tiny_vae()
+    fit_vae_to_card(vae)
+    calls = []
+
+    def second_whole_image_runs_out(module, inputs):
+        calls.append(tuple(inputs[0].shape[-2:]))
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+    vae.decoder.register_forward_pre_hook(second_whole_image_runs_out)
+    latents = torch.randn(2, 4, 8, 8)
+    with torch.no_grad(), caplog.at_level(logging.WARNING):
+        decoded = vae.decode(latents).sample
+        whole = torch.cat([plain.decode(latent[None]).sample for latent in latents])
+    assert torch.equal(decoded[0], whole[0])  # the first image fitted and is not redone
+    assert calls[:3] == [(8, 8), (8, 8), (4, 4)] and len(calls) > 3  # the second whole, refused, then its tiles
+    assert not torch.equal(decoded[1], whole[1]) and torch.isfinite(decoded[1]).all()
+    assert caplog.text.count("ran out of memory") == 1

@@ -17,11 +17,12 @@ logger = logging.getLogger(__name__)
 
 
 def fit_vae_to_card(vae) -> None:
-    """Slice batches, and wrap the VAE's encode and decode (instance attributes, so every pipeline and the trainer
-    get them) to tile on running out of memory."""
+    """Slice batches, and tile each image that runs out of memory: diffusers' AutoencoderKL slices a batch into
+    `_encode`/`_decode` calls of one image each, so those are wrapped (instance attributes, so every pipeline and
+    the trainer get them) and only the image that did not fit is retried."""
     vae.enable_slicing()
-    for name in ("encode", "decode"):
-        setattr(vae, name, _with_tiling_fallback(vae, getattr(vae, name), name))
+    for name in ("_encode", "_decode"):
+        setattr(vae, name, _with_tiling_fallback(vae, getattr(vae, name), name.lstrip("_")))
 
 
 def _with_tiling_fallback(vae, whole, name: str):

@@ -43,7 +43,7 @@ from ..adapter.trigger import install_trigger_embedding, trigger_parameters
 from ..pipeline.models import enable_text_encoder_checkpointing
 from ..pipeline.sdxl import SDXL_TEXT_ENCODER_CONFIGS, SDXL_UNET_CONFIG, SDXL_VAE_CONFIG
 from ..pipeline.single_file import is_single_file
-from ..pipeline.vae_tiling import half_size_tiles
+from ..pipeline.vae_tiling import fit_vae_to_card, half_size_tiles
 from .caching import latents_are_cacheable
 from .conditioning import encode_latent_distribution, encode_prompts, sample_latents
 from .fp8 import store_frozen_weights_in_fp8
@@ -175,9 +175,11 @@ class PlanSettings:
     """--use_ema with its average kept on the accelerator (the default --ema_device)."""
     base_model_prior: bool = False
     """The base-model prior's second, gradient-free UNet pass on class examples."""
-    sample_batch_size: int = 1
-    """Images validation samples at once (--sample_batch_size, at most --num_validation_images): the UNet's batch
-    is twice that with guidance; the VAE decodes them one at a time."""
+    samples: bool = True
+    """Validation or class images sample after setup; a run with neither never decodes."""
+    sample_batch_size: int = 4
+    """Images sampled at once (--sample_batch_size, validation's and class images'): the UNet's batch is twice that
+    with guidance; the VAE decodes them one at a time."""
 
     @property
     def text_encoders_trained(self) -> bool:
@@ -240,16 +242,18 @@ class MemoryPlan:
         return sum(self.weights.values()) + sum(self.offloaded.values()) + self.adapter
 
     def setup(self, tiled: bool = False) -> int:
-        """Loading and caching: the setup weights and the VAE encoding a photo to cache it (class images are made
-        with less resident than validation has, so validation covers them)."""
+        """Loading and caching: the setup weights, the moving average, and the VAE encoding a photo to cache it
+        (class images are sampled with less resident than validation, in batches of the same size, so validation
+        covers them)."""
         encode = self.outside_step.encode(tiled) if self.settings.cache_latents else 0
-        return self.setup_weights + encode
+        return self.setup_weights + self.ema + encode
 
     def validation(self, tiled: bool = False) -> int:
         """Validation mid-run: the offloaded models back beside the step's resident state, and the larger of the
-        UNet's sampling and the VAE's decoding."""
-        return (self.setup_weights + self.ema + self.optimizer_state + self.caches
-                + max(self.outside_step.unet_sampling, self.outside_step.decode(tiled)))
+        UNet's sampling and the VAE's decoding (neither when the run never samples)."""
+        sampling = (max(self.outside_step.unet_sampling, self.outside_step.decode(tiled)) if self.settings.samples
+                    else 0)
+        return self.setup_weights + self.ema + self.optimizer_state + self.caches + sampling
 
     @property
     def peak(self) -> int:
@@ -269,8 +273,8 @@ class MemoryPlan:
         return (f"predicted peak training memory {self.total / GIB:.1f} GiB: frozen weights {weights / GIB:.1f}, "
                 f"adapter and optimizer {(self.adapter + self.ema + self.optimizer_state) / GIB:.2f}, activations "
                 f"and gradients {self.step_peak / GIB:.1f}; setup {self.setup() / GIB:.1f} and validation "
-                f"{self.validation() / GIB:.1f} ({self.least / GIB:.1f} at most with the VAE in tiles), plus "
-                f"~{CUDA_RESERVE / GIB:.1f} GiB CUDA context")
+                f"{self.validation() / GIB:.1f}; a card needs at least {self.least / GIB:.1f} GiB with the VAE in "
+                f"tiles, plus ~{CUDA_RESERVE / GIB:.1f} GiB CUDA context")
 
 
 @dataclass
@@ -320,6 +324,7 @@ def _meta_models(configs: ModelConfigs, settings: PlanSettings, dtype: torch.dty
         text_encoders = (CLIPTextModel(configs.text_encoders[0]), CLIPTextModelWithProjection(configs.text_encoders[1]))
     with torch.device("meta"), _default_dtype(dtype if settings.vae_fp16_safe else torch.float32):
         vae = AutoencoderKL.from_config(configs.vae)
+    fit_vae_to_card(vae)  # batches encoded one image at a time, as the trainer's VAE
     for model in (unet, vae, *text_encoders):
         model.requires_grad_(False)
     config = MoSLoRAConfig(rank=settings.rank, target_modules=settings.target_modules, dropout=settings.lora_dropout)
@@ -435,10 +440,8 @@ def _outside_step_activations(unet, vae, configs, settings, dtype) -> OutsideSte
     image = torch.empty(1, 3, pixels, pixels, dtype=vae.dtype, device=meta)
     latent = torch.empty(1, configs.vae["latent_channels"], side, side, dtype=vae.dtype, device=meta)
 
-    def counted(run, tiles_of: torch.Tensor | None = None) -> int:
+    def counted(run, tiles: contextlib.AbstractContextManager = contextlib.nullcontext()) -> int:
         counter = LiveTensorBytes()
-        tiles = (half_size_tiles(vae, tiles_of, latent=tiles_of is latent) if tiles_of is not None
-                 else contextlib.nullcontext())
         with fused_attention(), tiles, counter:
             run()
         return counter.peak
@@ -458,9 +461,11 @@ def _outside_step_activations(unet, vae, configs, settings, dtype) -> OutsideSte
                                                                dtype=dtype, device=meta),
                                     "time_ids": torch.empty(batch, 6, device=meta)})
 
-    return OutsideStepActivations(whole_encode=counted(encode), tiled_encode=counted(encode, tiles_of=image),
-                                  whole_decode=counted(decode), tiled_decode=counted(decode, tiles_of=latent),
-                                  unet_sampling=counted(unet_step))
+    unet.eval()  # sampling runs without dropout
+    return OutsideStepActivations(
+        whole_encode=counted(encode), tiled_encode=counted(encode, half_size_tiles(vae, image, latent=False)),
+        whole_decode=counted(decode), tiled_decode=counted(decode, half_size_tiles(vae, latent, latent=True)),
+        unet_sampling=counted(unet_step))
 
 
 @torch.no_grad()
@@ -498,7 +503,13 @@ def plan_settings(args, examples=None, class_examples: int = 0, mixed_precision:
         lora_dropout=args.lora_dropout, ema_on_accelerator=args.use_ema and args.ema_device != "cpu",
         base_model_prior=args.dataset.base_model_prior if args.dataset else
         args.with_prior_preservation and args.prior_preservation_mode == "base_model",
-        sample_batch_size=min(args.sample_batch_size, args.num_validation_images))
+        samples=bool(args.validation_prompt) or _makes_class_images(args), sample_batch_size=args.sample_batch_size)
+
+
+def _makes_class_images(args) -> bool:
+    if args.dataset:
+        return any(c.prior == "class_images" for c in args.dataset.concepts)
+    return args.with_prior_preservation and args.prior_preservation_mode == "class_images"
 
 
 def planned_class_examples(args, instance_count: int) -> int:

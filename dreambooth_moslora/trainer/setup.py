@@ -57,9 +57,10 @@ def report_memory_plan(args, accelerator, models, examples):
     if accelerator.device.type == "cuda":
         card = torch.cuda.get_device_properties(accelerator.device)
         if plan.least + CUDA_RESERVE > card.total_memory:
-            logger.warning("that is more than the %.1f GiB of this %s: expect out-of-memory errors or a crawl "
-                           "through shared memory; --low_memory, --gradient_checkpointing or a lower --resolution "
-                           "fit less (dreambooth-moslora plan shows what each saves)", card.total_memory / GIB, card.name)
+            logger.warning("the run needs at least %.1f GiB, more than the %.1f GiB of this %s: expect out-of-memory "
+                           "errors or a crawl through shared memory; --low_memory, --gradient_checkpointing or a "
+                           "lower --resolution fit less (dreambooth-moslora plan shows what each saves)",
+                           (plan.least + CUDA_RESERVE) / GIB, card.total_memory / GIB, card.name)
 
 
 def _warn_about_resolution(resolution: int, models, name: str):

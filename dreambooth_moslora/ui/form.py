@@ -139,7 +139,8 @@ def preset_table(argv: list[str]) -> list[dict]:
     for name, settings in presets(plan_settings(args)).items():
         plan = plan_memory(configs, settings)
         table.append({"name": name, "options": PRESET_OPTIONS[name], "peak_gib": round(plan.peak / GIB, 2),
-                      "tiled_peak_gib": round(plan.least / GIB, 2), "fits": {str(gb): plan.fits(gb) for gb in CARD_SIZES_GB}})
+                      "tiled_peak_gib": round(plan.least / GIB, 2),
+                      "fits": {str(gb): plan.fits(gb) for gb in CARD_SIZES_GB}})
     return table
 
 
