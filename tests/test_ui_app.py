@@ -201,6 +201,14 @@ def test_the_queue_reorders_cancels_and_resumes_waiting_jobs(client):
     assert client.get(f"/jobs/{ids[0]}").status_code == 200
 
 
+def test_a_job_is_deleted_through_the_api(client):
+    job_id = create(client, quick_form()).json()["id"]
+    assert client.delete(f"/api/jobs/{job_id}").json() == {"deleted": job_id}
+    assert client.get(f"/api/jobs/{job_id}").status_code == 404
+    assert client.get("/api/jobs").json() == {"queue": [], "jobs": []}
+    assert client.delete(f"/api/jobs/{job_id}").status_code == 404
+
+
 def test_unknown_jobs_are_404(client):
     for url in ["/api/jobs/nope", "/api/jobs/..", "/jobs/nope", "/api/jobs/nope/files/job.json"]:
         assert client.get(url).status_code == 404, url

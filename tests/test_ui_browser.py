@@ -144,6 +144,11 @@ def test_a_mini_model_run_from_the_browser(tmp_path):
             download.value.save_as(saved)
             with safe_open(saved, "pt") as kohya:
                 assert any(key.startswith("lora_unet_") for key in kohya.keys())
+
+            page.once("dialog", lambda dialog: dialog.accept())  # "Delete the job … with its adapters?"
+            page.click("#delete")
+            page.wait_for_url(re.compile(r"/$"))
+            assert page.evaluate("fetch('/api/jobs').then(r => r.json()).then(d => d.jobs.length)") == 0
             browser.close()
     finally:
         if ui.poll() is None:

@@ -50,6 +50,27 @@ def test_a_jobs_state_is_read_from_its_folder(tmp_path):
     assert json.loads((tmp_path / job_id / "job.json").read_text())["argv"][-1].endswith("output")
 
 
+def test_a_deleted_job_leaves_the_list_the_queue_and_the_disk_but_a_running_one_stays(tmp_path):
+    store = JobStore(tmp_path)
+    waiting, finished, running = new_job(store), new_job(store), new_job(store)
+    store._write_queue([waiting])
+    (tmp_path / finished / "output").mkdir()
+    (tmp_path / finished / "output" / "moslora.safetensors").write_bytes(b"adapter")
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", str(tmp_path / running / "output")])
+    try:
+        store._write({**store.read(running), "pid": child.pid})
+        with pytest.raises(UserInputError, match="cancel it"):
+            store.delete(running)
+        assert (tmp_path / running / "job.json").is_file()
+    finally:
+        child.kill()
+        child.wait()
+    for job_id in (waiting, finished):
+        store.delete(job_id)
+    assert store.ids() == [running] and store.queue() == []
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [running]  # nothing left behind, hidden or not
+
+
 def test_cancel_sends_one_sigint_to_the_running_process_and_the_job_stops(tmp_path):
     store = JobStore(tmp_path)
     job_id = new_job(store)

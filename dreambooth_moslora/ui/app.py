@@ -177,6 +177,11 @@ def create_app(jobs_dir, token: str | None = None, schedule: bool = True) -> Fas
         store.resume(job_id)
         return store.state(job_id)
 
+    @app.delete("/api/jobs/{job_id}")
+    def delete(job_id: str):
+        store.delete(job_id)
+        return {"deleted": job_id}
+
     @app.post("/api/jobs/{job_id}/move")
     def move(job_id: str, body: dict):
         store.move(job_id, int(body.get("position", 0)))

@@ -204,6 +204,18 @@ class JobStore:
             self._write({**self.read(job_id), "resume": True, "cancelled": False})
             self._write_queue(self.queue() + [job_id])
 
+    def delete(self, job_id: str):
+        """The job's folder goes, adapters and all (download what you keep first). A running job is cancelled
+        first and deleted once it has stopped: deleting under a live process would lose its checkpoint."""
+        with self.lock:
+            folder = self.folder(job_id)
+            if self._alive(job_id, self.read(job_id)):
+                raise UserInputError(f"job {job_id} is running: cancel it, and delete it once it has stopped")
+            self._write_queue([i for i in self.queue() if i != job_id])
+            trash = self.root / f".deleted-{job_id}"  # hidden at once: out of the list even if removal fails
+            folder.rename(trash)
+            shutil.rmtree(trash, ignore_errors=True)
+
     def move(self, job_id: str, position: int):
         """Reorder the queue: the waiting job to `position` (0 = next)."""
         with self.lock:

@@ -189,9 +189,17 @@ async function refreshJobs() {
     if (place > 0) actions.append(button("↑", () => api("POST", `/api/jobs/${job.id}/move`, { position: place - 1 }).then(refreshJobs)));
     if (place >= 0 && place < data.queue.length - 1) actions.append(button("↓", () => api("POST", `/api/jobs/${job.id}/move`, { position: place + 1 }).then(refreshJobs)));
     if (job.state === "waiting" || job.state === "running") actions.append(button("cancel", () => api("POST", `/api/jobs/${job.id}/cancel`).then(refreshJobs)));
+    else actions.append(button("delete", () => deleteJob(job).then(refreshJobs)));
     return el("tr", { "data-job": job.id }, el("td", {}, el("a", { href: `/jobs/${job.id}`, text: job.name || job.id })),
       el("td", { class: `state ${job.state}`, text: job.state }), actions);
   }));
+}
+
+async function deleteJob(job) {
+  if (!confirm(`Delete the job "${job.name || job.id}" with its adapters and images?`)) return false;
+  const { ok, data } = await api("DELETE", `/api/jobs/${job.id}`);
+  if (!ok) alert(data.error);
+  return ok;
 }
 
 function button(text, onclick) {
@@ -207,6 +215,9 @@ function jobPage() {
   const files = (path) => `/api/jobs/${id}/files/${path.split("/").map(encodeURIComponent).join("/")}`;
   $("#cancel").addEventListener("click", () => api("POST", `/api/jobs/${id}/cancel`).then(refresh));
   $("#resume").addEventListener("click", () => api("POST", `/api/jobs/${id}/resume`).then(refresh));
+  $("#delete").addEventListener("click", async () => {
+    if (await deleteJob({ id, name: $("#job").dataset.name })) location.href = "/";
+  });
   $("#generate").addEventListener("submit", async (event) => {
     event.preventDefault();
     const form = event.target.elements;
@@ -230,6 +241,7 @@ function jobPage() {
       ? `, ${p.steps_per_second.toFixed(2)} steps/s, about ${duration(p.eta_seconds)} left` : "") : "";
     $("#cancel").hidden = !["running", "waiting"].includes(data.state) || data.message.startsWith("stopping");
     $("#resume").hidden = !["stopped", "failed", "cancelled"].includes(data.state);
+    $("#delete").hidden = ["running", "waiting"].includes(data.state);
     chart($("#loss"), { loss: p.losses, "mean of 10": runningMean(p.losses, 10) }, null, ["#93c5fd", "#1d4ed8"]);
     const measures = {};
     for (const record of data.metrics) {
