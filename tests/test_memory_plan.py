@@ -92,7 +92,8 @@ def test_the_plan_verb_reads_a_dataset_files_photos(tiny_sdxl_dir, tmp_path, cap
 
     assert main(["plan", "--pretrained_model_name_or_path", str(tiny_sdxl_dir), "--resolution", "64",
                  "--dataset_config", str(write_two_subjects(tmp_path)), "--center_crop"]) == 0
-    assert "cached latents and prompts (3 images)" in capsys.readouterr().out  # the dog's two photos, the cat's one
+    # the dog's two photos, the cat's one, the dog's two base-model prior examples and the shared cats folder's one
+    assert "cached latents and prompts (6 images)" in capsys.readouterr().out
     from dreambooth_moslora.trainer.memory_plan import plan_settings
 
     args = parse_args(["--pretrained_model_name_or_path", str(tiny_sdxl_dir), "--dataset_config",

@@ -46,6 +46,7 @@ from ..pipeline.single_file import is_single_file
 from ..pipeline.vae_tiling import fit_vae_to_card, half_size_tiles
 from .caching import latents_are_cacheable
 from .conditioning import encode_latent_distribution, encode_prompts, sample_latents
+from .data import image_files
 from .fp8 import store_frozen_weights_in_fp8
 from .step import LossSettings, StepInputs, denoising_loss
 
@@ -514,12 +515,21 @@ def _makes_class_images(args) -> bool:
 
 def planned_class_examples(args, instance_count: int) -> int:
     """Class examples a run will have before its class images exist: the base-model prior's captions (one per
-    instance photo, or per class prompt), or --num_class_images."""
+    instance photo, or per class prompt), or --num_class_images; with a dataset file, each subject's own, and the
+    photos of its shared class folders."""
+    if args.dataset and args.dataset.source:
+        subjects = sum(_class_examples(c.prior, c.class_prompts, len(image_files(c.image_dir)), c.num_class_images)
+                       for c in args.dataset.of_role("instance"))
+        return subjects + sum(len(image_files(c.image_dir)) for c in args.dataset.of_role("class"))
     if not args.with_prior_preservation:
         return 0
-    if args.prior_preservation_mode == "base_model":
-        return len(args.class_prompts) if args.class_prompts else instance_count
-    return args.num_class_images
+    return _class_examples(args.prior_preservation_mode, args.class_prompts, instance_count, args.num_class_images)
+
+
+def _class_examples(prior: str, class_prompts, photos: int, num_class_images: int) -> int:
+    if prior == "base_model":
+        return len(class_prompts) if class_prompts else photos
+    return num_class_images if prior == "class_images" else 0
 
 
 PRESET_OPTIONS = {
