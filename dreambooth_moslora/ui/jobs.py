@@ -205,8 +205,8 @@ class JobStore:
             self._write_queue(self.queue() + [job_id])
 
     def delete(self, job_id: str):
-        """The job's folder goes, adapters and all (download what you keep first). A running job is cancelled
-        first and deleted once it has stopped: deleting under a live process would lose its checkpoint."""
+        """The job's folder goes, adapters and all (download what you keep first). A running job is refused: it
+        must be cancelled and have stopped, since deleting under a live process would lose its checkpoint."""
         with self.lock:
             folder = self.folder(job_id)
             if self._alive(job_id, self.read(job_id)):
