@@ -47,6 +47,19 @@ def test_a_step_whose_class_drifted_toward_the_subject_is_skipped():
     assert choose(history, ChoiceRule(class_tolerance=0.10)).step is None  # neither within 0.10
 
 
+def test_with_several_subjects_every_subject_must_keep_its_class():
+    """The means rank the steps; the tolerances hold per subject, so one subject's drift cannot hide in a mean."""
+    def record(step, dog_class, cat_class):
+        subjects = {"dog": {"subject": 0.5 + step / 1000, "class_similarity": dog_class},
+                    "cat": {"subject": 0.5 + step / 1000, "class_similarity": cat_class}}
+        return {"step": step, "subject": 0.5 + step / 1000, "class_similarity": (dog_class + cat_class) / 2,
+                "subjects": subjects}
+    history = [record(0, 0.2, 0.6), record(100, 0.25, 0.6), record(200, 0.1, 0.85)]
+    # step 200's mean drift (+0.075) is within 0.20 of step 0's, but the cat's (+0.25) is not
+    assert choose(history, ChoiceRule(class_tolerance=0.2)).step == 100
+    assert choose(history, ChoiceRule(class_tolerance=0.3)).step == 200
+
+
 def test_analyzer_records_with_only_subject():
     history = [{"step": 0, "subject": 0.10, "class_similarity": 0.30},
                {"step": 100, "subject": 0.50, "class_similarity": 0.35},

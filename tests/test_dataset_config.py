@@ -66,9 +66,11 @@ def test_a_file_reads_every_key_with_paths_relative_to_it(folders):
     assert (held_out.role, held_out.validates) == ("validation", "cat")
     assert dataset.instance_prompts == ["a photo of sks dog", "a photo of zwx cat"]
     assert dataset.base_model_prior
-    subject = dataset.measured_subject()  # the first subject; the cat's held-out photos are for the cat
-    assert (subject.instance_prompt, subject.reference_dir, subject.class_prompt) == (
+    dog_measured, cat_measured = dataset.measured_subjects()  # the cat against its held-out photos, the shared class
+    assert (dog_measured.instance_prompt, dog_measured.reference_dir, dog_measured.class_prompt) == (
         "a photo of sks dog", folders / "dog", "a photo of a dog")
+    assert (cat_measured.name, cat_measured.reference_dir, cat_measured.class_prompt) == (
+        "cat", held_out.image_dir, "a photo of a cat")
 
 
 def test_a_file_written_out_reads_back_to_the_same_concepts(folders):
@@ -87,7 +89,7 @@ role = "validation"
 image_dir = "held-out"
 """))
     assert dataset.concepts[1].validates == "dog"  # the only subject
-    assert dataset.measured_subject().reference_dir == folders / "held-out"
+    assert dataset.measured_subjects()[0].reference_dir == folders / "held-out"
 
 
 def test_class_prompts_give_the_class_prompt_as_the_flag_does(folders):

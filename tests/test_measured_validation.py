@@ -138,3 +138,36 @@ def test_a_validation_concepts_held_out_photos_are_what_samples_are_measured_aga
         "--num_validation_images", "1", "--num_inference_steps", "1", "--validation_dino_model", str(dino),
         "--validation_clip_model", str(clip)]))
     assert references and all(sizes == {(48, 40)} for sizes in references)
+
+
+def test_every_subject_of_a_dataset_file_is_measured_against_its_own_photos(tiny_sdxl_dir, tmp_path, feature_models,
+                                                                           monkeypatch):
+    write_images(tmp_path / "dog", sizes=((64, 64),) * 2)
+    write_images(tmp_path / "cat", sizes=((56, 48),), seed=3)  # a size the dog's photos do not have
+    (tmp_path / "dataset.toml").write_text(
+        '[[concept]]\nname = "dog"\nimage_dir = "dog"\ninstance_prompt = "a photo of sks dog"\n'
+        '[[concept]]\nname = "cat"\nimage_dir = "cat"\ninstance_prompt = "a photo of zwx cat"\n')
+    calls, measure = [], validation_metrics.FeatureModels.measure
+
+    def recording(self, samples, prompts, instance_images):
+        calls.append(({image.size for image in instance_images}, [p.prompt for p in prompts]))
+        return measure(self, samples, prompts, instance_images)
+
+    monkeypatch.setattr(validation_metrics.FeatureModels, "measure", recording)
+    dino, clip = feature_models
+    out = tmp_path / "out"
+    train_module.train(parse_args([
+        "--pretrained_model_name_or_path", str(tiny_sdxl_dir), "--dataset_config", str(tmp_path / "dataset.toml"),
+        "--output_dir", str(out), "--resolution", "64", "--report_to", "none", "--max_train_steps", "1",
+        "--validation_prompt", "a photo of zwx cat on the moon", "--validation_steps", "1",
+        "--num_validation_images", "1", "--num_inference_steps", "1", "--validation_dino_model", str(dino),
+        "--validation_clip_model", str(clip)]))
+    dog, cat = calls[0], calls[1]  # step 0: the dog, then the cat
+    assert dog[0] == {(64, 64)} and cat[0] == {(56, 48)}
+    assert "a photo of zwx cat on the moon" in cat[1] and "a photo of zwx cat on the moon" not in dog[1]
+    assert any("sks dog" in p for p in dog[1]) and not any("sks dog" in p for p in cat[1])
+    records = history(out)
+    assert [r["step"] for r in records] == [0, 1]
+    for record in records:
+        assert set(record["subjects"]) == {"dog", "cat"}
+        assert record["dino"] == pytest.approx((record["subjects"]["dog"]["dino"] + record["subjects"]["cat"]["dino"]) / 2)

@@ -3,7 +3,8 @@
 A history is a list of records in step order, one per validation, e.g. {"step": 0, "dino": 0.41, "clip_i": 0.70,
 "clip_t": 0.31, "class_similarity": 0.52}; step 0 is the base model before training, the baseline the tolerances
 are measured against. The mini world's analyzer gives "subject" instead of dino/clip_i and no "clip_t"; any
-measure may be missing.
+measure may be missing. A run of several subjects adds "subjects": {name: that subject's own record}; the
+top-level measures are then their means.
 """
 
 from __future__ import annotations
@@ -39,7 +40,16 @@ class ChoiceRule:
         return sum(values) / len(values) if values else None
 
     def eligible(self, record: dict, baseline: dict) -> bool:
-        """Within both tolerances; a tolerance whose measure the step or the baseline lacks is not applied."""
+        """Within both tolerances, for every subject of a several-subject run (a mean would let one subject's
+        loss of its class hide behind another's); a tolerance whose measure the step or the baseline lacks is not
+        applied."""
+        subjects = record.get("subjects")
+        if subjects:
+            base = baseline.get("subjects", {})
+            return all(self._within(own, base.get(name, {})) for name, own in subjects.items())
+        return self._within(record, baseline)
+
+    def _within(self, record: dict, baseline: dict) -> bool:
         clip_t, base_clip_t = _measure(record, "clip_t"), _measure(baseline, "clip_t")
         if clip_t is not None and base_clip_t is not None:
             if not clip_t >= base_clip_t - self.prompt_tolerance * abs(base_clip_t):  # `not >=` refuses NaN

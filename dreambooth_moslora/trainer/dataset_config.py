@@ -81,6 +81,7 @@ class Concept:
 class MeasuredSubject:
     """What measured validation compares samples with: the subject's prompt, its reference photos, its class."""
 
+    name: str
     instance_prompt: str
     reference_dir: Path
     class_prompt: str | None
@@ -107,15 +108,18 @@ class DatasetConfig:
     def base_model_prior(self) -> bool:
         return any(c.prior == "base_model" for c in self.of_role("instance"))
 
-    def measured_subject(self) -> MeasuredSubject:
-        """The first subject, measured against its held-out photos when a validation concept has them, else
+    def measured_subjects(self) -> list[MeasuredSubject]:
+        """Every subject, each measured against its held-out photos when a validation concept has them, else
         against its training photos (as with the single-folder flags)."""
-        subject = self.of_role("instance")[0]
-        held_out = [c for c in self.of_role("validation") if c.validates == subject.name]
         shared = self.of_role("class")
-        class_prompt = subject.class_prompt if subject.prior != "none" else (shared[0].class_prompt if shared else None)
-        return MeasuredSubject(subject.instance_prompt, held_out[0].image_dir if held_out else subject.image_dir,
-                               class_prompt)
+        measured = []
+        for subject in self.of_role("instance"):
+            held_out = [c for c in self.of_role("validation") if c.validates == subject.name]
+            class_prompt = (subject.class_prompt if subject.prior != "none"
+                            else shared[0].class_prompt if shared else None)
+            measured.append(MeasuredSubject(subject.name, subject.instance_prompt,
+                                            held_out[0].image_dir if held_out else subject.image_dir, class_prompt))
+        return measured
 
 
 def load_dataset_config(path) -> DatasetConfig:

@@ -16,6 +16,8 @@ from ..adapter.errors import UserInputError
 from ..adapter.files import write_atomically
 from .checkpoint_choice import ChoiceRule, baseline_of, choose, read_best_step, should_stop_early, write_best
 from .data import image_files, load_rgb
+from .dataset_config import MeasuredSubject
+from .prompt_words import prompt_words, trigger_words
 from .validation_metrics import (FeatureModels, ValidationPrompt, append_metrics, read_metrics, validation_prompts,
                                  write_report)
 
@@ -43,15 +45,33 @@ def load_feature_models(args) -> FeatureModels | None:
         return None
 
 
+class SubjectUnderTest:
+    """One subject's prompts (the user's that name it, its contexts, its class) and reference photos."""
+
+    def __init__(self, subject: MeasuredSubject, user_prompts: list[str]):
+        self.name = subject.name
+        self.prompts = validation_prompts(subject.instance_prompt, user_prompts, subject.class_prompt,
+                                          trigger_words=None)
+        self.photo_paths = image_files(subject.reference_dir)
+        self.photos = [load_rgb(p) for p in self.photo_paths]
+
+
+def subjects_under_test(subjects: list[MeasuredSubject], user_prompt: str) -> list[SubjectUnderTest]:
+    """Each subject with the user's validation prompt when the prompt names its trigger (the first subject's
+    when it names none)."""
+    words = set(prompt_words(user_prompt))
+    named = [s for s in subjects if trigger_words(s.instance_prompt, s.class_prompt) & words] or subjects[:1]
+    return [SubjectUnderTest(s, [user_prompt] if s in named else []) for s in subjects]
+
+
 class MeasuredValidation:
     def __init__(self, args, feature_models: FeatureModels, resumed_step: int):
         self.args, self.feature_models = args, feature_models
         self.folder = Path(args.output_dir) / "validation"
-        subject = args.dataset.measured_subject()
-        self.prompts: list[ValidationPrompt] = validation_prompts(
-            subject.instance_prompt, [args.validation_prompt], subject.class_prompt, trigger_words=None)
-        self.instance_paths = image_files(subject.reference_dir)
-        self.instance_images = [load_rgb(p) for p in self.instance_paths]
+        self.subjects = subjects_under_test(args.dataset.measured_subjects(), args.validation_prompt)
+        by_text = {p.prompt: p for subject in self.subjects for p in subject.prompts}
+        self.prompts: list[ValidationPrompt] = list(by_text.values())  # sampled once each, in order
+        self.instance_paths = [p for subject in self.subjects for p in subject.photo_paths]
         self.rule = ChoiceRule(args.validation_prompt_tolerance, args.validation_class_tolerance)
         self.history = read_metrics(self.folder / METRICS_FILE, up_to_step=resumed_step)
         self.samples = {r["step"]: self._samples_on_disk(r["step"]) for r in self.history}  # a resumed run's too
@@ -75,7 +95,7 @@ class MeasuredValidation:
         if any(record["step"] == step for record in self.history):
             return None
         images = {prompt: [Image.open(p).convert("RGB") for p in paths] for prompt, paths in samples.items()}
-        record = {"step": step, **self.feature_models.measure(images, self.prompts, self.instance_images)}
+        record = {"step": step, **self._measure(images)}
         append_metrics(self.folder / METRICS_FILE, record)
         self.history.append(record)
         self.samples[step] = samples
@@ -85,6 +105,15 @@ class MeasuredValidation:
         write_report(self.folder / REPORT_FILE, self.history, self.instance_paths, self.samples, self.prompts,
                      self.choice.step)
         return record
+
+    def _measure(self, images: dict[str, list[Image.Image]]) -> dict:
+        """One subject's measures; for several, their means and each subject's own under "subjects"."""
+        own = {s.name: self.feature_models.measure(images, s.prompts, s.photos) for s in self.subjects}
+        if len(own) == 1:
+            return next(iter(own.values()))
+        names = list(dict.fromkeys(k for measures in own.values() for k in measures))
+        means = {k: sum(m[k] for m in own.values() if k in m) / sum(k in m for m in own.values()) for k in names}
+        return {**means, "subjects": own}
 
     def should_stop(self) -> bool:
         return should_stop_early(self.choice, self.args.early_stopping_patience)
