@@ -60,6 +60,15 @@ def test_with_several_subjects_every_subject_must_keep_its_class():
     assert choose(history, ChoiceRule(class_tolerance=0.3)).step == 200
 
 
+def test_a_baseline_without_subjects_still_holds_each_subject_to_the_tolerances():
+    """A run resumed from an older metrics file: step 0 measured one subject, at the top level."""
+    history = [{"step": 0, "subject": 0.5, "class_similarity": 0.2},
+               {"step": 100, "subject": 0.9, "class_similarity": 0.2,
+                "subjects": {"dog": {"subject": 0.9, "class_similarity": 0.2},
+                             "cat": {"subject": 0.9, "class_similarity": 0.95}}}]
+    assert choose(history, ChoiceRule(class_tolerance=0.2)).step is None
+
+
 def test_analyzer_records_with_only_subject():
     history = [{"step": 0, "subject": 0.10, "class_similarity": 0.30},
                {"step": 100, "subject": 0.50, "class_similarity": 0.35},

@@ -156,9 +156,9 @@ def test_every_subject_of_a_dataset_file_is_measured_against_its_own_photos(tiny
     monkeypatch.setattr(validation_metrics.FeatureModels, "measure", recording)
     dino, clip = feature_models
     out = tmp_path / "out"
-    train_module.train(parse_args([
+    train_module.train(parse_args([  # tensorboard too: it takes numbers only, each subject's flattened
         "--pretrained_model_name_or_path", str(tiny_sdxl_dir), "--dataset_config", str(tmp_path / "dataset.toml"),
-        "--output_dir", str(out), "--resolution", "64", "--report_to", "none", "--max_train_steps", "1",
+        "--output_dir", str(out), "--resolution", "64", "--report_to", "tensorboard", "--max_train_steps", "1",
         "--validation_prompt", "a photo of zwx cat on the moon", "--validation_steps", "1",
         "--num_validation_images", "1", "--num_inference_steps", "1", "--validation_dino_model", str(dino),
         "--validation_clip_model", str(clip)]))
@@ -171,3 +171,5 @@ def test_every_subject_of_a_dataset_file_is_measured_against_its_own_photos(tiny
     for record in records:
         assert set(record["subjects"]) == {"dog", "cat"}
         assert record["dino"] == pytest.approx((record["subjects"]["dog"]["dino"] + record["subjects"]["cat"]["dino"]) / 2)
+    assert "cat/clip_t" in (out / "validation" / "report.html").read_text()  # each subject's curves too
+    assert list((out / "logs").rglob("events.out.tfevents.*"))

@@ -44,9 +44,9 @@ class ChoiceRule:
         loss of its class hide behind another's); a tolerance whose measure the step or the baseline lacks is not
         applied."""
         subjects = record.get("subjects")
-        if subjects:
+        if subjects:  # a subject without a baseline of its own (a resumed older run): the top-level one
             base = baseline.get("subjects", {})
-            return all(self._within(own, base.get(name, {})) for name, own in subjects.items())
+            return all(self._within(own, base.get(name, baseline)) for name, own in subjects.items())
         return self._within(record, baseline)
 
     def _within(self, record: dict, baseline: dict) -> bool:
@@ -72,6 +72,9 @@ class ChoiceRule:
             kept.append(f"its class samples' similarity to the subject is {drift:.3f} against step 0's "
                         f"{base_drift:.3f}, at most {self.class_tolerance:.2f} higher allowed")
         checks = "; ".join(kept) if kept else "no prompt or class measure was there to check"
+        if record.get("subjects"):
+            checks += (f" (means of its {len(record['subjects'])} subjects, each of which kept its own prompt "
+                       "fidelity and class within those tolerances)")
         return (f"Step {record['step']} was chosen for the highest subject fidelity "
                 f"({self.subject_fidelity(record):.3f}) among the steps that keep prompt fidelity and the class: "
                 f"{checks}.")

@@ -48,10 +48,10 @@ def load_feature_models(args) -> FeatureModels | None:
 class SubjectUnderTest:
     """One subject's prompts (the user's that name it, its contexts, its class) and reference photos."""
 
-    def __init__(self, subject: MeasuredSubject, user_prompts: list[str]):
+    def __init__(self, subject: MeasuredSubject, user_prompts: list[str], every_trigger: set[str]):
         self.name = subject.name
         self.prompts = validation_prompts(subject.instance_prompt, user_prompts, subject.class_prompt,
-                                          trigger_words=None)
+                                          trigger_words=every_trigger)  # CLIP-T reads no subject's trigger
         self.photo_paths = image_files(subject.reference_dir)
         self.photos = [load_rgb(p) for p in self.photo_paths]
 
@@ -60,8 +60,10 @@ def subjects_under_test(subjects: list[MeasuredSubject], user_prompt: str) -> li
     """Each subject with the user's validation prompt when the prompt names its trigger (the first subject's
     when it names none)."""
     words = set(prompt_words(user_prompt))
-    named = [s for s in subjects if trigger_words(s.instance_prompt, s.class_prompt) & words] or subjects[:1]
-    return [SubjectUnderTest(s, [user_prompt] if s in named else []) for s in subjects]
+    triggers = [trigger_words(s.instance_prompt, s.class_prompt) for s in subjects]
+    named = [s for s, own in zip(subjects, triggers) if own & words] or subjects[:1]
+    every_trigger = set().union(*triggers)
+    return [SubjectUnderTest(s, [user_prompt] if s in named else [], every_trigger) for s in subjects]
 
 
 class MeasuredValidation:
@@ -69,8 +71,10 @@ class MeasuredValidation:
         self.args, self.feature_models = args, feature_models
         self.folder = Path(args.output_dir) / "validation"
         self.subjects = subjects_under_test(args.dataset.measured_subjects(), args.validation_prompt)
-        by_text = {p.prompt: p for subject in self.subjects for p in subject.prompts}
-        self.prompts: list[ValidationPrompt] = list(by_text.values())  # sampled once each, in order
+        by_text: dict[str, ValidationPrompt] = {}
+        for prompt in (p for subject in self.subjects for p in subject.prompts):
+            by_text.setdefault(prompt.prompt, prompt)  # a prompt two subjects share is sampled once
+        self.prompts = list(by_text.values())
         self.instance_paths = [p for subject in self.subjects for p in subject.photo_paths]
         self.rule = ChoiceRule(args.validation_prompt_tolerance, args.validation_class_tolerance)
         self.history = read_metrics(self.folder / METRICS_FILE, up_to_step=resumed_step)

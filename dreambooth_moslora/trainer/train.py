@@ -43,6 +43,7 @@ from .outputs import (DIVERGENCE_ADVICE, TrainingDiverged, adapter_files, check_
 from .setup import (TEXT_ENCODERS, build_caches, build_optimizer, generate_missing_class_images,
                     micro_batches_per_epoch, setup_models, training_dtype)
 from .step import LossSettings, StepInputs, denoising_loss
+from .validation_metrics import scalars
 
 logger = logging.getLogger(__name__)
 PLAN_CHUNK = 64  # micro-batches handed to one DataLoader (its workers restart between chunks)
@@ -327,8 +328,7 @@ class TrainingLoop:
         record = self.measured and self.measured.record(
             step, grouped_by_prompt(paths, self.measured.prompts, args.num_validation_images), self.write_adapter)
         if record:
-            accelerator.log({f"validation/{name}": value for name, value in record.items() if name != "step"},
-                            step=step)
+            accelerator.log({f"validation/{name}": value for name, value in scalars(record).items()}, step=step)
         return paths
 
 

@@ -123,6 +123,15 @@ def append_metrics(path, record: dict):
     write_text_atomically(path, "".join(json.dumps(r) + "\n" for r in kept + [record]))
 
 
+def scalars(record: dict) -> dict[str, float]:
+    """A record's measures as flat numbers, each subject's of a several-subject run as "name/measure": what
+    tensorboard, the report's curves and the UI can plot."""
+    flat = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+    for name, own in record.get("subjects", {}).items():
+        flat.update({f"{name}/{k}": v for k, v in own.items() if isinstance(v, (int, float))})
+    return flat
+
+
 def read_metrics(path, up_to_step: int | None = None) -> list[dict]:
     """The records in step order, less those after up_to_step (a resume's step); a missing file: none."""
     path = Path(path)
@@ -198,9 +207,9 @@ def write_report(path, history: list[dict], instance_images: list[Path],
                  chosen_step: int | None) -> Path:
     """validation/report.html: instance photos, one row per step and one column per prompt, the metric curves,
     the chosen step highlighted. Images are embedded and nothing is fetched, so it opens from disk anywhere."""
+    history = [{"step": r["step"], **scalars(r)} for r in history]
     by_step = {r["step"]: r for r in history}
-    metrics = list(dict.fromkeys(k for r in history for k, v in r.items()
-                                 if k != "step" and isinstance(v, (int, float))))
+    metrics = list(dict.fromkeys(k for r in history for k in r if k != "step"))
     header = "".join(f"<th>{html.escape(p.prompt)}<br><small>{p.kind}</small></th>" for p in prompts)
     rows = []
     for step in sorted(samples_by_step):

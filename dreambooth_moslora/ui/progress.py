@@ -11,7 +11,7 @@ from PIL import Image
 
 from ..trainer.checkpoint import checkpoints
 from ..trainer.checkpoint_choice import read_best_step
-from ..trainer.validation_metrics import read_metrics
+from ..trainer.validation_metrics import read_metrics, scalars
 
 # tqdm's line of the training loop: "steps:  45%|████| 9/20 [00:02<00:02, 4.4it/s, loss=0.0258, lr=1.00e-03, …]"
 STEP_LINE = re.compile(r"steps:\s+\d+%\|[^|]*\|\s*(\d+)/(\d+) \[[^<\]]*<[^,\]]*,\s*([\d.]+|\?)(it/s|s/it)"
@@ -81,5 +81,5 @@ def checkpoint_names(output: Path) -> list[str]:
 def job_report(folder: Path) -> dict:
     output = folder / "output"
     return {"progress": training_progress(folder / "train.log"),
-            "metrics": read_metrics(output / "validation" / "metrics.jsonl"),
+            "metrics": [{"step": r["step"], **scalars(r)} for r in read_metrics(output / "validation" / "metrics.jsonl")],
             "samples": samples_grid(output), "checkpoints": checkpoint_names(output)}
