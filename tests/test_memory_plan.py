@@ -9,7 +9,8 @@ from conftest import training_argv
 from dreambooth_moslora.trainer import setup as trainer_setup
 from dreambooth_moslora.trainer import train as train_module
 from dreambooth_moslora.trainer.arguments import parse_args
-from dreambooth_moslora.trainer.memory_plan import LiveTensorBytes, PlanSettings, model_configs, plan_memory
+from dreambooth_moslora.trainer.memory_plan import PlanSettings, model_configs, plan_memory
+from dreambooth_moslora.trainer.meta_memory import LiveTensorBytes
 from helpers import write_images, write_two_subjects
 
 MINI_SDXL = Path(__file__).resolve().parents[1] / "assets" / "mini-sdxl"
@@ -335,20 +336,3 @@ def test_the_moving_average_dropout_and_the_base_model_prior_are_counted(tiny_sd
     assert dropout.step_peak > plain.step_peak  # dropout's masks, kept for the backward
     prior = plan_memory(configs, PlanSettings(resolution=64, mixed_precision="no", base_model_prior=True))
     assert prior.step_peak > plain.step_peak  # the base model's own pass beside the kept activations
-
-
-def test_the_emulated_autocast_casts_as_cuda_autocast_does():
-    import torch.nn.functional as F
-
-    from dreambooth_moslora.trainer.memory_plan import emulated_autocast
-
-    weight = torch.nn.Parameter(torch.randn(8, 8))
-    x = torch.randn(2, 8)
-    with emulated_autocast(torch.bfloat16):
-        product = F.linear(x, weight)
-        normed = F.layer_norm(product, (8,))
-        grouped = F.group_norm(product.view(2, 8, 1, 1), 2)
-    assert product.dtype == torch.bfloat16  # as CUDA's (and the CPU's) autocast
-    assert normed.dtype == grouped.dtype == torch.float32  # CUDA's fp32 list; the CPU's autocast keeps bf16 here
-    (normed.sum() + grouped.sum()).backward()
-    assert weight.grad.dtype == torch.float32

@@ -13,7 +13,8 @@ from dreambooth_moslora.trainer import train as train_module
 from dreambooth_moslora.trainer.arguments import parse_args
 from dreambooth_moslora.trainer.data import read_examples
 from dreambooth_moslora.trainer.fp8 import FP8
-from dreambooth_moslora.trainer.memory_plan import LiveTensorBytes, configs_of, plan_memory, plan_settings
+from dreambooth_moslora.trainer.memory_plan import configs_of, plan_memory, plan_settings
+from dreambooth_moslora.trainer.meta_memory import LiveTensorBytes
 from helpers import write_images
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")

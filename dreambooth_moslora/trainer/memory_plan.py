@@ -1,16 +1,12 @@
-"""Will it fit? The peak accelerator memory of a training step, predicted before anything is downloaded or loaded.
+"""Will it fit? The peak accelerator memory of a run, predicted before anything is downloaded or loaded.
 
 The real architecture is built from its configs on the meta device (no weights, no memory), adapted as training
-would adapt it, and one step's forward and backward are run there. Every tensor the step creates is
-counted while it lives (`LiveTensorBytes`, a dispatch mode), so the peak of activations and gradients is what the
-step really keeps, with gradient checkpointing and the caching of prompts and latents as chosen. On the meta device
-attention would take the math path and keep the L×L attention matrix, which the fused kernels a GPU runs (flash,
-memory-efficient, xformers) never keep; `fused_attention` runs the memory-efficient kernel's own meta form instead.
-Mixed precision is counted as a GPU runs it: `emulated_autocast` applies CUDA autocast's casts on the meta device
-(which has no autocast of its own), so fp32 norms and the low-precision copies that autograd keeps are counted.
-The step is the trainer's own `denoising_loss`, and `plan_settings` is where the trainer's caching and placement
-decisions are made, so the plan and the run cannot drift apart. Weights, adapter, its moving average and the
-optimizer state are added from their sizes; a GradScaler (fp16) holds a few scalars.
+would adapt it, and one step's forward and backward are run there, counted as a GPU would hold them
+(meta_memory.py: live tensors, the fused attention kernels, CUDA autocast's casts). So the peak of activations and
+gradients is what the step really keeps, with gradient checkpointing and the caching of prompts and latents as
+chosen. The step is the trainer's own `denoising_loss`, and `plan_settings` is where the trainer's caching and
+placement decisions are made, so the plan and the run cannot drift apart. Weights, adapter, its moving average
+and the optimizer state are added from their sizes; a GradScaler (fp16) holds a few scalars.
 
 Outside the step the VAE is the peak: on an H200 the stock fp32 VAE took ~3 GiB to encode a 1024 px photo and
 ~4 GiB to decode one, more than the bf16 step with checkpointing. Setup (encoding the photos) and validation
@@ -22,19 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import weakref
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
 import torch.utils.checkpoint
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers import DDPMScheduler
-from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_map
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from ..adapter.config import TEXT_ENCODER_TARGETS, MoSLoRAConfig
@@ -48,6 +39,7 @@ from .caching import latents_are_cacheable
 from .conditioning import encode_latent_distribution, encode_prompts, sample_latents
 from .data import image_files
 from .fp8 import store_frozen_weights_in_fp8
+from .meta_memory import LiveTensorBytes, emulated_autocast, fused_attention
 from .step import LossSettings, StepInputs, denoising_loss
 
 GIB = 2**30
@@ -58,84 +50,6 @@ OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "prodigy": 16}
 """Per trainable parameter: AdamW keeps two fp32 moments, bitsandbytes' 8-bit AdamW two bytes, Prodigy four fp32."""
 CACHED_IMAGES = 20
 """Instance photos assumed when the plan has no folder to count (DreamBooth's 3-20)."""
-
-
-class LiveTensorBytes(TorchDispatchMode):
-    """Bytes of the storages that ops create (on `device` only, when given), counted while they live; `peak` is
-    the most alive at once."""
-
-    def __init__(self, device: str | None = None):
-        super().__init__()
-        self.device = None if device is None else torch.device(device)
-        self.live = self.peak = 0
-        self._sizes: dict[int, int] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
-        for tensor in tree_flatten(out)[0]:
-            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage()._cdata not in inputs:  # not a view
-                self._track(tensor.untyped_storage())
-        return out
-
-    def _track(self, storage):
-        key = storage._cdata
-        if key in self._sizes or (self.device is not None and storage.device != self.device):
-            return
-        self._sizes[key] = storage.nbytes()
-        self.live += self._sizes[key]
-        self.peak = max(self.peak, self.live)
-        weakref.finalize(storage, self._release, key)
-
-    def _release(self, key):
-        self.live -= self._sizes.pop(key)
-
-
-@contextlib.contextmanager
-def fused_attention():
-    """scaled_dot_product_attention on meta tensors as the fused GPU kernels run it: the output and a log-sum-exp
-    are kept for backward, never the attention matrix."""
-    original = F.scaled_dot_product_attention
-
-    def memory_efficient(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
-        if query.device.type != "meta" or attn_mask is not None or kwargs:
-            return original(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, **kwargs)
-        return torch.ops.aten._scaled_dot_product_efficient_attention(
-            query, key, value, None, True, dropout_p, is_causal, scale=scale)[0]
-
-    F.scaled_dot_product_attention = memory_efficient
-    try:
-        yield
-    finally:
-        F.scaled_dot_product_attention = original
-
-
-_LOW_PRECISION_OPS = frozenset((F.linear, F.conv2d, torch.matmul, torch.mm, torch.bmm, torch.baddbmm, torch.addmm,
-                                torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.bmm))
-_FP32_OPS = frozenset((F.group_norm, F.layer_norm, F.softmax, torch.softmax, torch.Tensor.softmax, F.mse_loss))
-
-
-class emulated_autocast(TorchFunctionMode):
-    """CUDA autocast's casts on any device: matrix products and convolutions in the low-precision dtype, norms,
-    softmax and the loss in fp32 (the main entries of PyTorch's CUDA autocast op reference). The casts happen
-    above autograd, as the real ones do, so the copies autograd keeps for the backward are counted."""
-
-    def __init__(self, dtype: torch.dtype):
-        super().__init__()
-        self.dtype = dtype
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        wanted = self.dtype if func in _LOW_PRECISION_OPS else torch.float32 if func in _FP32_OPS else None
-        if wanted is not None:
-            args, kwargs = tree_map(lambda t: _cast(t, wanted), (args, kwargs))
-        return func(*args, **kwargs)
-
-
-def _cast(value, dtype: torch.dtype):
-    if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != dtype:
-        return value.to(dtype)
-    return value
 
 
 class _MetaTokenizer:
