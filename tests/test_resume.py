@@ -105,6 +105,25 @@ def test_extending_a_decaying_schedule_says_the_run_is_not_the_straight_one(tiny
                for r in caplog.records)
 
 
+def test_a_resume_on_an_edited_dataset_file_says_what_changed(tiny_sdxl_dir, tmp_path, caplog):
+    dataset = write_two_subjects(tmp_path)
+
+    def run_file(*extra, steps):
+        train(parse_args(["--pretrained_model_name_or_path", str(tiny_sdxl_dir), "--dataset_config", str(dataset),
+                          "--output_dir", str(tmp_path / "out"), "--resolution", "64", "--report_to", "none",
+                          "--checkpointing_steps", "1", "--max_train_steps", str(steps), *extra]))
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+    run_file(steps=1)
+    with caplog.at_level(logging.WARNING, logger="dreambooth_moslora"):
+        run_file("--resume_from_checkpoint", "latest", steps=2)  # the same file: nothing to say
+        assert not any("data changed" in r.getMessage() for r in caplog.records)
+        dataset.write_text(dataset.read_text().replace("repeats = 2", "repeats = 3"))
+        run_file("--resume_from_checkpoint", "latest", steps=3)
+    changed = [r.getMessage() for r in caplog.records if "data changed" in r.getMessage()]
+    assert len(changed) == 1 and "was repeats = 2" in changed[0] and "now repeats = 3" in changed[0]
+
+
 def test_a_run_whose_weights_diverge_names_the_last_finite_checkpoint(tiny_sdxl_dir, subject, tmp_path, monkeypatch):
     """The weights turn non-finite in step 2 while its loss was still finite: checkpoint-2 would hold them."""
     step = train_module.TrainingLoop.micro_step

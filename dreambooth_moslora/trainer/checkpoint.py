@@ -35,9 +35,11 @@ def checkpoints(output_dir) -> list[Path]:
 
 
 def save_checkpoint(output_dir, step: int, models: dict, optimizer, lr_scheduler, base_model: str, ema=None,
-                    base_model_sha256: str | None = None, grad_scaler=None, schedule: dict | None = None) -> Path:
+                    base_model_sha256: str | None = None, grad_scaler=None, schedule: dict | None = None,
+                    dataset: str | None = None) -> Path:
     """Written into a temporary folder and renamed, so a crash never leaves a half checkpoint (nor the folder).
-    `schedule` records what the LR schedule was built for ({"name", "steps"}), so a resume can tell a change."""
+    `schedule` records what the LR schedule was built for ({"name", "steps"}) and `dataset` the data as a dataset
+    file (dataset_toml), so a resume can tell a change."""
     def fill(staging: Path):
         with averaged_weights(ema):  # the adapter validation showed at this step, for export and evaluate
             save_moslora(staging / NATIVE_FILE, models["unet"], models.get("text_encoder"),
@@ -47,7 +49,7 @@ def save_checkpoint(output_dir, step: int, models: dict, optimizer, lr_scheduler
         if ema is not None:
             ema.save(staging)
         state = {"global_step": step, "lr_scheduler": lr_scheduler.state_dict(), "schedule": schedule,
-                 "grad_scaler": grad_scaler.state_dict() if grad_scaler is not None else None}
+                 "grad_scaler": grad_scaler.state_dict() if grad_scaler is not None else None, "dataset": dataset}
         write_text_atomically(staging / STATE_FILE, json.dumps(state, default=float))
 
     return write_folder_atomically(Path(output_dir) / f"{PREFIX}{step}", fill)

@@ -19,6 +19,7 @@ from ..pipeline.models import model_reference
 from ..pipeline.single_file import base_model_sha256, check_same_base
 from .checkpoint import (checkpoint_state, last_good_checkpoint, load_checkpoint, prune_checkpoints,
                          resolve_checkpoint, save_checkpoint, weights_are_finite)
+from .dataset_config import dataset_toml
 from .model_card import model_card
 
 logger = logging.getLogger(__name__)
@@ -50,7 +51,19 @@ def resume(args, output_dir, adapted, optimizer, lr_scheduler, ema, grad_scaler,
         logger.warning("the %s learning-rate schedule of %s was built for %d steps; from step %d it follows a %s "
                        "schedule for %d steps, so the run is not the one a straight %d-step run would have made",
                        built_for["name"], path, built_for["steps"], step, args.lr_scheduler, max_steps, max_steps)
+    _warn_of_changed_data(checkpoint_state(path).get("dataset"), dataset_toml(args.dataset), path)
     return step
+
+
+def _warn_of_changed_data(trained_on: str | None, now: str, path: Path):
+    """A resume on edited data is allowed (more photos, another weight), but said: it is not the run it was."""
+    if trained_on is None or trained_on == now:
+        return
+    before, after = trained_on.splitlines(), now.splitlines()
+    gone, new = [line for line in before if line not in after], [line for line in after if line not in before]
+    logger.warning("the data changed since %s (%s): the run resumes on the data as it is now",
+                   path, "; ".join([*(f"was {line}" for line in gone[:3]), *(f"now {line}" for line in new[:3])])
+                   or "the concepts' order")
 
 
 def _schedule(args, max_steps: int) -> dict:
@@ -68,7 +81,7 @@ def write_checkpoint(args, output_dir, step, accelerator, adapted, optimizer, lr
         path = save_checkpoint(output_dir, step, adapted, optimizer, lr_scheduler,
                                model_reference(args.pretrained_model_name_or_path), ema,
                                base_model_sha256(args.pretrained_model_name_or_path), accelerator.scaler,
-                               _schedule(args, max_steps))
+                               _schedule(args, max_steps), dataset_toml(args.dataset))
         prune_checkpoints(output_dir, args.checkpoints_total_limit)
     accelerator.wait_for_everyone()
     return path
