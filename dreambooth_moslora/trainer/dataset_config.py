@@ -106,7 +106,11 @@ class DatasetConfig:
 
     @property
     def base_model_prior(self) -> bool:
-        return any(c.prior == "base_model" for c in self.of_role("instance"))
+        return self.uses_prior("base_model")
+
+    def uses_prior(self, prior: str) -> bool:
+        """Whether any subject keeps its class this way."""
+        return any(c.prior == prior for c in self.of_role("instance"))
 
     def measured_subjects(self) -> list[MeasuredSubject]:
         """Every subject, each measured against its held-out photos when a validation concept has them, else

@@ -416,15 +416,16 @@ def plan_settings(args, examples=None, class_examples: int = 0, mixed_precision:
         cache_prompts=args.cache_prompts, vae_fp16_safe=bool(args.pretrained_vae_model_name_or_path),
         base_weights_fp8=args.base_weights_dtype == "fp8", cached_images=cached_images,
         lora_dropout=args.lora_dropout, ema_on_accelerator=args.use_ema and args.ema_device != "cpu",
-        base_model_prior=args.dataset.base_model_prior if args.dataset else
-        args.with_prior_preservation and args.prior_preservation_mode == "base_model",
-        samples=bool(args.validation_prompt) or _makes_class_images(args), sample_batch_size=args.sample_batch_size)
+        base_model_prior=_uses_prior(args, "base_model"),
+        samples=bool(args.validation_prompt) or _uses_prior(args, "class_images"),
+        sample_batch_size=args.sample_batch_size)
 
 
-def _makes_class_images(args) -> bool:
+def _uses_prior(args, prior: str) -> bool:
+    """The data's, or the flags' when the plan has no data (the plan verb without photos)."""
     if args.dataset:
-        return any(c.prior == "class_images" for c in args.dataset.concepts)
-    return args.with_prior_preservation and args.prior_preservation_mode == "class_images"
+        return args.dataset.uses_prior(prior)
+    return args.with_prior_preservation and args.prior_preservation_mode == prior
 
 
 def planned_class_examples(args, instance_count: int) -> int:

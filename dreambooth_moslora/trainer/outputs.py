@@ -46,12 +46,13 @@ def resume(args, output_dir, adapted, optimizer, lr_scheduler, ema, grad_scaler,
         return 0
     step = load_checkpoint(path, adapted, optimizer, lr_scheduler, ema, grad_scaler)
     logger.info("resumed from %s at step %d", path, step)
-    built_for = checkpoint_state(path).get("schedule")
+    state = checkpoint_state(path)
+    built_for = state.get("schedule")
     if built_for and built_for != _schedule(args, max_steps) and "constant" not in {built_for["name"], args.lr_scheduler}:
         logger.warning("the %s learning-rate schedule of %s was built for %d steps; from step %d it follows a %s "
                        "schedule for %d steps, so the run is not the one a straight %d-step run would have made",
                        built_for["name"], path, built_for["steps"], step, args.lr_scheduler, max_steps, max_steps)
-    _warn_of_changed_data(checkpoint_state(path).get("dataset"), dataset_toml(args.dataset), path)
+    _warn_of_changed_data(state.get("dataset"), dataset_toml(args.dataset), path)
     return step
 
 

@@ -176,12 +176,12 @@ class TrainingLoop:
         progress = progress_bar(total=max_steps, initial=global_step, desc="steps", show=accelerator.is_local_main_process)
         stream = process_micro_batches(training_set, args.train_batch_size, args.seed, accelerator.num_processes,
                                        accelerator.process_index)
-        masks = render_mask if any(e.mask is not None for e in training_set.examples()) else None
+        mask_renderer = render_mask if any(e.mask is not None for e in training_set.examples()) else None
         skip = global_step * args.gradient_accumulation_steps  # the micro-batches a resumed run has done
         self.step_start, micro_losses = time.perf_counter(), []
         while global_step < max_steps and not (stop.requested or stop.stopped_early):
-            for number, examples, samples, pixels, mask in self._loader(stream, skip, masks):
-                micro_losses.append(self.micro_step(number, examples, samples, pixels, mask))
+            for number, examples, samples, pixels, masks in self._loader(stream, skip, mask_renderer):
+                micro_losses.append(self.micro_step(number, examples, samples, pixels, masks))
                 if not accelerator.sync_gradients:
                     continue
                 global_step += 1
@@ -196,15 +196,15 @@ class TrainingLoop:
         progress.close()
         return global_step
 
-    def _loader(self, stream, skip: int, render_masks) -> DataLoader:
+    def _loader(self, stream, skip: int, mask_renderer) -> DataLoader:
         """The next PLAN_CHUNK micro-batches of the stream, rendered by DataLoader workers (with their masks when
-        render_masks is given)."""
+        mask_renderer is given)."""
         args = self.args
         plan = [item for _, item in zip(range(PLAN_CHUNK), stream) if item[0] >= skip]
         return DataLoader(
             MicroBatches(plan, args.seed, self.accelerator.process_index, args.random_flip, args.center_crop,
                          render_pixels=self.latent_cache is None, caption_dropout=args.caption_dropout,
-                         render_mask=render_masks),
+                         render_mask=mask_renderer),
             batch_size=None, num_workers=args.dataloader_num_workers, collate_fn=keep_as_is,
             worker_init_fn=ignore_interrupts,
         )

@@ -105,6 +105,9 @@ class JobStore:
     def _write_queue(self, ids: list[str]):
         write_text_atomically(self.root / QUEUE_FILE, json.dumps(ids))
 
+    def _dequeue(self, job_id: str):
+        self._write_queue([i for i in self.queue() if i != job_id])
+
     def ids(self) -> list[str]:
         """Newest first; a job still being built (hidden) is not one yet."""
         return sorted((p.parent.name for p in self.root.glob(f"*/{JOB_FILE}") if not p.parent.name.startswith(".")),
@@ -186,7 +189,7 @@ class JobStore:
         with self.lock:
             job = self.read(job_id)
             if job_id in self.queue():
-                self._write_queue([i for i in self.queue() if i != job_id])
+                self._dequeue(job_id)
                 self._write({**job, "cancelled": True})
             elif self._alive(job_id, job):
                 if job.get("stopping") == job["pid"]:  # a second Ctrl-C would abort without the checkpoint
@@ -211,7 +214,7 @@ class JobStore:
             folder = self.folder(job_id)
             if self._alive(job_id, self.read(job_id)):
                 raise UserInputError(f"job {job_id} is running: cancel it, and delete it once it has stopped")
-            self._write_queue([i for i in self.queue() if i != job_id])
+            self._dequeue(job_id)
             trash = self.root / f".deleted-{job_id}"  # hidden at once: out of the list even if removal fails
             folder.rename(trash)
             shutil.rmtree(trash, ignore_errors=True)
