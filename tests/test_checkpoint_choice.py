@@ -1,17 +1,8 @@
-"""The checkpoint rule on hand-written metric histories, early stopping, and the atomic best/ folder."""
-
-import os
+"""The checkpoint rule on hand-written metric histories, and early stopping."""
 
 import pytest
 
-from dreambooth_moslora.trainer.checkpoint_choice import (
-    Choice,
-    ChoiceRule,
-    choose,
-    read_best_step,
-    should_stop_early,
-    write_best,
-)
+from dreambooth_moslora.trainer.checkpoint_choice import Choice, ChoiceRule, choose, should_stop_early
 
 BASE = {"step": 0, "dino": 0.40, "clip_i": 0.70, "clip_t": 0.30, "class_similarity": 0.50}
 
@@ -136,44 +127,12 @@ def test_the_reason_names_the_step_its_fidelity_and_what_it_kept():
     assert "no prompt or class measure" in rule.reason({"step": 3, "subject": 0.5}, {"step": 0, "subject": 0.1})
 
 
-def _adapter_files(folder, contents):
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, text in contents.items():
-        (folder / name).write_text(text)
-        os.chmod(folder / name, 0o600)  # as diffusers leaves its weight files
-        paths.append(folder / name)
-    return paths
-
-
-def test_write_best_replaces_the_old_best_and_a_failure_leaves_it(tmp_path):
-    previous = os.umask(0o022)
-    try:
-        first = _adapter_files(tmp_path / "checkpoint-100", {"a.safetensors": "100", "b.safetensors": "100b"})
-        best = write_best(tmp_path, 100, first)
-        second = _adapter_files(tmp_path / "checkpoint-200", {"a.safetensors": "200"})
-        write_best(tmp_path, 200, second)
-    finally:
-        os.umask(previous)
-    assert best == tmp_path / "best"
-    assert sorted(p.name for p in best.iterdir()) == ["a.safetensors", "step.json"]  # b is not left over
-    assert (best / "a.safetensors").read_text() == "200" and read_best_step(tmp_path) == 200
-    assert {p.stat().st_mode & 0o777 for p in best.iterdir()} == {0o644}
-
-    with pytest.raises(FileNotFoundError):
-        write_best(tmp_path, 300, [second[0], tmp_path / "checkpoint-300" / "missing.safetensors"])
-    assert (best / "a.safetensors").read_text() == "200" and read_best_step(tmp_path) == 200
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "checkpoint-100", "checkpoint-200"]
-
-
-def test_write_best_from_writers(tmp_path):
-    def write(folder):
-        (folder / "pytorch_lora_weights.safetensors").write_text("made")
-
-    write_best(tmp_path, 7, write)
-    assert (tmp_path / "best" / "pytorch_lora_weights.safetensors").read_text() == "made"
-    assert read_best_step(tmp_path) == 7
-
-
-def test_read_best_step_without_a_best(tmp_path):
-    assert read_best_step(tmp_path) is None
+def test_a_baseline_measure_that_is_not_a_number_applies_no_tolerance():
+    """A NaN step-0 class measure once made every later step ineligible: nothing was ever chosen."""
+    history = [{**BASE, "class_similarity": float("nan")}, _record(100, 0.6, 0.8, class_similarity=0.9)]
+    assert choose(history).step == 100
+    history = [{**BASE, "clip_t": float("nan")}, _record(100, 0.6, 0.8, clip_t=0.01)]
+    assert choose(history).step == 100
+    assert "nan" not in ChoiceRule().reason(history[1], history[0])
+    history = [BASE, _record(100, 0.6, 0.8, clip_t=float("nan"))]  # the step's own NaN is still refused
+    assert choose(history).step is None

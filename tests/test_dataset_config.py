@@ -209,3 +209,19 @@ def test_print_dataset_config_writes_the_file_the_flags_mean(folders, capsys, fl
     (folders / "printed").mkdir()
     printed = write(folders / "printed", capsys.readouterr().out)
     assert load_dataset_config(printed) == parse_args(argv).dataset
+
+
+def test_two_subjects_with_other_class_prompts_in_one_class_folder_are_refused(tmp_path):
+    """The second once trained on the first one's class images and captions."""
+    for name in ("dog", "cat", "classes"):
+        (tmp_path / name).mkdir()
+    subject = ('[[concept]]\nname = "{name}"\nimage_dir = "{name}"\ninstance_prompt = "a photo of {trigger} {name}"\n'
+               'prior = "class_images"\nclass_prompt = "a photo of a {cls}"\nclass_data_dir = "classes"\n')
+    path = tmp_path / "dataset.toml"
+    path.write_text(subject.format(name="dog", trigger="sks", cls="dog") + subject.format(name="cat", trigger="zwx",
+                                                                                        cls="cat"))
+    with pytest.raises(UserInputError, match="concepts 'dog' and 'cat' share class_data_dir"):
+        load_dataset_config(path)
+    path.write_text(subject.format(name="dog", trigger="sks", cls="dog") + subject.format(name="cat", trigger="zwx",
+                                                                                        cls="dog"))
+    assert len(load_dataset_config(path).of_role("instance")) == 2  # one class, one folder: shared as it should be

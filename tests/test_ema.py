@@ -98,3 +98,18 @@ def test_resuming_with_ema_from_a_run_without_it_is_refused(tiny_sdxl_dir, subje
     AcceleratorState._reset_state(reset_partial_state=True)
     with pytest.raises(UserInputError, match="trained without --use_ema"):
         _run(tiny_sdxl_dir, subject, tmp_path / "out", "--max_train_steps", "2", "--resume_from_checkpoint", "latest")
+
+
+def test_resuming_an_ema_checkpoint_without_ema_goes_on_from_the_trained_weights(tiny_sdxl_dir, subject, tmp_path,
+                                                                                caplog):
+    """It once went on from the average (the checkpoint's adapter file) and said nothing."""
+    import logging
+
+    _run(tiny_sdxl_dir, subject, tmp_path / "out", "--max_train_steps", "2")
+    with caplog.at_level(logging.WARNING, logger="dreambooth_moslora"):
+        train(parse_args(training_argv(tiny_sdxl_dir, subject, tmp_path / "out", "--checkpointing_steps", "2",
+                                       "--resume_from_checkpoint", "latest", steps=2)))  # no step left to take
+    trained = load_file(tmp_path / "out" / "checkpoint-2" / "trained_weights.safetensors")
+    exported = load_file(tmp_path / "out" / "moslora.safetensors")
+    assert all(torch.equal(exported[f"{k}.weight"], trained[k]) for k in trained)
+    assert "the moving average is dropped" in caplog.text

@@ -94,7 +94,7 @@ def test_the_plan_verb_reads_a_dataset_files_photos(tiny_sdxl_dir, tmp_path, cap
     assert main(["plan", "--pretrained_model_name_or_path", str(tiny_sdxl_dir), "--resolution", "64",
                  "--dataset_config", str(write_two_subjects(tmp_path)), "--center_crop"]) == 0
     # the dog's two photos, the cat's one, the dog's two base-model prior examples and the shared cats folder's one
-    assert "cached latents and prompts (6 images)" in capsys.readouterr().out
+    assert "cached prompts (6 images)" in capsys.readouterr().out
     from dreambooth_moslora.trainer.memory_plan import plan_settings
 
     args = parse_args(["--pretrained_model_name_or_path", str(tiny_sdxl_dir), "--dataset_config",
@@ -336,3 +336,15 @@ def test_the_moving_average_dropout_and_the_base_model_prior_are_counted(tiny_sd
     assert dropout.step_peak > plain.step_peak  # dropout's masks, kept for the backward
     prior = plan_memory(configs, PlanSettings(resolution=64, mixed_precision="no", base_model_prior=True))
     assert prior.step_peak > plain.step_peak  # the base model's own pass beside the kept activations
+
+
+def test_cached_latents_take_none_of_the_accelerators_memory(tiny_sdxl_dir):
+    """The trainer keeps them on the CPU (caching.py); the plan once counted them on the card."""
+    from dataclasses import replace
+
+    from dreambooth_moslora.trainer.memory_plan import PlanSettings, model_configs, plan_memory
+
+    configs = model_configs(str(tiny_sdxl_dir))
+    settings = PlanSettings(resolution=64, cache_latents=True, cached_images=1000)
+    cached, encoded = plan_memory(configs, settings), plan_memory(configs, replace(settings, cache_latents=False))
+    assert cached.caches == encoded.caches > 0  # the prompts' embeddings only

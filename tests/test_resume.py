@@ -141,3 +141,29 @@ def test_a_run_whose_weights_diverge_names_the_last_finite_checkpoint(tiny_sdxl_
     assert "checkpoint-2" not in str(raised.value).replace("checkpoint-2 was not written", "")
     assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-1"]
     assert not (tmp_path / "out" / "moslora.safetensors").exists()
+
+
+def test_the_runs_grad_scaler_is_saved_with_its_checkpoints_and_restored_on_resume(tiny_sdxl_dir, subject, tmp_path,
+                                                                                  monkeypatch):
+    """fp16 on a GPU gives the Accelerator a GradScaler; a CPU one stands in for it here, so the wiring from the
+    run to its checkpoints and back is tested where no GPU is."""
+    import json
+
+    scalers, accelerator_init = [], train_module.Accelerator.__init__
+
+    def with_a_scaler(self, *args, **kwargs):
+        accelerator_init(self, *args, **kwargs)
+        self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)
+        scalers.append(self.scaler)
+
+    monkeypatch.setattr(train_module.Accelerator, "__init__", with_a_scaler)
+    run(tiny_sdxl_dir, subject, tmp_path / "out", "--checkpointing_steps", "2", steps=2)
+    state_file = tmp_path / "out" / "checkpoint-2" / "training_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["grad_scaler"]["scale"] == scalers[0].get_scale() != 2.0**10  # it grew, and was saved as it was
+    state["grad_scaler"]["scale"] = 12345.0  # a scale no new scaler starts from
+    state_file.write_text(json.dumps(state))
+    run(tiny_sdxl_dir, subject, tmp_path / "out", "--checkpointing_steps", "2", "--resume_from_checkpoint", "latest",
+        steps=3)
+    resumed = json.loads((tmp_path / "out" / "checkpoint-3" / "training_state.json").read_text())["grad_scaler"]
+    assert resumed["scale"] == 12345.0 * 2  # the restored scale, grown once in step 3

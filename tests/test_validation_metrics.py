@@ -1,4 +1,5 @@
 import base64
+import os
 import io
 import json
 from html.parser import HTMLParser
@@ -164,3 +165,32 @@ def test_report_embeds_every_photo_and_sample_draws_the_curves_and_highlights_th
     assert found.chosen_rows == ["step-100"]
     assert [title for _, chosen, title in found.sources if chosen] == [f"step 100: {p.prompt}" for p in prompts]
     assert text.count("<polyline") == 3 and "chosen-line" in text
+
+
+def test_redrawing_the_report_decodes_only_the_new_steps_samples(tmp_path, monkeypatch):
+    """The report is redrawn at every validation; it once decoded every past step's PNGs again each time."""
+    from dreambooth_moslora.trainer import validation_metrics
+
+    prompts = _prompts()[:1]
+    samples_by_step, history = {}, []
+    opened, open_image = [], validation_metrics.Image.open
+
+    def counting(path, *args, **kwargs):
+        opened.append(Path(path).name)
+        return open_image(path, *args, **kwargs)
+
+    monkeypatch.setattr(validation_metrics.Image, "open", counting)
+    for step in (0, 100, 200):
+        paths = [tmp_path / f"s{step}-{i}.png" for i in range(2)]
+        for path, image in zip(paths, _noise(2, 64, seed=step)):
+            image.save(path)
+        samples_by_step[step] = {prompts[0].prompt: paths}
+        history.append({"step": step, "dino": 0.5})
+        opened.clear()
+        write_report(tmp_path / "report.html", history, [], samples_by_step, prompts, None)
+        assert sorted(opened) == [f"s{step}-0.png", f"s{step}-1.png"]
+    paths[0].write_bytes(paths[1].read_bytes())  # a file rewritten (a resumed run's new samples) is read again
+    os.utime(paths[0], ns=(0, 1))
+    opened.clear()
+    write_report(tmp_path / "report.html", history, [], samples_by_step, prompts, None)
+    assert sorted(opened) == ["s200-0.png", "s200-1.png"]

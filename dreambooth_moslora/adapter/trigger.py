@@ -7,6 +7,8 @@ vector is what diffusers, ComfyUI and AUTOMATIC1111 load beside a LoRA, with no 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -66,3 +68,21 @@ def trigger_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The learned trigger vector of a text encoder (none for any other model)."""
     found = [m.vector for m in model.modules() if isinstance(m, TriggerEmbedding)]
     return [p for p in found if p.requires_grad]
+
+
+@contextmanager
+def trigger_disabled(model):
+    """The base model's own embedding of the trigger token inside the block (its table row), the learned vector
+    again after it; for sampling only: the vector is changed in place."""
+    trigger = trigger_embedding(model)
+    if trigger is None:
+        yield model
+        return
+    learned = trigger.vector.detach().clone()
+    with torch.no_grad():
+        trigger.vector.copy_(trigger.table.weight[trigger.token_id])
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            trigger.vector.copy_(learned)

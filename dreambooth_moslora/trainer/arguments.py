@@ -160,6 +160,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     out.add_argument("--checkpointing_steps", type=int, default=500)
     out.add_argument("--checkpoints_total_limit", type=int, default=None)
     out.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder, or 'latest'")
+    out.add_argument("--overwrite_output_dir", action="store_true",
+                     help="start afresh in a folder that holds a previous run: its checkpoints, best/, validation/ "
+                          "and adapter files are moved into previous-runs/ (without this, such a folder is refused)")
     out.add_argument("--validation_prompt", default=None)
     out.add_argument("--num_validation_images", type=int, default=4)
     out.add_argument("--validation_steps", type=int, default=None,

@@ -8,6 +8,7 @@ what an uninterrupted one would. fp16's GradScaler (its scale and growth tracker
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -21,8 +22,9 @@ from ..adapter.files import write_folder_atomically, write_text_atomically
 from ..adapter.inject import moslora_config, moslora_layers
 from ..adapter.io import NATIVE_FILE, copy_adapter_weights, read_moslora, save_moslora, write_safetensors
 from ..adapter.trigger import trigger_embedding
-from .ema import EMA_FILE, adapter_parameters, averaged_weights
+from .ema import EMA_FILE, TRAINED_FILE, adapter_parameters, averaged_weights, copy_stored
 
+logger = logging.getLogger(__name__)
 PREFIX = "checkpoint-"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "training_state.json"
@@ -36,10 +38,10 @@ def checkpoints(output_dir) -> list[Path]:
 
 def save_checkpoint(output_dir, step: int, models: dict, optimizer, lr_scheduler, base_model: str, ema=None,
                     base_model_sha256: str | None = None, grad_scaler=None, schedule: dict | None = None,
-                    dataset: str | None = None) -> Path:
+                    dataset: str | None = None, run_record=None) -> Path:
     """Written into a temporary folder and renamed, so a crash never leaves a half checkpoint (nor the folder).
     `schedule` records what the LR schedule was built for ({"name", "steps"}) and `dataset` the data as a dataset
-    file (dataset_toml), so a resume can tell a change."""
+    file (dataset_toml), so a resume can tell a change; `run_record` (a RunRecord) saves its snapshot too."""
     def fill(staging: Path):
         with averaged_weights(ema):  # the adapter validation showed at this step, for export and evaluate
             save_moslora(staging / NATIVE_FILE, models["unet"], models.get("text_encoder"),
@@ -51,6 +53,8 @@ def save_checkpoint(output_dir, step: int, models: dict, optimizer, lr_scheduler
         state = {"global_step": step, "lr_scheduler": lr_scheduler.state_dict(), "schedule": schedule,
                  "grad_scaler": grad_scaler.state_dict() if grad_scaler is not None else None, "dataset": dataset}
         write_text_atomically(staging / STATE_FILE, json.dumps(state, default=float))
+        if run_record is not None:
+            run_record.save_into(staging)
 
     return write_folder_atomically(Path(output_dir) / f"{PREFIX}{step}", fill)
 
@@ -94,7 +98,8 @@ def checkpoint_state(path) -> dict:
 
 def load_checkpoint(path, models: dict, optimizer, lr_scheduler, ema=None, grad_scaler=None) -> int:
     """Restore adapter weights, optimizer, schedule, GradScaler and the weights' average; returns the step to
-    continue from."""
+    continue from. A checkpoint of a run with --use_ema resumed without it continues from the weights as trained
+    (its adapter file holds their average), and says that the average is dropped."""
     path = Path(path)
     if ema is not None and not (path / EMA_FILE).is_file():
         raise UserInputError(f"{path} was trained without --use_ema; resume it without --use_ema, or start afresh")
@@ -118,6 +123,11 @@ def load_checkpoint(path, models: dict, optimizer, lr_scheduler, ema=None, grad_
         raise UserInputError(f"{path / OPTIMIZER_FILE} is not a usable optimizer state ({error})") from None
     if ema is not None:
         ema.load(path)
+    elif (path / EMA_FILE).is_file():
+        if (path / TRAINED_FILE).is_file():
+            copy_stored(path / TRAINED_FILE, adapter_parameters(models))
+        logger.warning("%s was trained with --use_ema: without it the run goes on from the weights as trained and "
+                       "the moving average is dropped (add --use_ema to continue both)", path)
     state = checkpoint_state(path)
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     if grad_scaler is not None and state.get("grad_scaler"):

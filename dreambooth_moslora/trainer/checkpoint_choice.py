@@ -1,4 +1,4 @@
-"""Which validated step to keep: the rule over the metric history, early stopping, and the `best/` folder.
+"""Which validated step to keep: the rule over the metric history, and early stopping (run_record.py owns the files).
 
 A history is a list of records in step order, one per validation, e.g. {"step": 0, "dino": 0.41, "clip_i": 0.70,
 "clip_t": 0.31, "class_similarity": 0.52}; step 0 is the base model before training, the baseline the tolerances
@@ -9,22 +9,21 @@ top-level measures are then their means.
 
 from __future__ import annotations
 
-import json
-import shutil
+import math
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable
-
-from ..adapter.files import write_folder_atomically
 
 SUBJECT_MEASURES = ("dino", "clip_i", "subject")
-BEST_FOLDER = "best"
-STEP_FILE = "step.json"
 
 
 def _measure(record: dict, key: str) -> float | None:
     value = record.get(key)
     return None if value is None else float(value)
+
+
+def _baseline_measure(baseline: dict, key: str) -> float | None:
+    """A step-0 measure that is not a number is no baseline: its tolerance is not applied (RunRecord says so)."""
+    value = _measure(baseline, key)
+    return value if value is not None and math.isfinite(value) else None
 
 
 @dataclass(frozen=True)
@@ -50,11 +49,11 @@ class ChoiceRule:
         return self._within(record, baseline)
 
     def _within(self, record: dict, baseline: dict) -> bool:
-        clip_t, base_clip_t = _measure(record, "clip_t"), _measure(baseline, "clip_t")
+        clip_t, base_clip_t = _measure(record, "clip_t"), _baseline_measure(baseline, "clip_t")
         if clip_t is not None and base_clip_t is not None:
             if not clip_t >= base_clip_t - self.prompt_tolerance * abs(base_clip_t):  # `not >=` refuses NaN
                 return False
-        drift, base_drift = _measure(record, "class_similarity"), _measure(baseline, "class_similarity")
+        drift, base_drift = _measure(record, "class_similarity"), _baseline_measure(baseline, "class_similarity")
         if drift is not None and base_drift is not None:
             if not drift <= base_drift + self.class_tolerance:
                 return False
@@ -63,11 +62,11 @@ class ChoiceRule:
     def reason(self, record: dict, baseline: dict) -> str:
         """One sentence for the model card: the step's fidelity, and what it kept against step 0."""
         kept = []
-        clip_t, base_clip_t = _measure(record, "clip_t"), _measure(baseline, "clip_t")
+        clip_t, base_clip_t = _measure(record, "clip_t"), _baseline_measure(baseline, "clip_t")
         if clip_t is not None and base_clip_t is not None:
             kept.append(f"its prompt fidelity (CLIP-T) is {clip_t:.3f} against step 0's {base_clip_t:.3f}, "
                         f"at most {self.prompt_tolerance:.0%} lower allowed")
-        drift, base_drift = _measure(record, "class_similarity"), _measure(baseline, "class_similarity")
+        drift, base_drift = _measure(record, "class_similarity"), _baseline_measure(baseline, "class_similarity")
         if drift is not None and base_drift is not None:
             kept.append(f"its class samples' similarity to the subject is {drift:.3f} against step 0's "
                         f"{base_drift:.3f}, at most {self.class_tolerance:.2f} higher allowed")
@@ -109,23 +108,3 @@ def should_stop_early(choice: Choice, patience: int | None) -> bool:
     """Only once a best exists: a run whose steps are all ineligible so far has nothing to stop on."""
     return patience is not None and choice.step is not None and choice.validations_since_best >= patience
 
-
-def write_best(output_dir, step: int, files: Callable[[Path], object] | list[Path]) -> Path:
-    """Replace <output_dir>/best/ with the step's files and best/step.json, swapped in whole, so a crash or a
-    missing file leaves the previous best. `files` is either existing files to copy (their mode is not copied:
-    diffusers leaves 0600 files) or a function that writes the step's files into the folder it is given."""
-    def fill(staging: Path):
-        if callable(files):
-            files(staging)
-        else:
-            for file in files:
-                shutil.copyfile(file, staging / Path(file).name)
-        (staging / STEP_FILE).write_text(json.dumps({"step": step}), encoding="utf-8")
-
-    return write_folder_atomically(Path(output_dir) / BEST_FOLDER, fill)
-
-
-def read_best_step(output_dir) -> int | None:
-    """The step best/ holds, for resume; None when no best was written."""
-    path = Path(output_dir) / BEST_FOLDER / STEP_FILE
-    return int(json.loads(path.read_text(encoding="utf-8"))["step"]) if path.is_file() else None

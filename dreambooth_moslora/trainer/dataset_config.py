@@ -222,6 +222,7 @@ def check_dataset(dataset: DatasetConfig, source: str) -> DatasetConfig:
                 raise UserInputError(f"{source}: concept {concept.name!r}: instance_prompt's trigger {word!r} is "
                                      f"used by concept {owner[word]!r} too; give each subject its own trigger")
             owner[word] = concept.name
+    _check_shared_class_folders(subjects, source)
     if dataset.of_role("class") and all(c.prior != "none" for c in subjects):
         raise UserInputError(f"{source}: concept {dataset.of_role('class')[0].name!r}: no subject uses these class "
                              "images: every instance concept has a prior of its own (prior = \"none\" shares them)")
@@ -234,6 +235,18 @@ def check_dataset(dataset: DatasetConfig, source: str) -> DatasetConfig:
                                  f"instance concept{_did_you_mean(concept.validates, [c.name for c in subjects])}")
     return DatasetConfig(tuple(dataclasses.replace(c, validates=c.validates or subjects[0].name)
                                if c.role == "validation" else c for c in dataset.concepts), source)
+
+
+def _check_shared_class_folders(subjects: list[Concept], source: str):
+    """A class folder holds one class's images, their captions the prompt they were made from: two subjects with
+    other class prompts in one folder would train the second on the first one's class."""
+    owner = {}
+    for concept in (c for c in subjects if c.prior == "class_images"):
+        folder = concept.class_data_dir.resolve()
+        first = owner.setdefault(folder, concept)
+        if (first.class_prompt, first.class_prompts) != (concept.class_prompt, concept.class_prompts):
+            raise UserInputError(f"{source}: concepts {first.name!r} and {concept.name!r} share class_data_dir "
+                                 f"{concept.class_data_dir} with other class prompts; give each its own folder")
 
 
 def _check_concept(concept: Concept, where: str):

@@ -76,13 +76,14 @@ class AdapterEMA:
         """The average, and the trained weights into the model (checkpoints from before TRAINED_FILE held them in
         their adapter file, already loaded)."""
         folder = Path(folder)
-        _copy_stored(folder / EMA_FILE, self.shadow)
+        copy_stored(folder / EMA_FILE, self.shadow)
         if (folder / TRAINED_FILE).is_file():
-            with torch.no_grad():
-                _copy_stored(folder / TRAINED_FILE, self.parameters)
+            copy_stored(folder / TRAINED_FILE, self.parameters)
 
 
-def _copy_stored(path, tensors: dict):
+@torch.no_grad()
+def copy_stored(path, tensors: dict):
+    """A safetensors file's tensors into `tensors` (parameters or the average), which must hold the same names."""
     stored = load_file(str(path))
     if stored.keys() != tensors.keys():
         raise UserInputError(f"{path} does not hold this run's adapter (another adapter configuration)")

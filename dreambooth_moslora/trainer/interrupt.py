@@ -11,7 +11,7 @@ from __future__ import annotations
 import signal
 import sys
 
-import torch
+from .agreement import raised_anywhere
 
 
 class StopOnInterrupt:
@@ -44,11 +44,9 @@ class StopOnInterrupt:
     def should_stop(self, accelerator) -> bool:
         """Whether any process was interrupted or wants to stop early; a collective, so every process must call it
         at the same step. An interrupt wins over an early stop."""
-        flags = [float(self.interrupted), float(self.stop_early)]
-        if accelerator.num_processes > 1:
-            flags = accelerator.reduce(torch.tensor(flags, device=accelerator.device), reduction="sum").tolist()
-        self.requested = flags[0] > 0
-        self.stopped_early = flags[1] > 0 and not self.requested
+        interrupted, stop_early = raised_anywhere(accelerator, [self.interrupted, self.stop_early])
+        self.requested = interrupted
+        self.stopped_early = stop_early and not interrupted
         return self.requested or self.stopped_early
 
 

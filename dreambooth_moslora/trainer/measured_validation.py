@@ -1,34 +1,32 @@
-"""The trainer's measured validation: each validation's samples measured against the photos, the history kept in
-`validation/metrics.jsonl` (resumed with the run), the step the rule chooses written to `best/`, the report
-redrawn, and the verdict for early stopping. The measuring is validation_metrics', the choosing checkpoint_choice's.
+"""The trainer's measured validation: each validation's samples measured against the photos into the run's record
+(run_record.py: the history, the chosen step and best/), the report redrawn, and the verdict for early stopping.
+The measuring is validation_metrics', the choosing checkpoint_choice's.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 from typing import Callable
 
 from PIL import Image
 
 from ..adapter.errors import UserInputError
-from ..adapter.files import write_atomically
-from .checkpoint_choice import ChoiceRule, baseline_of, choose, read_best_step, should_stop_early, write_best
+from .checkpoint_choice import ChoiceRule
 from .data import image_files, load_rgb
 from .dataset_config import MeasuredSubject
 from .prompt_words import prompt_words, trigger_words
-from .validation_metrics import (FeatureModels, ValidationPrompt, append_metrics, read_metrics, validation_prompts,
-                                 write_report)
+from .run_record import VALIDATION_FOLDER, RunRecord
+from .validation_metrics import FeatureModels, ValidationPrompt, validation_prompts, write_report
 
 logger = logging.getLogger(__name__)
-METRICS_FILE = "metrics.jsonl"
 REPORT_FILE = "report.html"
 
 
 def load_feature_models(args) -> FeatureModels | None:
-    """`auto`: the feature models if they load, else one warning and plain validation; `on`: they must load (one
-    clear error before training); `none`, or validation only at the end (nothing to choose among): none."""
+    """`auto`: the feature models if they load, else one warning and plain validation; `on`, or an option that
+    chooses among measured validations (--keep best, --early_stopping_patience): they must load (one clear error
+    before training); `none`, or validation only at the end (nothing to choose among): none."""
     if args.validation_metrics == "none" or not (args.validation_prompt and args.validation_steps):
         if args.validation_metrics == "on":
             raise UserInputError("--validation_metrics on measures the validations during training: it needs "
@@ -39,8 +37,14 @@ def load_feature_models(args) -> FeatureModels | None:
                                   None if args.validation_metrics_model else args.validation_clip_model,
                                   args.validation_metrics_model)
     except UserInputError as error:
+        needing = [option for option, used in (("--keep best", args.keep == "best"),
+                                               ("--early_stopping_patience", args.early_stopping_patience))
+                   if used]
+        if needing:
+            raise UserInputError(f"{error}; {' and '.join(needing)} choose among measured validations, which need "
+                                 "these models") from None
         if args.validation_metrics == "on":
-            raise
+            raise UserInputError(f"{error}, or --validation_metrics none") from None
         logger.warning("validation is not measured: %s (--validation_metrics none silences this)", error)
         return None
 
@@ -67,19 +71,20 @@ def subjects_under_test(subjects: list[MeasuredSubject], user_prompt: str) -> li
 
 
 class MeasuredValidation:
-    def __init__(self, args, feature_models: FeatureModels, resumed_step: int):
+    """The subjects and prompts a run measures, the samples on disk, and the run's record of what was measured."""
+
+    def __init__(self, args, feature_models: FeatureModels, resumed_from: Path | None):
         self.args, self.feature_models = args, feature_models
-        self.folder = Path(args.output_dir) / "validation"
+        self.folder = Path(args.output_dir) / VALIDATION_FOLDER
         self.subjects = subjects_under_test(args.dataset.measured_subjects(), args.validation_prompt)
         by_text: dict[str, ValidationPrompt] = {}
         for prompt in (p for subject in self.subjects for p in subject.prompts):
             by_text.setdefault(prompt.prompt, prompt)  # a prompt two subjects share is sampled once
         self.prompts = list(by_text.values())
         self.instance_paths = [p for subject in self.subjects for p in subject.photo_paths]
-        self.rule = ChoiceRule(args.validation_prompt_tolerance, args.validation_class_tolerance)
-        self.history = read_metrics(self.folder / METRICS_FILE, up_to_step=resumed_step)
-        self.samples = {r["step"]: self._samples_on_disk(r["step"]) for r in self.history}  # a resumed run's too
-        self.choice = choose(self.history, self.rule)
+        rule = ChoiceRule(args.validation_prompt_tolerance, args.validation_class_tolerance)
+        self.run = RunRecord.begin(args.output_dir, rule, resumed_from)
+        self.samples = {r["step"]: self._samples_on_disk(r["step"]) for r in self.run.history}  # a resumed run's too
 
     def _samples_on_disk(self, step: int) -> dict[str, list[Path]]:
         """A step's samples as validate wrote them (a run's last step in final-step-N)."""
@@ -88,26 +93,23 @@ class MeasuredValidation:
         paths = sorted(p for p in folder.glob("*.png") if p.name != "grid.png")
         return grouped_by_prompt(paths, self.prompts, self.args.num_validation_images)
 
-    @property
-    def has_baseline(self) -> bool:
-        return any(record["step"] == 0 for record in self.history)
+    def sampled_paths(self, step: int) -> list[Path] | None:
+        """A step measured already (the final validation after an early stop): its samples, not sampled again."""
+        if not self.run.measured(step):
+            return None
+        return [path for paths in self.samples[step].values() for path in paths]
 
     def record(self, step: int, samples: dict[str, list[Path]],
                write_adapter: Callable[[Path], list[Path]]) -> dict | None:
-        """Measure step's samples, choose again, and when the choice moved to this step write its adapter to best/.
-        A step measured already (the final validation after an early stop) is not measured again."""
-        if any(record["step"] == step for record in self.history):
+        """Measure step's samples into the run's record (which writes best/ when the choice moves to this step), and
+        redraw the report. A step measured already is not measured again."""
+        if self.run.measured(step):
             return None
         images = {prompt: [Image.open(p).convert("RGB") for p in paths] for prompt, paths in samples.items()}
-        record = {"step": step, **self._measure(images)}
-        append_metrics(self.folder / METRICS_FILE, record)
-        self.history.append(record)
+        record = self.run.record(step, self._measure(images), write_adapter)
         self.samples[step] = samples
-        self.choice = choose(self.history, self.rule)
-        if self.choice.step == step:
-            write_best(self.args.output_dir, step, write_adapter)
-        write_report(self.folder / REPORT_FILE, self.history, self.instance_paths, self.samples, self.prompts,
-                     self.choice.step)
+        write_report(self.folder / REPORT_FILE, self.run.history, self.instance_paths, self.samples, self.prompts,
+                     self.run.chosen)
         return record
 
     def _measure(self, images: dict[str, list[Image.Image]]) -> dict:
@@ -120,22 +122,7 @@ class MeasuredValidation:
         return {**means, "subjects": own}
 
     def should_stop(self) -> bool:
-        return should_stop_early(self.choice, self.args.early_stopping_patience)
-
-    def summary(self) -> str | None:
-        """The model card's sentence on the chosen step, when there is one."""
-        if self.choice.step is None:
-            return None
-        record = next(r for r in self.history if r["step"] == self.choice.step)
-        return self.rule.reason(record, baseline_of(self.history))
-
-    def keep_best(self, output_dir) -> list[Path]:
-        """--keep best: the chosen step's files replace the last step's in the output folder."""
-        best = Path(output_dir) / "best"
-        if read_best_step(output_dir) is None:
-            return []
-        return [write_atomically(Path(output_dir) / path.name, lambda tmp, path=path: shutil.copyfile(path, tmp))
-                for path in sorted(best.glob("*.safetensors"))]
+        return self.run.should_stop(self.args.early_stopping_patience)
 
 
 def grouped_by_prompt(paths: list[Path], prompts: list[ValidationPrompt], per_prompt: int) -> dict[str, list[Path]]:

@@ -297,14 +297,12 @@ def _latent_side(configs: ModelConfigs, resolution: int) -> int:
 
 
 def _cache_bytes(configs: ModelConfigs, settings: PlanSettings, dtype: torch.dtype) -> int:
-    """Cached latent distributions (mean and std, fp32, each image and its flip) and prompt embeddings."""
-    side = _latent_side(configs, settings.resolution)
-    latents = 2 * 2 * configs.vae["latent_channels"] * side * side * 4 if settings.cache_latents else 0
-    prompts = 0
-    if settings.prompts_cached:
-        width = sum(c.hidden_size for c in configs.text_encoders)
-        prompts = (77 * width + configs.text_encoders[1].projection_dim) * torch.finfo(dtype).bits // 8
-    return settings.cached_images * (latents + prompts)
+    """Cached prompt embeddings, which stay on the accelerator; cached latents are kept in the CPU's memory
+    (caching.py), so the card holds none of them."""
+    if not settings.prompts_cached:
+        return 0
+    width = sum(c.hidden_size for c in configs.text_encoders)
+    return settings.cached_images * (77 * width + configs.text_encoders[1].projection_dim) * torch.finfo(dtype).bits // 8
 
 
 def _step_peak(unet, vae, text_encoders, configs, settings, dtype, parameters) -> int:
@@ -478,7 +476,8 @@ def plan_report(configs: ModelConfigs, settings: PlanSettings) -> str:
     rows = [*((f"{name} weights", size) for name, size in plan.weights.items()),
             ("adapter weights (fp32)", plan.adapter), ("adapter moving average (fp32)", plan.ema),
             (f"optimizer state ({settings.optimizer})", plan.optimizer_state),
-            (f"cached {_cached(settings)} ({settings.cached_images} images)", plan.caches),
+            (f"cached prompts ({settings.cached_images} images)" if settings.prompts_cached
+             else "cached prompts (none)", plan.caches),
             ("activations and gradients (peak of the step)", plan.step_peak)]
     lines = [f"memory plan: {configs.source}, {settings.resolution} px, batch {settings.batch_size}, "
              f"{'fp32' if settings.mixed_precision == 'no' else settings.mixed_precision}, rank {settings.rank} on "
@@ -509,12 +508,6 @@ def plan_report(configs: ModelConfigs, settings: PlanSettings) -> str:
         marks = " | ".join("✓" if planned.fits(gb) else "✗" for gb in CARD_SIZES_GB)
         lines.append(f"| {name} | {planned.peak / GIB:.1f} GiB | {planned.least / GIB:.1f} GiB | {marks} |")
     return "\n".join(lines) + "\n"
-
-
-def _cached(settings: PlanSettings) -> str:
-    kinds = [kind for kind, cached in (("latents", settings.cache_latents), ("prompts", settings.prompts_cached))
-             if cached]
-    return " and ".join(kinds) or "nothing"
 
 
 def _fits(plan: MemoryPlan) -> str:

@@ -11,8 +11,10 @@ from ..pipeline.single_file import is_single_file
 def model_card(base_model: str, instance_prompt: str, config, steps: int, text_encoders_trained: bool,
                validation_prompt: str | None, validation_images: list[Path], output_dir: Path,
                ema_decay: float | None = None, model_config: str | None = None, trigger: str | None = None,
-               chosen: str | None = None, kept: str = "last") -> str:
-    """`chosen`: measured validation's chosen step and why (best/ holds it); `kept`: which step the files hold."""
+               chosen: str | None = None, files_step: int | None = None) -> str:
+    """`chosen`: measured validation's chosen step and why (best/ holds it); `files_step`: the step whose adapter
+    the files hold (None: the last, `steps`)."""
+    files_step = steps if files_step is None else files_step
     images = "\n".join(f"![{validation_prompt}]({p.relative_to(output_dir).as_posix()})" for p in validation_images)
     return f"""---
 base_model: {base_model}
@@ -36,7 +38,7 @@ prompt **{instance_prompt}**.
 | trigger embedding learned | {f"`{trigger}` ({TRIGGER_FILE})" if trigger else "no"} |
 | training steps | {steps} |
 | chosen step (`best/`) | {chosen or "not measured"} |
-| these files hold | {"the chosen step's adapter" if kept == "best" and chosen else f"step {steps}'s adapter"} |
+| these files hold | step {files_step}'s adapter{" (the chosen step, --keep best)" if files_step != steps else ""} |
 | weights | {f"the exponential moving average of the trained weights (decay {ema_decay:g}), in every file" if ema_decay else "as trained"} |
 
 ## Files

@@ -37,13 +37,14 @@ def check_resume_base(args, output_dir):
         check_same_base(recorded_base_sha256(path / NATIVE_FILE), args.pretrained_model_name_or_path, path)
 
 
-def resume(args, output_dir, adapted, optimizer, lr_scheduler, ema, grad_scaler, max_steps: int) -> int:
+def resume(args, output_dir, adapted, optimizer, lr_scheduler, ema, grad_scaler, max_steps: int) -> tuple[int, Path | None]:
+    """The step to continue from and the checkpoint it was read from (None: a run from step 0)."""
     if not args.resume_from_checkpoint:
-        return 0
+        return 0, None
     path = resolve_checkpoint(output_dir, args.resume_from_checkpoint)
     if path is None:
         logger.info("no checkpoint in %s yet; starting from step 0", output_dir)
-        return 0
+        return 0, None
     step = load_checkpoint(path, adapted, optimizer, lr_scheduler, ema, grad_scaler)
     logger.info("resumed from %s at step %d", path, step)
     state = checkpoint_state(path)
@@ -53,7 +54,7 @@ def resume(args, output_dir, adapted, optimizer, lr_scheduler, ema, grad_scaler,
                        "schedule for %d steps, so the run is not the one a straight %d-step run would have made",
                        built_for["name"], path, built_for["steps"], step, args.lr_scheduler, max_steps, max_steps)
     _warn_of_changed_data(state.get("dataset"), dataset_toml(args.dataset), path)
-    return step
+    return step, path
 
 
 def _warn_of_changed_data(trained_on: str | None, now: str, path: Path):
@@ -71,9 +72,10 @@ def _schedule(args, max_steps: int) -> dict:
     return {"name": args.lr_scheduler, "steps": max_steps}
 
 
-def write_checkpoint(args, output_dir, step, accelerator, adapted, optimizer, lr_scheduler, ema, max_steps: int):
+def write_checkpoint(args, output_dir, step, accelerator, adapted, optimizer, lr_scheduler, ema, max_steps: int,
+                     run_record=None):
     """Only from finite weights (every process checks its identical copy, so all stop together), so the newest
-    checkpoint is always one to go back to."""
+    checkpoint is always one to go back to; with the run's record (the main process's) as it is at this step."""
     if not weights_are_finite(adapted):
         raise TrainingDiverged(f"the adapter's weights became non-finite by step {step}; checkpoint-{step} was not "
                                f"written and no adapter was; {last_good_checkpoint(output_dir)}. {DIVERGENCE_ADVICE}")
@@ -82,7 +84,7 @@ def write_checkpoint(args, output_dir, step, accelerator, adapted, optimizer, lr
         path = save_checkpoint(output_dir, step, adapted, optimizer, lr_scheduler,
                                model_reference(args.pretrained_model_name_or_path), ema,
                                base_model_sha256(args.pretrained_model_name_or_path), accelerator.scaler,
-                               _schedule(args, max_steps), dataset_toml(args.dataset))
+                               _schedule(args, max_steps), dataset_toml(args.dataset), run_record)
         prune_checkpoints(output_dir, args.checkpoints_total_limit)
     accelerator.wait_for_everyone()
     return path
@@ -99,17 +101,18 @@ def adapter_files(args, folder: Path, adapted) -> list[Path]:
     return files
 
 
-def write_outputs(args, output_dir, adapted, steps, images, measured=None) -> list[Path]:
-    """The adapter files (the chosen step's with --keep best), then the model card."""
-    files = (measured.keep_best(output_dir) if measured and args.keep == "best" else []) \
-        or adapter_files(args, output_dir, adapted)
+def write_outputs(args, output_dir, adapted, steps, images, run_record=None) -> list[Path]:
+    """The adapter files (the chosen step's with --keep best), then the model card; the chosen step is the run
+    record's, the one best/ holds."""
+    kept_best = run_record.keep_best() if run_record and args.keep == "best" else []
+    files = kept_best or adapter_files(args, output_dir, adapted)
     prompts = "; ".join(args.dataset.instance_prompts)
     card = model_card(model_reference(args.pretrained_model_name_or_path), prompts,
                       moslora_config(adapted["unet"]), steps, args.train_text_encoder, args.validation_prompt, images,
                       output_dir, ema_decay=args.ema_decay if args.use_ema else None,
                       model_config=args.model_config and str(Path(args.model_config).expanduser().resolve()),
                       trigger=args.train_trigger_embedding,
-                      chosen=measured.summary() if measured else None, kept=args.keep)
+                      chosen=run_record.summary() if run_record else None, files_step=run_record.chosen if kept_best else steps)
     return files + [write_text_atomically(output_dir / "README.md", card)]
 
 

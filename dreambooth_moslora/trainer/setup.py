@@ -16,6 +16,7 @@ from ..adapter.inject import inject_moslora, moslora_parameters
 from ..adapter.trigger import install_trigger_embedding, trigger_parameters, trigger_token
 from ..pipeline.models import (decoding_outside_autocast, enable_text_encoder_checkpointing, load_base_models,
                                native_resolution, place_models, sdxl_pipeline)
+from .agreement import decided_on_main
 from .caching import cache_latent_distributions, cache_prompt_embeddings
 from .data import epoch_batches
 from .fp8 import store_frozen_weights_in_fp8
@@ -71,8 +72,11 @@ def _warn_about_resolution(resolution: int, models, name: str):
 
 
 def generate_missing_class_images(args, accelerator, models, concept):
-    """A concept's missing class images, made with the base pipeline (processes share the work)."""
-    missing = missing_class_indices(concept.class_data_dir, concept.num_class_images)
+    """A concept's missing class images, made with the base pipeline (processes share the work). Which are missing
+    is read once, by the main process: a process listing the folder after another wrote to it would split
+    another list, and some images would never be made."""
+    missing = decided_on_main(accelerator, lambda: missing_class_indices(concept.class_data_dir,
+                                                                         concept.num_class_images))
     if missing:
         logger.info("generating %d class images for %r", len(missing), concept.class_prompt)
         with accelerator.split_between_processes(missing) as mine, accelerator.autocast(), \

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from torch.utils.data import DataLoader
 from ..adapter.feedback import progress_bar
 from ..adapter.files import check_writable_folder
 from ..adapter.inject import moslora_disabled
+from ..adapter.trigger import trigger_disabled
 from ..pipeline.generate import GenerationSettings, generate_images
 from ..pipeline.models import back_on, decoding_outside_autocast, offload_cached_models, sdxl_pipeline
 from .arguments import DEFAULT_MAX_TRAIN_STEPS
@@ -40,6 +42,7 @@ from .memory_plan import plan_settings
 from .output_lock import output_folder_lock
 from .outputs import (DIVERGENCE_ADVICE, TrainingDiverged, adapter_files, check_resume_base, print_summary, resume,
                       write_checkpoint, write_outputs)
+from .run_record import check_previous_run, set_aside_previous_run
 from .setup import (TEXT_ENCODERS, build_caches, build_optimizer, generate_missing_class_images,
                     micro_batches_per_epoch, setup_models, training_dtype)
 from .step import LossSettings, StepInputs, denoising_loss
@@ -79,8 +82,12 @@ def train(args) -> TrainingResult:
     )
     data = read_concepts(args.dataset, args.resolution, args.bucketing)
     plan_settings(args, data.instance_examples)  # refuses --cache_latents with random crops before any model loads
+    previous_run = check_previous_run(output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
     feature_models = load_feature_models(args) if accelerator.is_main_process else None
     with output_folder_lock(output_dir, enabled=accelerator.is_main_process):
+        if previous_run and accelerator.is_main_process:
+            set_aside_previous_run(output_dir)
+        accelerator.wait_for_everyone()
         return _train(args, accelerator, output_dir, data, feature_models)
 
 
@@ -99,7 +106,8 @@ def _train(args, accelerator, output_dir: Path, data, feature_models=None) -> Tr
     trained, optimizer = dict(zip(adapted, prepared[:-1])), prepared[-1]
     ema = AdapterEMA(adapter_parameters(adapted), args.ema_decay,
                      "cpu" if args.ema_device == "cpu" else accelerator.device) if args.use_ema else None
-    global_step = resume(args, output_dir, adapted, optimizer, lr_scheduler, ema, accelerator.scaler, max_steps)
+    global_step, resumed_from = resume(args, output_dir, adapted, optimizer, lr_scheduler, ema, accelerator.scaler,
+                                       max_steps)
     examples = training_set.examples()
     settings = plan_settings(args, examples, mixed_precision=accelerator.mixed_precision)
     caches = build_caches(args, accelerator, models, examples, settings,
@@ -107,19 +115,23 @@ def _train(args, accelerator, output_dir: Path, data, feature_models=None) -> Tr
     offloaded = offload_cached_models(models, accelerator.device, settings.prompts_cached, settings.cache_latents)
     if accelerator.is_main_process:
         accelerator.init_trackers("dreambooth-moslora", config=_tracker_config(args))
-    measured = MeasuredValidation(args, feature_models, global_step) if feature_models else None
+    measured = MeasuredValidation(args, feature_models, resumed_from) if feature_models else None
+    run_record = measured.run if measured else None  # the main process's: the history, the chosen step, best/
     loop = TrainingLoop(args, accelerator, models, trained, optimizer, lr_scheduler, caches,
                         training_dtype(accelerator.mixed_precision), ema, offloaded, measured,
                         write_adapter=lambda folder: adapter_files(args, folder, adapted))
 
     def save(step):
-        return write_checkpoint(args, output_dir, step, accelerator, adapted, optimizer, lr_scheduler, ema, max_steps)
+        return write_checkpoint(args, output_dir, step, accelerator, adapted, optimizer, lr_scheduler, ema, max_steps,
+                                run_record)
 
     # train
-    if measured and not measured.has_baseline:
-        loop.validate(0)  # the base model's own measures, which every later step is held against
+    if run_record and not run_record.has_baseline:
+        loop.validate(0, base_model=True)  # the measures every later step is held against, whatever the step
     start, first_step = time.perf_counter(), global_step
     with StopOnInterrupt() as stop:
+        if run_record and loop.validation_due(global_step, max_steps) and not run_record.measured(global_step):
+            loop.validate_mid_run(global_step, stop)  # due at the checkpoint's step, which was saved before it
         global_step = loop.run(training_set, global_step, max_steps, stop, save)
     seconds = time.perf_counter() - start
     if stop.requested:
@@ -134,10 +146,10 @@ def _train(args, accelerator, output_dir: Path, data, feature_models=None) -> Tr
     if accelerator.is_main_process:
         with averaged_weights(ema):  # the exported adapter is the average, as validation shows it
             images = loop.validate(global_step, final=True) if args.validation_prompt else []
-            files = write_outputs(args, output_dir, adapted, global_step, images, measured)
+            files = write_outputs(args, output_dir, adapted, global_step, images, run_record)
         if stop.stopped_early:
             logger.info("stopped early at step %d: the chosen step, %s, has not changed for %d validations",
-                        global_step, measured.choice.step, args.early_stopping_patience)
+                        global_step, run_record.chosen, args.early_stopping_patience)
         print_summary(global_step - first_step, seconds, files, accelerator.device)
     accelerator.end_training()
     return TrainingResult(output_dir, global_step, seconds, files, loop.losses)
@@ -306,11 +318,16 @@ class TrainingLoop:
                 f"{last_good_checkpoint(self.args.output_dir)}. {DIVERGENCE_ADVICE}")
 
     @torch.no_grad()
-    def validate(self, step: int, final: bool = False) -> list[Path]:
-        """Sample the validation prompt with the adapter as it is now; PNGs under validation/, and the tracker."""
+    def validate(self, step: int, final: bool = False, base_model: bool = False) -> list[Path]:
+        """Sample the validation prompt with the adapter as it is now (with none: base_model); PNGs under
+        validation/, and the tracker. A step measured already is not sampled again (an early stop's last step)."""
         args, accelerator = self.args, self.accelerator
+        sampled = self.measured and self.measured.sampled_paths(step)
+        if sampled:
+            return sampled
         unwrap = accelerator.unwrap_model
-        pipe = sdxl_pipeline(self.models, unwrap(self.trained["unet"]), self._text_encoders(unwrapped=True))
+        models = [unwrap(self.trained["unet"]), *self._text_encoders(unwrapped=True)]
+        pipe = sdxl_pipeline(self.models, models[0], models[1:])
         for model in self.trained.values():
             model.eval()
         folder = Path(args.output_dir) / "validation" / (f"final-step-{step}" if final else f"step-{step}")
@@ -320,8 +337,13 @@ class TrainingLoop:
                                       num_inference_steps=args.num_inference_steps, height=args.resolution,
                                       width=args.resolution)
         with accelerator.autocast(), decoding_outside_autocast(self.models.vae), \
-                back_on(self.offloaded, accelerator.device):
-            paths = generate_images(pipe, prompts, settings, folder, adapter_name="training", show_progress=False)
+                back_on(self.offloaded, accelerator.device), ExitStack() as base:
+            if base_model:
+                for model in models:
+                    base.enter_context(moslora_disabled(model))
+                    base.enter_context(trigger_disabled(model))
+            paths = generate_images(pipe, prompts, settings, folder, adapter_name="" if base_model else "training",
+                                    show_progress=False)
         for model in self.trained.values():
             model.train()
         _log_images(accelerator, paths, step)

@@ -8,6 +8,7 @@ the user's validation prompts, the subject in a few other contexts, and the clas
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 import json
@@ -60,7 +61,7 @@ def validation_prompts(instance_prompt: str, user_prompts: list[str], class_prom
 
 def _offline_hint(option: str, error: UserInputError) -> UserInputError:
     return UserInputError(f"{error}; measured validation needs it downloaded once (or a local folder offline): "
-                          f"set {option}, or --validation_metrics none")
+                          f"set {option}")
 
 
 class FeatureModels:
@@ -150,8 +151,15 @@ def read_metrics(path, up_to_step: int | None = None) -> list[dict]:
 
 
 def _thumbnail(paths: list[Path]) -> str:
-    """The images tiled in a near-square grid, shrunk to THUMBNAIL px, as a data: URL (no file beside the report)."""
-    images = [Image.open(p).convert("RGB") for p in paths]
+    """The images tiled in a near-square grid, shrunk to THUMBNAIL px, as a data: URL (no file beside the report).
+    Each sheet is made once (keyed by its files and their modification times): the report is redrawn at every
+    validation, and decoding every past step's samples again would grow with the run."""
+    return _sheet(tuple((str(p), Path(p).stat().st_mtime_ns) for p in paths))
+
+
+@functools.lru_cache(maxsize=4096)
+def _sheet(files: tuple[tuple[str, int], ...]) -> str:
+    images = [Image.open(path).convert("RGB") for path, _ in files]
     columns = math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / columns)
     width, height = images[0].size

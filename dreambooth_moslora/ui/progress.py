@@ -10,7 +10,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..trainer.checkpoint import checkpoints
-from ..trainer.checkpoint_choice import read_best_step
+from ..trainer.run_record import read_best_step
 from ..trainer.validation_metrics import read_metrics, scalars
 
 # tqdm's line of the training loop: "steps:  45%|████| 9/20 [00:02<00:02, 4.4it/s, loss=0.0258, lr=1.00e-03, …]"
