@@ -242,3 +242,13 @@ def test_two_generations_at_once_get_two_numbers_and_one_that_cannot_start_fails
     monkeypatch.undo()
     [second] = [g for g in outputs.generations(job) if g["number"] == "2"]  # its working folder is gone
     assert second["state"] == "failed" and second["message"].startswith("error: generate could not start")
+
+
+def test_every_measure_is_explained_subject_fidelity_first():
+    from dreambooth_moslora.ui.progress import measures
+
+    explained = measures([{"step": 0, "class_similarity": 0.5, "subject": 0.7, "dog/subject": 0.6, "odd": 1.0}])
+    assert list(explained) == ["subject", "class_similarity", "odd", "dog/subject"]
+    assert explained["subject"].startswith("likeness of the samples to your photos")
+    assert "forgotten" in explained["class_similarity"] and explained["odd"] == ""
+    assert explained["dog/subject"].endswith("(dog alone)")

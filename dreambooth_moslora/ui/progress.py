@@ -129,10 +129,16 @@ def _sampling_seconds(folder: Path) -> float | None:
 
 
 def measures(metrics: list[dict]) -> dict[str, str]:
-    """Each measure of the history with what it means; a several-subject run's "name/measure" as that subject's."""
-    names = {name for record in metrics for name in record if name != "step"}
+    """Each measure of the history with what it means, in MEASURES' order (subject fidelity first), the means of a
+    several-subject run before each subject's own ("name/measure")."""
+    rank = {measure: index for index, measure in enumerate(MEASURES)}
+
+    def place(name: str):
+        subject, _, measure = name.rpartition("/")
+        return bool(subject), rank.get(measure, len(rank)), name
+
     explained = {}
-    for name in sorted(names):
+    for name in sorted({name for record in metrics for name in record if name != "step"}, key=place):
         subject, _, measure = name.rpartition("/")
         meaning = MEASURES.get(measure, "")
         explained[name] = f"{meaning} ({subject} alone)" if subject and meaning else meaning
