@@ -218,11 +218,11 @@ def test_a_mini_model_run_from_the_browser(tmp_path):
             with safe_open(saved, "pt") as kohya:
                 assert any(key.startswith("lora_unet_") for key in kohya.keys())
 
+            assert missing == []  # checked before the job is deleted: a poll still in flight then finds no job
             page.once("dialog", lambda dialog: dialog.accept())  # "Delete the job … with its adapters?"
             page.click("#delete")
             page.wait_for_url(re.compile(r"/$"))
             assert page.evaluate("fetch('/api/jobs').then(r => r.json()).then(d => d.jobs.length)") == 0
-            assert missing == []
             browser.close()
     finally:
         if ui.poll() is None:
