@@ -32,6 +32,12 @@ def test_defaults_and_diffusers_compatible_names():
         (["--train_batch_size", "0"], "--train_batch_size must be at least 1"),
         (["--max_train_steps", "0"], "--max_train_steps must be at least 1"),
         (["--freeze_mixer", "--mixer_init", "none"], "--freeze_mixer needs a mixer"),
+        (["--learning_rate", "-1e-3"], r"^--learning_rate must be a positive number, got -0.001$"),
+        (["--learning_rate", "0"], "--learning_rate must be a positive number"),
+        (["--learning_rate", "nan"], "--learning_rate must be a positive number, got nan"),
+        (["--text_encoder_lr", "-1"], "--text_encoder_lr must be a positive number"),
+        (["--trigger_embedding_lr", "inf"], "--trigger_embedding_lr must be a positive number"),
+        (["--lr_warmup_steps", "-10"], "--lr_warmup_steps cannot be negative, got -10"),
     ],
 )
 def test_impossible_combinations_are_refused(extra, message):

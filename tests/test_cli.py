@@ -74,6 +74,8 @@ def test_tiny_pipeline_verb(tmp_path):
         (lambda argv, tmp: _set(argv, "--instance_data_dir", str(_notes(tmp / "notes"))), "no images in"),
         (lambda argv, tmp: _set(argv, "--pretrained_model_name_or_path", str(tmp / "no-model")), "model folder not found"),
         (lambda argv, tmp: _set(argv, "--resolution", "100"), "--resolution must be a positive multiple of 8"),
+        (lambda argv, tmp: _set(argv, "--learning_rate", "-1e-3"), "--learning_rate must be a positive number"),
+        (lambda argv, tmp: _set(argv, "--max_train_steps", "-5"), "--max_train_steps must be at least 1"),
         (lambda argv, tmp: argv + ["--with_prior_preservation", "--class_data_dir", str(tmp / "c")],
          "--with_prior_preservation needs --class_prompt"),
         (lambda argv, tmp: _set(argv, "--pretrained_model_name_or_path", str(_mkdir(tmp / "not-sdxl"))),

@@ -26,3 +26,17 @@ def test_other_errors_are_one_line_too(capsys):
         build_parser("train").parse_args(["--rank", "four"])
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ")
+
+
+@pytest.mark.parametrize("value, expected", [("-1e-3", -0.001), ("-2E+2", -200.0), ("-.5", -0.5), ("-3", -3.0)])
+def test_a_negative_number_is_a_value_exponent_and_all(value, expected):
+    """argparse's own pattern misses exponents: `--learning_rate -1e-3` was "expected one argument"."""
+    args = build_parser("train").parse_args(["--pretrained_model_name_or_path", "m", "--instance_data_dir", "d",
+                                             "--instance_prompt", "p", "--learning_rate", value])
+    assert args.learning_rate == expected
+
+
+def test_a_word_after_a_dash_is_still_an_option(capsys):
+    with pytest.raises(SystemExit):
+        build_parser("train").parse_args(["--learning_rate", "-e3"])
+    assert "expected one argument" in capsys.readouterr().err

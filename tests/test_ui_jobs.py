@@ -1,9 +1,11 @@
 """A job's state, progress and cancellation, read from and sent to its folder and its process, without a server."""
 
 import json
+import os
 import subprocess
 import sys
 import time
+from argparse import Namespace
 
 import pytest
 
@@ -17,16 +19,63 @@ def new_job(store: JobStore) -> str:
                         lambda argv: None)
 
 
+NO_VALIDATION = Namespace(validation_prompt=None, validation_steps=None)
+
+
+def bar_line(step: int, total: int, seconds: float, loss: float = 0.1) -> str:
+    """The training loop's tqdm line, as train.log holds it."""
+    return (f"\rsteps:  {100 * step // total}%|█         | {step}/{total} [00:01<00:20,  {1 / seconds:.2f}it/s, "
+            f"loss={loss:.4f}, lr=1.00e-03, s_per_step={seconds:.2f}]")
+
+
 def test_the_progress_is_read_from_the_bar_in_the_log(tmp_path):
     log = tmp_path / "train.log"
-    assert training_progress(log)["total"] is None
+    assert training_progress(log, NO_VALIDATION, tmp_path)["total"] is None
     log.write_text("caching latents: 100%|██| 25/25 [00:00<00:00, 118.25it/s]\n"
                    "\rsteps:   0%|          | 0/20 [00:00<?, ?it/s]"
                    "\rsteps:   5%|▌         | 1/20 [00:00<00:02,  7.83it/s, loss=0.5000, lr=1.00e-03, s_per_step=0.13]"
-                   "\rsteps:  10%|█         | 2/20 [00:01<00:20,  1.50s/it, loss=0.2500, lr=1.00e-03, s_per_step=1.5]")
-    progress = training_progress(log)
-    assert progress["step"] == 2 and progress["total"] == 20 and progress["losses"] == [(1, 0.5), (2, 0.25)]
-    assert progress["steps_per_second"] == pytest.approx(1 / 1.5) and progress["eta_seconds"] == pytest.approx(27)
+                   "\rsteps:  10%|█         | 2/20 [00:01<00:20,  1.50s/it, loss=0.2500, lr=1.00e-03, s_per_step=1.5]"
+                   "\rsteps:  15%|█         | 3/20 [00:01<00:20,  1.50s/it, loss=0.1250, lr=1.00e-03, s_per_step=0.5]")
+    progress = training_progress(log, NO_VALIDATION, tmp_path)
+    assert progress["step"] == 3 and progress["total"] == 20
+    assert progress["losses"] == [(1, 0.5), (2, 0.25), (3, 0.125)]
+    # a step's usual time is the median of the steps' own times, not tqdm's smoothed rate
+    assert progress["steps_per_second"] == pytest.approx(2) and progress["eta_seconds"] == pytest.approx(17 * 0.5)
+    assert progress["validations_left"] == 0
+
+
+def test_the_time_left_counts_the_validations_still_to_come(tmp_path):
+    """At step 7 of 200 (validations at 0, 100 and 200) the validations are most of what is left; at step 200 the
+    final one still is."""
+    output, log = tmp_path / "output", tmp_path / "train.log"
+    args = Namespace(validation_prompt="a photo of sks star", validation_steps=100)
+    first = output / "validation" / "step-0"  # five prompts sampled 2 s apart: a validation takes about 10 s
+    first.mkdir(parents=True)
+    for prompt in range(5):
+        for image in range(2):
+            sample = first / f"{prompt:03d}-{image}.png"
+            sample.write_bytes(b"")
+            os.utime(sample, (1000 + 2 * prompt, 1000 + 2 * prompt))
+    log.write_text("".join(bar_line(step, 200, 0.1) for step in range(1, 8)))
+    early = training_progress(log, args, output)
+    assert early["validations_left"] == 2 and early["validation_seconds"] == pytest.approx(10)
+    assert early["eta_seconds"] == pytest.approx(193 * 0.1 + 2 * 10)
+    # the step after the validation at 100 waited 9 s for it: a better measure than the samples' times
+    (output / "validation" / "step-100").mkdir()
+    log.write_text("".join(bar_line(step, 200, 9.1 if step == 101 else 0.1) for step in range(1, 201)))
+    last = training_progress(log, args, output)
+    assert last["validations_left"] == 1 and last["validation_seconds"] == pytest.approx(9)
+    assert last["eta_seconds"] == pytest.approx(9)  # not 0 s: the final validation is still to come
+    (output / "validation" / "final-step-200").mkdir()
+    assert training_progress(log, args, output)["eta_seconds"] == pytest.approx(0)
+
+
+def test_the_time_left_says_when_no_validation_has_been_timed_yet(tmp_path):
+    log = tmp_path / "train.log"
+    log.write_text("".join(bar_line(step, 100, 0.5) for step in range(1, 11)))
+    progress = training_progress(log, Namespace(validation_prompt="a photo", validation_steps=50), tmp_path)
+    assert progress["validations_left"] == 2 and progress["validation_seconds"] is None
+    assert progress["eta_seconds"] == pytest.approx(45)  # the training's alone, and the page says so
 
 
 def test_a_jobs_state_is_read_from_its_folder(tmp_path):
@@ -69,6 +118,22 @@ def test_a_deleted_job_leaves_the_list_the_queue_and_the_disk_but_a_running_one_
         store.delete(job_id)
     assert store.ids() == [running] and store.queue() == []
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [running]  # nothing left behind, hidden or not
+
+
+def test_a_job_cancelled_while_it_was_starting_is_cancelled_not_failed(tmp_path):
+    """Ctrl-C while `train` is still importing ends it with a traceback and no result line of its own."""
+    store = JobStore(tmp_path)
+    job_id = new_job(store)
+    store._write_queue([])
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    store._write({**store.read(job_id), "pid": dead.pid, "stopping": dead.pid})
+    (tmp_path / job_id / "train.log").write_text(f"{START_MARK} now\nTraceback (most recent call last):\n"
+                                                  "  File \"<frozen runpy>\", line 198\nKeyboardInterrupt\n")
+    assert store.state(job_id) == {"state": "cancelled", "message": "cancelled while it was starting: nothing was "
+                                                                    "trained"}
+    store._write({**store.read(job_id), "stopping": None})  # not cancelled: the same end is a failure
+    assert store.state(job_id)["state"] == "failed"
 
 
 def test_cancel_sends_one_sigint_to_the_running_process_and_the_job_stops(tmp_path):
@@ -177,3 +242,13 @@ def test_two_generations_at_once_get_two_numbers_and_one_that_cannot_start_fails
     monkeypatch.undo()
     [second] = [g for g in outputs.generations(job) if g["number"] == "2"]  # its working folder is gone
     assert second["state"] == "failed" and second["message"].startswith("error: generate could not start")
+
+
+def test_every_measure_is_explained_subject_fidelity_first():
+    from dreambooth_moslora.ui.progress import measures
+
+    explained = measures([{"step": 0, "class_similarity": 0.5, "subject": 0.7, "dog/subject": 0.6, "odd": 1.0}])
+    assert list(explained) == ["subject", "class_similarity", "odd", "dog/subject"]
+    assert explained["subject"].startswith("likeness of the samples to your photos")
+    assert "forgotten" in explained["class_similarity"] and explained["odd"] == ""
+    assert explained["dog/subject"].endswith("(dog alone)")

@@ -204,6 +204,12 @@ def validate_args(args: argparse.Namespace, needs_data: bool = True) -> argparse
         apply_low_memory(args)
     if args.resolution <= 0 or args.resolution % 8:
         raise UserInputError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
+    for name in ("learning_rate", "text_encoder_lr", "trigger_embedding_lr"):
+        rate = getattr(args, name)
+        if not math.isfinite(rate) or rate <= 0:
+            raise UserInputError(f"--{name} must be a positive number, got {rate}")
+    if args.lr_warmup_steps < 0:
+        raise UserInputError(f"--lr_warmup_steps cannot be negative, got {args.lr_warmup_steps}")
     args.class_prompts = read_prompts(prompts_file=args.class_prompts_file) if args.class_prompts_file else None
     if args.class_prompts and not args.class_prompt:
         args.class_prompt = args.class_prompts[0]

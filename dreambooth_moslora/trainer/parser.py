@@ -7,12 +7,19 @@ import difflib
 import re
 
 
+NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+"""What argparse must read as a value, not an option: its own pattern misses exponents, so `--learning_rate -1e-3`
+failed with "expected one argument" instead of the option's own check."""
+
+
 class CommandParser(argparse.ArgumentParser):
-    """`--learning_rat 1e-3` is an error, not a silent `--learning_rate`; an unknown flag names the closest one."""
+    """`--learning_rat 1e-3` is an error, not a silent `--learning_rate`; an unknown flag names the closest one;
+    every negative number is a value."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+        self._negative_number_matcher = NEGATIVE_NUMBER  # argparse's own attribute, read when it splits argv
 
     def _option_names(self) -> list[str]:
         names = []

@@ -18,6 +18,7 @@ from ..trainer.arguments import build_parser, validate_args
 from ..trainer.data import read_examples
 from ..trainer.memory_plan import (CARD_SIZES_GB, GIB, PRESET_OPTIONS, model_configs, plan_memory, plan_settings,
                                    presets)
+from .jobs import option_words
 
 PROG = "dreambooth-moslora train"
 # Set by the form's first section (or by the job itself), not among the advanced options.
@@ -95,7 +96,7 @@ def command_line(form: dict, photos_folder: str, output_dir: str | None = None) 
         if option.kind == "flag":
             argv += [f"--{name}"] if value is True or value == "on" else []
         elif value not in (None, "") and str(value) != option.default:
-            argv += [f"--{name}", str(value)]
+            argv += option_words(name, str(value))
     return argv + (["--output_dir", output_dir] if output_dir else [])
 
 
@@ -148,6 +149,8 @@ def _option_with_value_in(argv: list[str], message: str) -> str:
     """The option whose value a message quotes ("model folder not found: /x" is about the option given /x), the
     longest value first; "form" when none."""
     pairs = [(argv[i][2:], argv[i + 1]) for i in range(len(argv) - 1)
-             if argv[i].startswith("--") and not argv[i + 1].startswith("--") and len(argv[i + 1]) > 2]
+             if argv[i].startswith("--") and not argv[i + 1].startswith("--")]
+    pairs += [tuple(word[2:].split("=", 1)) for word in argv if word.startswith("--") and "=" in word]
+    pairs = [(name, value) for name, value in pairs if len(value) > 2]
     quoted = [(len(value), name) for name, value in pairs if value in message]
     return max(quoted)[1] if quoted else "form"

@@ -41,6 +41,12 @@ def cli_command(verb: str, argv: list[str]) -> list[str]:
     return [sys.executable, "-m", "dreambooth_moslora.verbs.cli", verb, *argv]
 
 
+def option_words(name: str, value: str) -> list[str]:
+    """`--name value`, or `--name=value` when the value starts with "-": argparse would take it for an option (a
+    prompt "--ar 16:9 …" would fail with "expected one argument")."""
+    return [f"--{name}={value}"] if value.startswith("-") else [f"--{name}", value]
+
+
 def process_alive(pid: int | None, needle: str) -> bool:
     """Whether `pid` is a live process (not a zombie) whose command line holds `needle`: a reused PID is not our
     job. Read from /proc on Linux, from `ps` where there is none (macOS)."""
@@ -129,6 +135,9 @@ class JobStore:
             write_text_atomically(staging / JOB_FILE, json.dumps(
                 {"id": job_id, "name": name, "argv": argv, "cwd": os.getcwd(), "created": time.time(), "pid": None},
                 indent=1))
+            # the log exists from the start, so its link shows why nothing has run yet
+            write_text_atomically(staging / LOG_FILE, f"[ui] created {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                                                      "waiting for its turn in the queue\n")
             staging.rename(final)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -155,6 +164,8 @@ class JobStore:
             found = list(pattern.finditer(attempt))
             if found:
                 return {"state": state, "message": attempt[found[-1].start():].split("\n", 1)[0].strip()}
+        if job["pid"] and job.get("stopping") == job["pid"]:  # Ctrl-C while it was importing, before train answers it
+            return {"state": "cancelled", "message": "cancelled while it was starting: nothing was trained"}
         return {"state": "failed", "message": "the training process ended without a result; see train.log"}
 
     def running(self) -> str | None:

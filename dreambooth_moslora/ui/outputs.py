@@ -16,9 +16,8 @@ from PIL import Image
 from ..adapter.errors import UserInputError
 from ..adapter.files import write_text_atomically
 from ..adapter.io import DIFFUSERS_FILE, KOHYA_FILE, NATIVE_FILE, export_diffusers, export_kohya
-from ..trainer.arguments import build_parser
-from .jobs import cli_command, process_alive
-from .progress import checkpoint_names
+from .jobs import cli_command, option_words, process_alive
+from .progress import checkpoint_names, job_args
 
 FORMATS = {"native": (NATIVE_FILE, None), "diffusers": (DIFFUSERS_FILE, export_diffusers),
            "kohya": (KOHYA_FILE, export_kohya)}
@@ -46,7 +45,7 @@ def start_generation(job: Path, record: dict, checkpoint: str, prompts: list[str
                      guidance: float, steps: int) -> str:
     """`generate` with the job's base model (record: its job.json) and one of its adapters, into generated/N/,
     in the job's working folder; returns N."""
-    args = build_parser().parse_known_args(record["argv"])[0]
+    args = job_args(record)
     adapter = adapter_folder(job, checkpoint) / NATIVE_FILE
     prompts = [p.strip() for p in prompts if p.strip()]
     if not prompts:
@@ -61,9 +60,10 @@ def start_generation(job: Path, record: dict, checkpoint: str, prompts: list[str
             break
         except FileExistsError:
             number += 1
-    command = ["--pretrained_model_name_or_path", args.pretrained_model_name_or_path, "--adapter", str(adapter),
-               *(["--model_config", args.model_config] if args.model_config else []),
-               *[word for prompt in prompts for word in ("--prompt", prompt)], "--seed", str(seed),
+    command = [*option_words("pretrained_model_name_or_path", args.pretrained_model_name_or_path),
+               *option_words("adapter", str(adapter)),
+               *(option_words("model_config", args.model_config) if args.model_config else []),
+               *[word for prompt in prompts for word in option_words("prompt", prompt)], "--seed", str(seed),
                "--num_images_per_prompt", str(count), "--guidance_scale", str(guidance),
                "--num_inference_steps", str(steps), "--height", str(args.resolution), "--width", str(args.resolution),
                "--output_dir", str(folder / "images")]

@@ -1,7 +1,7 @@
 """Which paths the UI may touch: files inside a job folder, and the images of a folder the user named.
 
 A request names a path relative to one of those roots; `../`, absolute paths and symbolic links that lead out are
-refused, so no endpoint reads or serves anything else.
+refused, so no endpoint reads, copies or serves anything else.
 """
 
 from __future__ import annotations
@@ -34,9 +34,23 @@ def named_folder(folder: str) -> Path:
     return path
 
 
+def own_images(folder: Path) -> dict[str, Path]:
+    """The images `train` would read from a folder, by name, each a regular file inside it once every link is
+    followed (its real path): a link out (leak.png -> /etc/passwd) is neither listed, served nor copied."""
+    images = {}
+    for image in image_files(folder):
+        try:
+            real = inside(folder, image.name)
+        except UserInputError:
+            continue
+        if real.is_file():
+            images[image.name] = real
+    return images
+
+
 def folder_image(folder: str, name: str) -> Path:
-    """One of the images the trainer would read from a named folder, by its bare name: nothing else is served."""
-    path = inside(named_folder(folder), name)
-    if path not in {p.resolve() for p in image_files(named_folder(folder))}:
+    """One of a named folder's own images, by its bare name: nothing else is served."""
+    images = own_images(named_folder(folder))
+    if name not in images:
         raise UserInputError(f"refused {name!r}: not an image of {folder}")
-    return path
+    return images[name]

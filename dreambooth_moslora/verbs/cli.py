@@ -190,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--host", default="127.0.0.1",
                     help="address to listen on (default 127.0.0.1, this machine only)")
     ui.add_argument("--port", type=int, default=7860)
-    ui.add_argument("--token", default=None, help="the access token (default: generated and printed in the URL)")
+    ui.add_argument("--token", default=None, help="the access token (default: the jobs folder's own, generated once, "
+                                                  "kept owner-only in its .ui-token and printed in the URL)")
     ui.set_defaults(run=_ui)
 
     tiny = verbs.add_parser(

@@ -12,8 +12,12 @@ const el = (tag, attributes = {}, ...children) => {
   return node;
 };
 
+// Every request carries the token in a header: the server takes no change on the strength of a cookie, which the
+// pages of every other port of this host send too.
+const TOKEN = () => $('meta[name="ui-token"]').content;
+
 async function api(method, url, body) {
-  const options = { method, headers: {} };
+  const options = { method, headers: { "X-Token": TOKEN() } };
   if (body instanceof FormData) options.body = body;
   else if (body !== undefined) {
     options.headers["Content-Type"] = "application/json";
@@ -21,15 +25,29 @@ async function api(method, url, body) {
   }
   const response = await fetch(url, options);
   const data = await response.json().catch(() => ({}));
+  if (response.status === 403) refused(data.error);
   return { ok: response.ok, data };
+}
+
+// A UI restarted with another token (--token, or its token file deleted) refuses this page: say so, once, rather
+// than freeze.
+function refused(reason) {
+  const banner = $("#refused");
+  banner.textContent = `The UI refused this page (${reason}). It was probably restarted with another token: open ` +
+    "the URL it printed in its terminal (…/?token=…), then this page again.";
+  banner.hidden = false;
 }
 
 function showErrors(errors) {
   document.querySelectorAll(".error").forEach((node) => { node.textContent = ""; });
-  for (const [field, message] of Object.entries(errors || {})) {
+  const shown = Object.entries(errors || {}).map(([field, message]) => {
     const node = $(`.error[data-for="${field}"]`) || $('.error[data-for="form"]');
     node.textContent = message;
-  }
+    return node;
+  });
+  // an error in the folded Advanced section is opened, and the first error brought into view
+  if (shown.some((node) => node.closest("#advanced"))) $("#advanced").open = true;
+  if (shown.length) shown[0].scrollIntoView({ block: "center" });
 }
 
 function duration(seconds) {
@@ -119,6 +137,7 @@ async function loadFolder() {
   const folder = $("#train-form").elements.photos_folder.value;
   const { ok, data } = await api("GET", `/api/folder?path=${encodeURIComponent(folder)}`);
   showErrors(ok ? {} : { photos: data.error });
+  $('.warning[data-for="photos"]').textContent = ok ? data.skipped.join("\n") : "";
   if (!ok) return;
   $("#upload").value = "";
   $("#photos").replaceChildren(...data.photos.map((photo) => photoCard(
@@ -190,7 +209,9 @@ async function refreshJobs() {
     if (place >= 0 && place < data.queue.length - 1) actions.append(button("↓", () => api("POST", `/api/jobs/${job.id}/move`, { position: place + 1 }).then(refreshJobs)));
     if (job.state === "waiting" || job.state === "running") actions.append(button("cancel", () => api("POST", `/api/jobs/${job.id}/cancel`).then(refreshJobs)));
     else actions.append(button("delete", () => deleteJob(job).then(refreshJobs)));
+    // the id (its folder's name) tells apart jobs of one name; the time says which is which
     return el("tr", { "data-job": job.id }, el("td", {}, el("a", { href: `/jobs/${job.id}`, text: job.name || job.id })),
+      el("td", { class: "muted", text: `${new Date(job.created * 1000).toLocaleString()} · ${job.id}` }),
       el("td", { class: `state ${job.state}`, text: job.state }), actions);
   }));
 }
@@ -227,6 +248,8 @@ function jobPage() {
     showErrors(ok ? {} : { generate: data.error });
     refresh();
   });
+  const adapter = $("#generate").elements.checkpoint;
+  adapter.addEventListener("change", () => { adapter.dataset.picked = adapter.value; });
   let shown = "";
   async function refresh() {
     const { ok, data } = await api("GET", `/api/jobs/${id}`);
@@ -238,19 +261,16 @@ function jobPage() {
     $("#bar").max = p.total || 1;
     $("#bar").value = p.step;
     $("#steps").textContent = p.total ? `step ${p.step} of ${p.total}` + (p.steps_per_second && data.state === "running"
-      ? `, ${p.steps_per_second.toFixed(2)} steps/s, about ${duration(p.eta_seconds)} left` : "") : "";
+      ? `, ${p.steps_per_second.toFixed(2)} steps/s, ${timeLeft(p)}` : "") : "";
     $("#cancel").hidden = !["running", "waiting"].includes(data.state) || data.message.startsWith("stopping");
     $("#resume").hidden = !["stopped", "failed", "cancelled"].includes(data.state);
     $("#delete").hidden = ["running", "waiting"].includes(data.state);
-    chart($("#loss"), { loss: p.losses, "mean of 10": runningMean(p.losses, 10) }, null, ["#93c5fd", "#1d4ed8"]);
-    const measures = {};
-    for (const record of data.metrics) {
-      for (const [name, value] of Object.entries(record)) {
-        if (name !== "step" && typeof value === "number") (measures[name] ||= []).push([record.step, value]);
-      }
-    }
+    chart($("#loss"), [
+      { name: "loss", about: "each step's training loss", points: p.losses, colour: "#93c5fd" },
+      { name: "mean of 10", about: "its mean over the last 10 steps", points: runningMean(p.losses, 10), colour: "#1d4ed8" },
+    ]);
     $("#metrics-figure").hidden = !data.metrics.length;
-    if (data.metrics.length) chart($("#metrics"), measures, data.samples.best_step);
+    if (data.metrics.length) chart($("#metrics"), measureSeries(data.metrics, data.measures), data.samples.best_step);
     // the rest changes only when files appear: rebuilt then, so the images do not flicker
     const key = JSON.stringify([data.photos, data.samples, data.checkpoints, data.generations]);
     if (key !== shown) {
@@ -263,6 +283,21 @@ function jobPage() {
   }
   refresh();
   setInterval(refresh, 1000);
+}
+
+function timeLeft(p) {
+  const validations = p.validations_left === 1 ? "1 validation" : `${p.validations_left} validations`;
+  if (!p.validations_left) return `about ${duration(p.eta_seconds)} left`;
+  if (p.validation_seconds === null) return `about ${duration(p.eta_seconds)} of training left, then ${validations}`;
+  return `about ${duration(p.eta_seconds)} left (with ${validations})`;
+}
+
+function measureSeries(metrics, measures) {
+  const colours = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2"];
+  return Object.entries(measures).map(([name, about], index) => ({
+    name, about, colour: colours[index % colours.length],
+    points: metrics.filter((record) => typeof record[name] === "number").map((record) => [record.step, record[name]]),
+  }));
 }
 
 function samples(grid, files) {
@@ -278,11 +313,12 @@ function downloads(id, checkpoints) {
   $("#downloads tbody").replaceChildren(...checkpoints.map((name) => el("tr", {}, el("td", { text: name }),
     ...["native", "diffusers", "kohya"].map((format) => el("td", {},
       el("a", { href: `/api/jobs/${id}/download/${name}/${format}`, download: "", "data-format": format, text: "download" }))))));
+  // the adapter the user picked stays; until then it follows the run: best/ once there is one, else the newest
   const select = $("#generate").elements.checkpoint;
-  const chosen = select.value;
+  const picked = select.dataset.picked;
   select.replaceChildren(...checkpoints.map((name) => el("option", { value: name, text: name })));
-  if (checkpoints.includes(chosen)) select.value = chosen;
-  else if (checkpoints.includes("best")) select.value = "best";
+  const fallback = ["best", "final"].find((name) => checkpoints.includes(name)) || checkpoints[checkpoints.length - 1];
+  select.value = checkpoints.includes(picked) ? picked : fallback || "";
 }
 
 function generated(list, files) {
@@ -299,10 +335,18 @@ function runningMean(points, window) {
   });
 }
 
-// A small line chart in SVG: one line per series of [step, value] points, the chosen step marked.
-function chart(svg, series, marked, colours = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2"]) {
+// A small line chart in SVG: one line per series of [step, value] points, each point a dot (so one validation shows),
+// the chosen step marked; the legend beside it in HTML, each series in its colour with what it means.
+function chart(svg, series, marked) {
   const [width, height, pad] = [320, 140, 24];
-  const points = Object.values(series).flat();
+  const points = series.flatMap((line) => line.points);
+  const legend = svg.parentElement.querySelector(".legend");
+  legend.replaceChildren(...series.map((line) => el("li", {}, swatch(line.colour), el("b", { text: line.name }),
+    line.about ? ` ${line.about}` : "")));
+  if (marked !== null && marked !== undefined) {
+    legend.append(el("li", {}, el("span", { class: "swatch marked" }), el("b", { text: `step ${marked}` }),
+      " the chosen step (best/)"));
+  }
   if (!points.length) { svg.replaceChildren(); return; }
   const xs = points.map((p) => p[0]);
   const ys = points.map((p) => p[1]);
@@ -323,13 +367,21 @@ function chart(svg, series, marked, colours = ["#2563eb", "#dc2626", "#16a34a", 
   if (marked !== null && marked !== undefined) {
     children.push(node("line", { x1: x(marked), x2: x(marked), y1: pad / 2, y2: height - pad, class: "marked" }));
   }
-  Object.entries(series).forEach(([name, line], index) => {
-    const colour = colours[index % colours.length];
-    children.push(node("polyline", { fill: "none", stroke: colour, "stroke-width": 1.5,
-      points: line.map(([a, b]) => `${x(a).toFixed(1)},${y(b).toFixed(1)}`).join(" ") }));
-    children.push(node("text", { x: width - 4, y: 12 + 12 * index, fill: colour, "text-anchor": "end", class: "axis" }, name));
-  });
+  for (const line of series) {
+    const at = line.points.map(([a, b]) => [x(a).toFixed(1), y(b).toFixed(1)]);
+    children.push(node("polyline", { fill: "none", stroke: line.colour, "stroke-width": 1.5,
+      points: at.map((p) => p.join(",")).join(" ") }));
+    if (line.points.length <= 40) {  // dots where they can be told apart: a single validation is one dot
+      children.push(...at.map(([cx, cy]) => node("circle", { cx, cy, r: 2.5, fill: line.colour })));
+    }
+  }
   svg.replaceChildren(...children);
+}
+
+function swatch(colour) {
+  const node = el("span", { class: "swatch" });
+  node.style.background = colour;
+  return node;
 }
 
 document.addEventListener("DOMContentLoaded", () => {
