@@ -95,8 +95,13 @@ def adapter_files(args, folder: Path, adapted) -> list[Path]:
     native = save_moslora(folder / NATIVE_FILE, adapted["unet"], adapted.get("text_encoder"),
                           adapted.get("text_encoder_2"), base_model=model_reference(args.pretrained_model_name_or_path),
                           base_model_sha256=base_model_sha256(args.pretrained_model_name_or_path))
-    files = [native, export_diffusers(native, folder / DIFFUSERS_FILE), export_kohya(native, folder / KOHYA_FILE)]
-    if args.train_trigger_embedding:
+    return [native, *exports_of(native, folder, trigger=bool(args.train_trigger_embedding))]
+
+
+def exports_of(native: Path, folder: Path, trigger: bool) -> list[Path]:
+    """The plain-LoRA exports a finished run writes beside its native file (and the trigger's embedding)."""
+    files = [export_diffusers(native, folder / DIFFUSERS_FILE), export_kohya(native, folder / KOHYA_FILE)]
+    if trigger:
         files.append(export_trigger_embedding(native, folder / TRIGGER_FILE))
     return files
 

@@ -21,10 +21,10 @@ from typing import Callable
 
 from ..adapter.errors import UserInputError
 from ..adapter.files import write_atomically, write_folder_atomically, write_text_atomically
-from ..adapter.io import (DIFFUSERS_FILE, KOHYA_FILE, NATIVE_FILE, TRIGGER_FILE, export_diffusers, export_kohya,
-                          export_trigger_embedding, read_moslora)
-from .checkpoint import PREFIX, STATE_FILE, checkpoints
+from ..adapter.io import DIFFUSERS_FILE, KOHYA_FILE, NATIVE_FILE, TRIGGER_FILE, read_moslora
+from .checkpoint import PREFIX, checkpoint_state, checkpoints
 from .checkpoint_choice import SUBJECT_MEASURES, ChoiceRule, baseline_of, choose, should_stop_early
+from .outputs import exports_of
 from .validation_metrics import append_metrics, read_metrics
 
 logger = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class RunRecord:
     @classmethod
     def _from_files_before_records(cls, output_dir: Path, rule: ChoiceRule, checkpoint: Path) -> "RunRecord":
         """A checkpoint from before run records: the history up to its step; best/ only if chosen by then."""
-        step = json.loads((Path(checkpoint) / STATE_FILE).read_text())["global_step"]
+        step = checkpoint_state(checkpoint)["global_step"]
         history = read_metrics(output_dir / VALIDATION_FOLDER / METRICS_FILE, up_to_step=step)
         best = read_best_step(output_dir)
         if best is not None and best > step:
@@ -159,11 +159,8 @@ def _warn_of_unusable_baseline(record: dict):
 
 def adapter_files_from_native(native: Path, folder: Path) -> list[Path]:
     """best/'s files from a native adapter file: itself and the exports a finished run writes beside it."""
-    files = [Path(shutil.copyfile(native, folder / NATIVE_FILE))]
-    files += [export_diffusers(files[0], folder / DIFFUSERS_FILE), export_kohya(files[0], folder / KOHYA_FILE)]
-    if read_moslora(files[0]).trigger_vectors:
-        files.append(export_trigger_embedding(files[0], folder / TRIGGER_FILE))
-    return files
+    copy = Path(shutil.copyfile(native, folder / NATIVE_FILE))
+    return [copy, *exports_of(copy, folder, trigger=bool(read_moslora(copy).trigger_vectors))]
 
 
 def write_best(output_dir, step: int, files: Callable[[Path], object]) -> Path:
